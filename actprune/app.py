@@ -1,0 +1,66 @@
+"""The Hydra app: a thin shell over `actprune.job.run_job`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from .config import register_configs
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# Overrides that say where or how a job logs, not what it computes, stay out of its name.
+UNNAMED = re.compile(r"^(hydra\.|paths\.|logger\b|device$|experiment$)")
+
+
+def job_name(overrides) -> str:
+    """A folder and W&B name from a job's overrides, e.g. `pruning=act_magnitude,pruning.sparsity=2:4`.
+
+    Path values are shortened to their last part, with a hash of the full overrides appended so
+    two different paths never share a folder.
+    """
+    parts, shortened = [], False
+    for override in sorted(str(o) for o in overrides):
+        key, _, value = override.lstrip("+~").replace("\\", "").partition("=")
+        if UNNAMED.match(key):
+            continue
+        if "/" in value:
+            value, shortened = Path(value.rstrip("/")).name, True
+        parts.append(re.sub(r"[^\w.:=+,\[\]-]", "_", f"{key}={value}"))
+    name = ",".join(parts) or "default"
+    if shortened or len(name) > 200:
+        digest = hashlib.sha1("\n".join(sorted(map(str, overrides))).encode()).hexdigest()[:8]
+        name = f"{name[:190]}-{digest}"
+    return name
+
+
+OmegaConf.register_new_resolver("actprune_job_name", job_name, replace=True)
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .job import run_job  # heavy imports after Hydra has parsed the command line
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    group = Path(hydra_cfg.sweep.dir).name if multirun else job_dir.name
+    name = job_name(hydra_cfg.overrides.task)
+    try:
+        record = run_job(cfg, job_dir, group=group, name=name)
+    except FileExistsError as error:  # a finished job's folder: leave it alone
+        if not multirun:
+            raise
+        log.error("%s", error)
+        return
+    if record["status"] != "ok" and not multirun:
+        raise SystemExit(f"job failed: {record['error']}")

@@ -1,0 +1,72 @@
+"""Structured config schemas: a typo or a wrong type in any group fails when Hydra composes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "???"  # hub id, local folder, or pkg://<python package> holding the files
+    gguf_file: Optional[str] = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    seqlen: int = 2048
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PruningConfig:
+    method: str = "dense"
+    sparsity: Any = 0.0  # float r in [0, 1) zeroed per token, or "N:M" (N kept in every M)
+    target_modules: List[str] = field(default_factory=lambda: list(PROJECTIONS))
+    layers: Optional[List[int]] = None  # decoder layer indices; null: all
+
+
+@dataclass
+class PerplexityConfig:
+    seqlen: int = "${model.seqlen}"  # type: ignore[assignment]
+    batch_size: int = 1
+    max_windows: Optional[int] = None  # null: every window of the test split
+    fallback_text: bool = False  # demo only: offline English text when WikiText-2 is unavailable
+
+
+@dataclass
+class BenchmarkConfig:
+    ppl_wikitext2: Optional[PerplexityConfig] = None
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # wandb | none
+    project: str = "actprune"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "???"
+    data_dir: str = "???"
+    output_dir: str = "???"
+    cache_dir: str = "???"
+
+
+@dataclass
+class ActpruneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="actprune_schema", node=ActpruneConfig)

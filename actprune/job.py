@@ -1,0 +1,101 @@
+"""One job: validate, load, prune, benchmark, record. Callable with any composed config."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import models, results, tracking
+from .data import wikitext2_test_text
+from .perplexity import perplexity
+from .sparsify import select_targets, sparsify_
+
+log = logging.getLogger(__name__)
+
+
+def selected_benchmarks(cfg: DictConfig) -> dict:
+    return {name: options for name, options in cfg.benchmark.items() if options is not None}
+
+
+def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str) -> dict:
+    """Run one configured job in `job_dir` and return what it wrote to its results.json."""
+    path = results.claim(job_dir)
+    started = time.perf_counter()
+    record = {
+        "status": "running",
+        "error": None,
+        "job": name,
+        "group": group,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": {},
+        "sparsity": {},
+        "replaced_layers": None,
+        "timings": {},
+        "versions": results.versions(),
+    }
+    tracker = None
+    try:
+        tracker = tracking.Tracker(cfg.logger, job_dir, group=group, name=name, config=record["config"])
+        record.update(_run(cfg, record))
+        record["status"] = "ok"
+    except Exception as error:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()
+        log.error("Job %s failed: %s", name, record["error"])
+    finally:
+        record["timings"]["total"] = time.perf_counter() - started
+        results.write(path, record)
+        if tracker is not None:
+            tracker.log_results(record)
+            tracker.finish(record["status"], record["error"])
+    log.info("%s\n%s", f"results: {path}", results.table([(name, record)]))
+    return record
+
+
+def _run(cfg: DictConfig, record: dict) -> dict:
+    timings = record["timings"]
+    # Everything that can be checked without the weights is checked first.
+    device = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    benchmarks = selected_benchmarks(cfg)
+    source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir)
+    config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
+    select_targets(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
+    texts = {}
+    if "ppl_wikitext2" in benchmarks:
+        options = benchmarks["ppl_wikitext2"]
+        texts["ppl_wikitext2"], record["data_source"] = wikitext2_test_text(cfg.paths.data_dir, options.fallback_text)
+    record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
+    record["device"] = str(device)
+    record["dtype"] = str(dtype).removeprefix("torch.")
+
+    torch.manual_seed(cfg.seed)
+    tic = time.perf_counter()
+    model, tokenizer = models.load_model(
+        source, gguf_file, device, dtype, cfg.paths.cache_dir, cfg.model.trust_remote_code
+    )
+    timings["load"] = time.perf_counter() - tic
+    record["parameters"] = sum(p.numel() for p in model.parameters())
+
+    tic = time.perf_counter()
+    report = sparsify_(model, cfg.pruning)
+    timings["prune"] = time.perf_counter() - tic
+    record["replaced_layers"] = report.replaced_layers
+
+    metrics = {}
+    if "ppl_wikitext2" in benchmarks:
+        options = benchmarks["ppl_wikitext2"]
+        report.reset()  # measure the sparsity reached on the benchmark text only
+        tic = time.perf_counter()
+        result = perplexity(model, tokenizer, texts["ppl_wikitext2"], options.seqlen, options.batch_size, options.max_windows)
+        timings["ppl_wikitext2"] = time.perf_counter() - tic
+        metrics["ppl/wikitext2"] = result["ppl"]
+        record["ppl_wikitext2"] = {key: result[key] for key in ("windows", "tokens", "mean_nll")}
+    record["sparsity"] = report.summary()
+    return {"metrics": metrics}

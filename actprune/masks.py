@@ -1,0 +1,90 @@
+"""Sparsity patterns and the masks they induce: pure functions of a score tensor."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Either a per-token ratio (`ratio`, the fraction zeroed) or N:M (`n` kept in every `m`)."""
+
+    ratio: float | None = None
+    n: int | None = None
+    m: int | None = None
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m is not None
+
+    def group(self, width: int) -> int:
+        """Length of the groups the mask ranks within, for an input of `width` channels."""
+        return self.m if self.is_nm else width
+
+    def kept(self, width: int) -> int:
+        """How many entries of a group of `self.group(width)` are kept."""
+        if self.is_nm:
+            return self.n
+        return width - round(self.ratio * width)
+
+    def target(self) -> float:
+        return 1.0 - self.n / self.m if self.is_nm else self.ratio
+
+    def is_dense(self) -> bool:
+        return self.target() == 0.0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.ratio:g}"
+
+
+def parse_sparsity(value) -> Pattern:
+    """`0.5` (fraction of each token's inputs zeroed) or `"N:M"` (N kept in every M)."""
+    allowed = 'a float r in [0, 1) or a string "N:M" with 1 <= N < M'
+    if isinstance(value, bool):
+        raise ValueError(f"pruning.sparsity={value!r}: expected {allowed}")
+    if isinstance(value, (int, float)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"pruning.sparsity={value!r} is outside [0, 1): expected {allowed}")
+        return Pattern(ratio=float(value))
+    if isinstance(value, str):
+        match = _NM.match(value)
+        if match is None:
+            try:
+                return parse_sparsity(float(value))
+            except ValueError:
+                raise ValueError(f"pruning.sparsity={value!r} is malformed: expected {allowed}") from None
+        n, m = int(match[1]), int(match[2])
+        if not 1 <= n < m:
+            raise ValueError(f"pruning.sparsity={value!r}: N:M needs 1 <= N < M, expected {allowed}")
+        return Pattern(n=n, m=m)
+    raise ValueError(f"pruning.sparsity={value!r} has type {type(value).__name__}: expected {allowed}")
+
+
+def topk_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask keeping the `n` highest scores in every group of `m` along the last dim.
+
+    Ties at the cut are broken towards the lower index, so exactly `n` survive per group.
+    The mask is a comparison against each group's n-th largest score: no scatter, no float mask.
+    """
+    groups = scores.unflatten(-1, (-1, m))
+    nth = groups.topk(n, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    keep = groups >= nth
+    # On CPU checking for ties first is cheaper than always resolving them; on CUDA the check
+    # would synchronise, and bf16 ties are common, so resolve unconditionally.
+    if keep.is_cuda or int(keep.sum()) != keep.numel() // m * n:
+        above = groups > nth
+        at_cut = keep & ~above
+        room = n - above.sum(-1, keepdim=True)
+        keep = above | (at_cut & (at_cut.cumsum(-1) <= room))
+    return keep.flatten(-2)
+
+
+def pattern_keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Per-token mask of `pattern` over the last dimension of `scores`."""
+    width = scores.shape[-1]
+    return topk_keep_mask(scores, pattern.kept(width), pattern.group(width))

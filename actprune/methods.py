@@ -1,0 +1,64 @@
+"""Pruning methods: small registered pieces that turn one target `nn.Linear` into its pruned form.
+
+A method gets the layer and the parsed pattern and returns the module that replaces it (or the
+layer itself, changed in place). Add one with `@register("name", kind)`; `pruning.method=name`
+then selects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .layers import ActSparseLinear, magnitude
+from .masks import Pattern, pattern_keep_mask
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # "dense", "activation" (masks inputs at run time) or "weight" (zeroes W once)
+    apply: Callable[[nn.Linear, Pattern], nn.Module]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, kind: str):
+    def add(apply):
+        METHODS[name] = Method(name, kind, apply)
+        return apply
+
+    return add
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"pruning.method={name!r} is unknown: allowed values are {sorted(METHODS)}")
+    return METHODS[name]
+
+
+@register("dense", kind="dense")
+def dense(linear: nn.Linear, pattern: Pattern) -> nn.Module:
+    return linear
+
+
+@register("act_magnitude", kind="activation")
+def act_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
+    return ActSparseLinear(linear, pattern, score=magnitude)
+
+
+@register("weight_magnitude", kind="weight")
+@torch.no_grad()
+def weight_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
+    """Zero W by |W|: N:M along each output row's inputs, or one threshold over the whole layer."""
+    scores = linear.weight.abs()
+    if pattern.is_nm:
+        keep = pattern_keep_mask(scores, pattern)
+    else:
+        keep = pattern_keep_mask(scores.flatten(), pattern).view_as(scores)
+    linear.weight.mul_(keep)
+    return linear

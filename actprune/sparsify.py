@@ -1,0 +1,132 @@
+"""`sparsify_(model, config)`: prune the targeted projections of a model's decoder layers in place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from .config import PruningConfig
+from .layers import ActSparseLinear
+from .masks import Pattern, parse_sparsity
+from .methods import get_method
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The text decoder's layers and their qualified name (a multimodal model's vision tower excluded)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers)")
+    prefix = next(name for name, module in model.named_modules() if module is layers)
+    return prefix, layers
+
+
+def pruning_config(config) -> PruningConfig:
+    """Accept a PruningConfig, a dict or a DictConfig; unknown keys and wrong types fail here."""
+    merged = OmegaConf.merge(OmegaConf.structured(PruningConfig), config)
+    return OmegaConf.to_object(merged)
+
+
+def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Linear]]:
+    """Validate `config` against `model` (meta-device models work) and return the layers to prune."""
+    config = pruning_config(config)
+    method = get_method(config.method)
+    pattern = parse_sparsity(config.sparsity)
+    if method.kind == "dense":
+        if not pattern.is_dense():
+            raise ValueError(f"pruning.sparsity={config.sparsity!r} with pruning.method=dense: allowed value is 0")
+        return pattern, {}
+    prefix, layers = decoder_layers(model)
+    indices = range(len(layers)) if config.layers is None else config.layers
+    for index in indices:
+        if not 0 <= index < len(layers):
+            raise ValueError(f"pruning.layers contains {index}: allowed values are 0..{len(layers) - 1}")
+    available = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})
+    unknown = [name for name in config.target_modules if name not in available]
+    if unknown or not config.target_modules:
+        raise ValueError(
+            f"pruning.target_modules={list(config.target_modules)}: unknown {unknown}; "
+            f"this model's decoder layers have {available}"
+        )
+    targets = {}
+    for index in indices:
+        for name, module in layers[index].named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules:
+                targets[f"{prefix}.{index}.{name}"] = module
+    if pattern.is_nm:
+        uneven = {name: m.in_features for name, m in targets.items() if m.in_features % pattern.m}
+        if uneven:
+            name, width = next(iter(uneven.items()))
+            raise ValueError(
+                f"pruning.sparsity={pattern}: layer {name} has input width {width}, not a multiple of "
+                f"{pattern.m} ({len(uneven)} such layers); choose another M or drop it from "
+                f"pruning.target_modules"
+            )
+    return pattern, targets
+
+
+@dataclass
+class SparsityReport:
+    """What `sparsify_` did; `summary()` reads the measured sparsity from the layers as they ran."""
+
+    method: str
+    kind: str
+    pattern: Pattern
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+    weight_sparsity: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def replaced_layers(self) -> int:
+        return len(self.layers)
+
+    def reset(self) -> None:
+        """Forget what the layers counted so far (e.g. before the benchmark that should be measured)."""
+        for layer in self.layers.values():
+            if isinstance(layer, ActSparseLinear):
+                layer.zeroed.zero_()
+                layer.seen.zero_()
+
+    def summary(self) -> dict:
+        per_layer, zeroed, seen = {}, 0, 0
+        for name, layer in self.layers.items():
+            if isinstance(layer, ActSparseLinear):
+                layer_zeroed, layer_seen = int(layer.zeroed), int(layer.seen)
+            else:  # weight methods: the fraction of W that is zero
+                layer_seen = layer.weight.numel()
+                layer_zeroed = round(self.weight_sparsity[name] * layer_seen)
+            per_layer[name] = layer_zeroed / layer_seen if layer_seen else None
+            zeroed, seen = zeroed + layer_zeroed, seen + layer_seen
+        return {
+            "method": self.method,
+            "kind": self.kind,
+            "pattern": str(self.pattern),
+            "target": self.pattern.target(),
+            "measured": zeroed / seen if seen else (0.0 if self.kind == "dense" else None),
+            "replaced_layers": self.replaced_layers,
+            "per_layer": per_layer,
+        }
+
+
+def sparsify_(model: nn.Module, config) -> SparsityReport:
+    """Prune `model` in place as `config` (a PruningConfig, dict or DictConfig) says.
+
+    Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
+    token; weight methods zero the layer's weight. Returns a report of what was replaced.
+    """
+    config = pruning_config(config)
+    method = get_method(config.method)
+    pattern, targets = select_targets(model, config)
+    report = SparsityReport(method.name, method.kind, pattern)
+    for name, linear in targets.items():
+        replacement = method.apply(linear, pattern)
+        if replacement is not linear:
+            parent_name, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), leaf, replacement)
+        if method.kind == "weight":
+            with torch.no_grad():
+                report.weight_sparsity[name] = float((linear.weight == 0).sum()) / linear.weight.numel()
+        report.layers[name] = replacement
+    return report

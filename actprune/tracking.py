@@ -1,0 +1,67 @@
+"""Weights & Biases: one run per job, grouped by sweep; offline by default, under the job folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOGGERS = ("wandb", "none")
+MODES = ("offline", "online", "disabled")
+
+
+def check(logger_cfg) -> None:
+    if logger_cfg.name not in LOGGERS:
+        raise ValueError(f"logger.name={logger_cfg.name!r}: allowed values are {list(LOGGERS)}")
+    if logger_cfg.mode not in MODES:
+        raise ValueError(f"logger.mode={logger_cfg.mode!r}: allowed values are {list(MODES)}")
+
+
+class Tracker:
+    """Thin handle over a wandb run; with `logger=none` every call does nothing."""
+
+    def __init__(self, logger_cfg, job_dir: Path, group: str, name: str, config: dict):
+        check(logger_cfg)
+        self.run = None
+        if logger_cfg.name != "wandb":
+            return
+        import wandb
+
+        self.run = wandb.init(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            mode=logger_cfg.mode,
+            dir=str(job_dir),
+            group=group,
+            name=name,
+            job_type="prune-eval",
+            tags=list(logger_cfg.tags),
+            config=config,
+            reinit="finish_previous",
+        )
+
+    def log_results(self, results: dict) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        metrics = dict(results.get("metrics", {}))
+        sparsity = results.get("sparsity", {})
+        metrics["sparsity/target"] = sparsity.get("target")
+        metrics["sparsity/measured"] = sparsity.get("measured")
+        metrics["replaced_layers"] = results.get("replaced_layers")
+        metrics.update({f"time/{key}": value for key, value in results.get("timings", {}).items()})
+        self.run.log(metrics)
+        self.run.summary.update(metrics)
+        self.run.summary["status"] = results["status"]
+        per_layer = sparsity.get("per_layer") or {}
+        if per_layer:
+            table = wandb.Table(columns=["layer", "measured_sparsity"], data=[[k, v] for k, v in per_layer.items()])
+            self.run.log({"sparsity/per_layer": table})
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        if self.run is None:
+            return
+        self.run.summary["status"] = status
+        if error:
+            self.run.summary["error"] = error
+        self.run.finish(exit_code=0 if status == "ok" else 1)
+        self.run = None
