@@ -35,10 +35,8 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
     config = pruning_config(config)
     method = get_method(config.method)
     pattern = parse_sparsity(config.sparsity)
-    if method.kind == "dense":
-        if not pattern.is_dense():
-            raise ValueError(f"pruning.sparsity={config.sparsity!r} with pruning.method=dense: allowed value is 0")
-        return pattern, {}
+    if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
+        return Pattern(ratio=0.0), {}
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:

@@ -1,0 +1,147 @@
+"""The Hydra command line end to end, on a tiny random model and tokenizer built here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from .conftest import REPO
+from .tiny import llama
+
+TEXT = [
+    " = Valkyria Chronicles III = ",
+    "",
+    " The game began development in 2010 , carrying over a large portion of the work done on Valkyria Chronicles II .",
+    " While it retained the standard features of the series , it also underwent multiple adjustments .",
+] * 60
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir = root / "data"
+    (data_dir / "wikitext-2-raw-v1").mkdir(parents=True)
+    with open(data_dir / "wikitext-2-raw-v1" / "test.jsonl", "w") as file:
+        for row in TEXT:
+            file.write(json.dumps({"text": row}) + "\n")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    model_dir = root / "tiny-llama"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
+    llama(vocab_size=256, intermediate_size=96).save_pretrained(model_dir)
+    return {"model": model_dir, "data": data_dir, "root": root}
+
+
+def actprune(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def common(setup, sweep_dir):
+    return [f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
+            f"paths.cache_dir={setup['root'] / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.run.dir={sweep_dir}/run"]
+
+
+def results_in(folder: Path) -> dict:
+    return {path.parent.name: json.loads(path.read_text()) for path in folder.rglob("results.json")}
+
+
+def test_multirun_mixes_methods_and_sparsities_and_survives_a_bad_job(tiny_setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = actprune("-m", *common(tiny_setup, sweep), "pruning=dense,act_magnitude,weight_magnitude",
+                    "pruning.sparsity=2:4,1.5", "benchmark.ppl_wikitext2.max_windows=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = results_in(sweep)
+    assert len(found) == 6
+    assert any("pruning.sparsity=2:4,pruning=act_magnitude" in name for name in found)
+    failed = {n: r for n, r in found.items() if r["status"] == "failed"}
+    assert len(failed) == 3 and all("1.5" in n for n in failed)
+    assert all("pruning.sparsity" in r["error"] and "[0, 1)" in r["error"] for r in failed.values())
+    assert all("replaced_layers" in r and r["timings"]["total"] > 0 for r in failed.values())
+    ok = {r["config"]["pruning"]["method"]: r for r in found.values() if r["status"] == "ok"}
+    assert set(ok) == {"dense", "act_magnitude", "weight_magnitude"}
+    assert ok["dense"]["replaced_layers"] == 0 and ok["act_magnitude"]["replaced_layers"] == 14
+    assert ok["act_magnitude"]["sparsity"]["measured"] == 0.5
+    assert ok["weight_magnitude"]["sparsity"]["measured"] == pytest.approx(0.5)
+    ppl = {m: r["metrics"]["ppl/wikitext2"] for m, r in ok.items()}
+    assert len(set(ppl.values())) == 3
+    assert "Sweep" in done.stdout and "act_magnitude" in done.stdout and "failed" in done.stdout
+
+
+def test_results_json_content(tiny_setup, tmp_path):
+    sweep = tmp_path / "one"
+    done = actprune(*common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.25", "benchmark.ppl_wikitext2.max_windows=3", "benchmark.ppl_wikitext2.batch_size=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((sweep / "run" / "results.json").read_text())
+    assert result["status"] == "ok" and result["error"] is None
+    assert result["config"]["pruning"] == {"method": "act_magnitude", "sparsity": 0.25, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "layers": None}
+    assert result["config"]["benchmark"]["ppl_wikitext2"]["seqlen"] == 32
+    assert result["ppl_wikitext2"]["windows"] == 3 and result["ppl_wikitext2"]["tokens"] == 3 * 31
+    assert result["metrics"]["ppl/wikitext2"] > 1
+    sparsity = result["sparsity"]
+    assert sparsity["target"] == 0.25 and sparsity["pattern"] == "0.25" and len(sparsity["per_layer"]) == 14
+    assert sparsity["measured"] == pytest.approx(0.25, abs=0.01)
+    assert set(result["timings"]) == {"load", "prune", "ppl_wikitext2", "total"}
+    assert result["parameters"] > 0 and result["device"] == "cpu" and result["dtype"] == "float32"
+    assert set(result["versions"]) >= {"python", "torch", "transformers", "actprune", "git_commit"}
+    assert result["data_source"].endswith("test.jsonl")
+    # A finished job is never overwritten: the same run folder again refuses and leaves it intact.
+    again = actprune(*common(tiny_setup, sweep), "pruning=dense")
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert json.loads((sweep / "run" / "results.json").read_text()) == result
+
+
+@pytest.mark.parametrize("override,words", [
+    ("pruning=magnitude", ["Could not find 'pruning/magnitude'", "act_magnitude", "weight_magnitude"]),
+    ("pruning.sparsty=0.5", ["sparsty"]),
+    ("model.seqlen=long", ["model.seqlen", "long"]),
+])
+def test_bad_group_option_or_key_fails_at_startup(tiny_setup, tmp_path, override, words):
+    done = actprune(*common(tiny_setup, tmp_path), override)
+    assert done.returncode != 0
+    for word in words:
+        assert word in done.stderr
+    assert not list(tmp_path.rglob("results.json"))
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.path=/nonexistent/model", ["model.path", "no such folder"]),
+    ("pruning.target_modules=[q_proj,wq]", ["pruning.target_modules", "wq", "down_proj"]),
+    ("device=tpu", ["device", "auto, cpu, cuda, cuda:N"]),
+    ("model.dtype=int8", ["model.dtype", "bfloat16"]),
+    ("logger.mode=sometimes", ["logger.mode", "offline"]),
+])
+def test_bad_values_fail_before_loading_and_are_recorded(tiny_setup, tmp_path, override, words):
+    done = actprune(*common(tiny_setup, tmp_path), "pruning=act_magnitude", override)
+    assert done.returncode != 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["status"] == "failed" and "load" not in result["timings"]
+    for word in words:
+        assert word in result["error"]
+
+
+def test_missing_wikitext_is_a_clear_error(tiny_setup, tmp_path):
+    done = actprune(*common(tiny_setup, tmp_path), f"paths.data_dir={tmp_path / 'empty'}")
+    assert done.returncode != 0
+    error = json.loads((tmp_path / "run" / "results.json").read_text())["error"]
+    assert "WikiText-2 test split not found" in error and "paths.data_dir" in error
+
+
+def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path):
+    args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
+    done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=2:4", "benchmark.ppl_wikitext2.max_windows=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["status"] == "ok"
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # what `wandb sync` will upload
+    for expected in ("ppl/wikitext2", "sparsity/measured", result["job"], result["group"], "act_magnitude"):
+        assert expected.encode() in log, expected
+    table = json.loads(next(runs[0].rglob("per_layer*.table.json")).read_text())
+    assert table["columns"] == ["layer", "measured_sparsity"] and len(table["data"]) == 14

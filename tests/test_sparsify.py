@@ -1,0 +1,160 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from actprune import sparsify_
+from actprune.config import PROJECTIONS
+from actprune.layers import ActSparseLinear
+from actprune.masks import parse_sparsity
+from actprune.methods import METHODS, register
+
+from .tiny import gemma3_multimodal, llama, qwen2
+
+
+def test_wrapper_at_sparsity_zero_equals_linear_bit_for_bit_with_bias():
+    linear = nn.Linear(64, 32, bias=True)
+    nn.init.normal_(linear.bias)
+    x = torch.randn(3, 5, 64)
+    wrapped = ActSparseLinear(linear, parse_sparsity(0.0))
+    assert torch.equal(wrapped(x), linear(x))
+
+
+def test_wrapper_keeps_bias_and_masks_input():
+    linear = nn.Linear(16, 8, bias=True)
+    nn.init.normal_(linear.bias, std=3.0)
+    x = torch.randn(4, 16)
+    wrapped = ActSparseLinear(linear, parse_sparsity("2:4"))
+    keep = x.abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(-1) < 2
+    expected = (x * keep.flatten(-2)) @ linear.weight.T + linear.bias
+    torch.testing.assert_close(wrapped(x), expected)
+    assert wrapped.measured_sparsity() == 0.5
+
+
+def test_qwen2_with_biases_is_exact_at_sparsity_zero():
+    model = qwen2()
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.0})
+        assert report.replaced_layers == 2 * 7
+        assert torch.equal(model(ids).logits, dense)
+
+
+def test_qwen2_pruned_changes_output_and_counts_sparsity():
+    model = qwen2()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16"})
+        pruned = model(ids).logits
+    assert not torch.allclose(pruned, dense)
+    summary = report.summary()
+    assert summary["replaced_layers"] == 14 and summary["measured"] == 0.5
+    assert set(summary["per_layer"]) == set(report.layers) and all(v == 0.5 for v in summary["per_layer"].values())
+
+
+def test_token_output_does_not_depend_on_the_batch():
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": 0.5})
+    ids = torch.randint(0, 256, (3, 10))
+    with torch.no_grad():
+        together = model(ids).logits
+        alone = model(ids[1:2]).logits
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_target_modules_and_layers_select_the_layers():
+    model = llama(num_hidden_layers=3)
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["down_proj", "o_proj"], "layers": [0, 2]})
+    assert sorted(report.layers) == sorted(f"model.layers.{i}.{p}" for i in (0, 2) for p in ("mlp.down_proj", "self_attn.o_proj"))
+    assert isinstance(model.model.layers[2].mlp.down_proj, ActSparseLinear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+    assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_gemma3_multimodal_prunes_only_the_language_model():
+    model = gemma3_multimodal()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4"})
+    assert report.replaced_layers == 2 * 7
+    assert all(".language_model." in name for name in report.layers)
+    assert not any(isinstance(m, ActSparseLinear) for m in model.model.vision_tower.modules())
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", "8:16"])
+def test_weight_magnitude_nm_per_output_row(sparsity):
+    model = qwen2()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("proj")}
+    report = sparsify_(model, {"method": "weight_magnitude", "sparsity": sparsity})
+    pattern = parse_sparsity(sparsity)
+    assert report.replaced_layers == 14
+    for name, layer in report.layers.items():
+        assert type(layer) is nn.Linear
+        groups = (layer.weight != 0).unflatten(-1, (-1, pattern.m))
+        assert (groups.sum(-1) == pattern.n).all(), name
+        original = before[name]
+        kept = layer.weight != 0
+        assert torch.equal(layer.weight[kept], original[kept])
+        scores = original.abs().unflatten(-1, (-1, pattern.m))
+        mask = kept.unflatten(-1, (-1, pattern.m))
+        assert (scores.masked_fill(~mask, float("inf")).amin(-1) >= scores.masked_fill(mask, -1).amax(-1)).all()
+    assert report.summary()["measured"] == pytest.approx(0.5)
+
+
+def test_weight_magnitude_ratio_is_one_threshold_per_layer():
+    model = llama()
+    layer = model.model.layers[0].mlp.down_proj
+    original = layer.weight.detach().clone()
+    report = sparsify_(model, {"method": "weight_magnitude", "sparsity": 0.3, "target_modules": ["down_proj"]})
+    zeroed = layer.weight == 0
+    assert zeroed.sum().item() == round(0.3 * original.numel())
+    assert original.abs()[zeroed].max() <= original.abs()[~zeroed].min()
+    assert report.summary()["per_layer"]["model.layers.0.mlp.down_proj"] == pytest.approx(0.3, abs=1e-4)
+
+
+def test_dense_replaces_nothing_whatever_the_sparsity():
+    model = llama()
+    for sparsity in (0.0, "2:4"):
+        summary = sparsify_(model, {"method": "dense", "sparsity": sparsity}).summary()
+        assert summary["replaced_layers"] == 0 and summary["measured"] == 0.0 and summary["target"] == 0.0
+    assert not any(isinstance(m, ActSparseLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["qproj"]}, ["pruning.target_modules", "unknown ['qproj']", "q_proj", "down_proj"]),
+    ({"method": "act_magnitude", "sparsity": "2:4", "layers": [5]}, ["pruning.layers", "0..1"]),
+    ({"method": "magnitude", "sparsity": "2:4"}, ["pruning.method", "act_magnitude", "weight_magnitude"]),
+    ({"method": "act_magnitude", "sparsity": 1.5}, ["pruning.sparsity", "[0, 1)"]),
+    ({"method": "act_magnitude", "sparsity": "8:16"}, ["mlp.down_proj", "input width 40", "multiple of 16"]),
+])
+def test_bad_settings_name_the_key_and_allowed_values(config, words):
+    with torch.device("meta"):
+        model = llama(intermediate_size=40)
+    with pytest.raises(ValueError) as error:
+        sparsify_(model, config)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_unknown_config_key_fails():
+    with pytest.raises(Exception, match="sparsty"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsty": 0.5})
+
+
+def test_a_new_method_is_one_registered_function():
+    @register("act_random_test", kind="activation")
+    def act_random(linear, pattern):
+        return ActSparseLinear(linear, pattern, score=lambda x: torch.rand_like(x))
+
+    try:
+        report = sparsify_(llama(), {"method": "act_random_test", "sparsity": "2:4", "target_modules": ["o_proj"]})
+        assert report.replaced_layers == 2
+    finally:
+        METHODS.pop("act_random_test")
+
+
+def test_default_targets_are_the_seven_projections():
+    assert PROJECTIONS == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert sparsify_(llama(), {"method": "act_magnitude", "sparsity": 0.5}).replaced_layers == 14
