@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from actprune import perplexity, sparsify_
+from actprune.perplexity import windows
+
+from .tiny import llama
+
+
+class CharTokenizer:
+    """Stands in for a tokenizer: one id per byte, tokenized once like the real protocol."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return type("Encoding", (), {"input_ids": torch.tensor([list(text.encode()[:4000])]) % 256})
+
+
+TEXT = "\n\n".join(["The quick brown fox jumps over the lazy dog, again and again."] * 60)
+
+
+def test_windows_are_non_overlapping_and_drop_the_remainder():
+    ids = torch.arange(103)
+    batches = windows(ids, 10)
+    assert batches.shape == (10, 10) and batches[1, 0] == 10 and batches[-1, -1] == 99
+    assert windows(ids, 10, max_windows=3).shape == (3, 10)
+    with pytest.raises(ValueError, match="longer than the text"):
+        windows(ids, 200)
+
+
+def test_perplexity_is_exp_of_mean_token_nll():
+    model = llama()
+    result = perplexity(model, CharTokenizer(), TEXT, seqlen=64, max_windows=4)
+    ids = windows(CharTokenizer()(TEXT).input_ids[0], 64, 4)
+    with torch.no_grad():
+        losses = [model(w[None], labels=w[None]).loss.item() for w in ids]
+    assert result["ppl"] == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)
+    assert result["windows"] == 4 and result["tokens"] == 4 * 63
+
+
+def test_pruned_perplexity_does_not_change_with_batch_size():
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4"})
+    one = perplexity(model, CharTokenizer(), TEXT, seqlen=64, batch_size=1, max_windows=6)["ppl"]
+    four = perplexity(model, CharTokenizer(), TEXT, seqlen=64, batch_size=4, max_windows=6)["ppl"]
+    assert one == pytest.approx(four, rel=1e-5)
+
+
+def test_non_finite_perplexity_is_an_error():
+    model = llama()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        perplexity(model, CharTokenizer(), TEXT, seqlen=64, max_windows=2)
