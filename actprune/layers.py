@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -15,6 +16,30 @@ Score = Callable[[torch.Tensor], torch.Tensor]
 
 def magnitude(x: torch.Tensor) -> torch.Tensor:
     return x.abs()
+
+
+class _LastMask:
+    """q/k/v (and gate/up) receive the very same input tensor: its mask is computed once.
+
+    A hit needs the same live tensor, unmodified since (`_version`), the same pattern and score.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.keep = self.dropped = None
+
+    def get(self, x: torch.Tensor, pattern: Pattern, score: Score) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is not None:
+            ref, version, last_pattern, last_score = self.key
+            if ref() is x and version == x._version and last_pattern == pattern and last_score is score:
+                return self.keep, self.dropped
+        self.keep = pattern_keep_mask(score(x), pattern)
+        self.dropped = self.keep.numel() - self.keep.sum()
+        self.key = (weakref.ref(x), x._version, pattern, score)
+        return self.keep, self.dropped
+
+
+_last_mask = _LastMask()
 
 
 class ActSparseLinear(nn.Module):
@@ -52,8 +77,8 @@ class ActSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen += x.numel()
         if not self.pattern.is_dense():
-            keep = pattern_keep_mask(self.score(x), self.pattern)
-            self.zeroed += keep.numel() - keep.sum()
+            keep, dropped = _last_mask.get(x, self.pattern, self.score)
+            self.zeroed += dropped
             x = x * keep
         return F.linear(x, self.linear.weight, self.linear.bias)
 

@@ -55,6 +55,8 @@ def act_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
 @torch.no_grad()
 def weight_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
     """Zero W by |W|: N:M along each output row's inputs, or one threshold over the whole layer."""
+    if pattern.is_dense():
+        return linear
     scores = linear.weight.abs()
     if pattern.is_nm:
         keep = pattern_keep_mask(scores, pattern)

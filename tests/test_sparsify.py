@@ -32,6 +32,26 @@ def test_wrapper_keeps_bias_and_masks_input():
     assert wrapped.measured_sparsity() == 0.5
 
 
+def test_shared_input_mask_is_reused_only_for_the_same_unmodified_input_and_pattern():
+    from actprune.masks import pattern_keep_mask
+
+    def reference(wrapper, x):
+        keep = pattern_keep_mask(wrapper.score(x), wrapper.pattern)
+        return (x * keep) @ wrapper.weight.T + wrapper.bias
+
+    two_four = ActSparseLinear(nn.Linear(16, 4), parse_sparsity("2:4"))
+    same = ActSparseLinear(nn.Linear(16, 4), parse_sparsity("2:4"))
+    four_eight = ActSparseLinear(nn.Linear(16, 4), parse_sparsity("4:8"))
+    other_score = ActSparseLinear(nn.Linear(16, 4), parse_sparsity("2:4"), score=lambda x: -x.abs())
+    x = torch.randn(3, 16)
+    for wrapper in (two_four, same, four_eight, two_four, other_score):  # each after the previous one
+        torch.testing.assert_close(wrapper(x), reference(wrapper, x))
+    two_four(x)
+    x.mul_(torch.randn_like(x))  # modified in place: the cached mask is stale
+    torch.testing.assert_close(two_four(x), reference(two_four, x))
+    torch.testing.assert_close(two_four(x.clone()), reference(two_four, x))
+
+
 def test_qwen2_with_biases_is_exact_at_sparsity_zero():
     model = qwen2()
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
