@@ -8,6 +8,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 WIKITEXT2_TEST = Path("wikitext-2-raw-v1") / "test.jsonl"
+FALLBACK = "python_docs"  # metric suffix when the demo measured the fallback text
 FALLBACK_SOURCE = "python-docs (pydoc_data.topics), not WikiText-2"
 
 

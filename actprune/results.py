@@ -63,18 +63,20 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    """A plain-text table of jobs: name, method, sparsity, perplexity, measured sparsity, status."""
-    header = ("job", "method", "sparsity", "ppl/wikitext2", "measured", "layers", "status")
+    """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
+    header = ("job", "method", "sparsity", "perplexity", "text", "measured", "layers", "status")
     lines = [header]
     for name, result in rows:
         sparsity = result.get("sparsity") or {}
-        ppl = (result.get("metrics") or {}).get("ppl/wikitext2")
+        ppl_key = next((key for key in result.get("metrics") or {} if key.startswith("ppl/")), None)
+        ppl = result["metrics"][ppl_key] if ppl_key else None
         measured = sparsity.get("measured")
         lines.append((
             name,
             str(sparsity.get("method", "?")),
             str(sparsity.get("pattern", "?")),
             f"{ppl:.4f}" if isinstance(ppl, float) else "-",
+            ppl_key.removeprefix("ppl/") if ppl_key else "-",
             f"{measured:.4f}" if isinstance(measured, float) else "-",
             str(result.get("replaced_layers", "-")),
             result.get("status", "?"),

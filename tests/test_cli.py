@@ -145,3 +145,13 @@ def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path)
         assert expected.encode() in log, expected
     table = json.loads(next(runs[0].rglob("per_layer*.table.json")).read_text())
     assert table["columns"] == ["layer", "measured_sparsity"] and len(table["data"]) == 14
+
+
+def test_only_an_explicit_fallback_measures_other_text_and_says_so(tiny_setup, tmp_path):
+    done = actprune(*common(tiny_setup, tmp_path), f"paths.data_dir={tmp_path / 'empty'}",
+                    "benchmark.ppl_wikitext2.fallback_text=true", "benchmark.ppl_wikitext2.max_windows=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "not WikiText-2" in result["data_source"]
+    assert set(result["metrics"]) == {"ppl/python_docs"}
+    assert "falls back" in done.stderr + done.stdout and "python_docs" in done.stderr + done.stdout
