@@ -12,9 +12,10 @@ FALLBACK = "python_docs"  # metric suffix when the demo measured the fallback te
 FALLBACK_SOURCE = "python-docs (pydoc_data.topics), not WikiText-2"
 
 
-def wikitext2_test_text(data_dir: str | None, fallback: bool = False) -> tuple[str, str]:
+def wikitext2_test_text(data_dir: str | None, fallback: bool = False, cache_dir: str | None = None) -> tuple[str, str]:
     """The test split's rows joined with "\\n\\n", and where they came from.
 
+    Local rows are cached (as Arrow) under `cache_dir`; hub rows in datasets' own cache.
     With `fallback` (the demo only), an offline machine without WikiText-2 gets real English text
     that ships with every Python: the standard library's documentation topics.
     """
@@ -22,7 +23,7 @@ def wikitext2_test_text(data_dir: str | None, fallback: bool = False) -> tuple[s
 
     local = Path(data_dir) / WIKITEXT2_TEST if data_dir else None
     if local is not None and local.is_file():
-        rows = datasets.load_dataset("json", data_files=str(local), split="train")
+        rows = datasets.load_dataset("json", data_files=str(local), split="train", cache_dir=cache_dir)
         return "\n\n".join(rows["text"]), str(local)
     try:
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")

@@ -70,7 +70,9 @@ def _run(cfg: DictConfig, record: dict) -> dict:
     texts = {}
     if "ppl_wikitext2" in benchmarks:
         options = benchmarks["ppl_wikitext2"]
-        texts["ppl_wikitext2"], record["data_source"] = wikitext2_test_text(cfg.paths.data_dir, options.fallback_text)
+        texts["ppl_wikitext2"], record["data_source"] = wikitext2_test_text(
+            cfg.paths.data_dir, options.fallback_text, cache_dir=str(Path(cfg.paths.cache_dir) / "datasets")
+        )
     record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")

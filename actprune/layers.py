@@ -29,6 +29,9 @@ class _LastMask:
         self.keep = self.dropped = None
 
     def get(self, x: torch.Tensor, pattern: Pattern, score: Score) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_inference():  # inference tensors have no version counter: no reuse
+            keep = pattern_keep_mask(score(x), pattern)
+            return keep, keep.numel() - keep.sum()
         if self.key is not None:
             ref, version, last_pattern, last_score = self.key
             if ref() is x and version == x._version and last_pattern == pattern and last_score is score:

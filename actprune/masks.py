@@ -65,22 +65,27 @@ def parse_sparsity(value) -> Pattern:
     raise ValueError(f"pruning.sparsity={value!r} has type {type(value).__name__}: expected {allowed}")
 
 
-def topk_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+def topk_keep_mask(scores: torch.Tensor, n: int, m: int, resolve_ties: bool | None = None) -> torch.Tensor:
     """Boolean mask keeping the `n` highest scores in every group of `m` along the last dim.
 
     Ties at the cut are broken towards the lower index, so exactly `n` survive per group.
     The mask is a comparison against each group's n-th largest score: no scatter, no float mask.
+    `resolve_ties=None` resolves them on CUDA always (checking first would synchronise, and bf16
+    ties are common) and on CPU only where the count shows a tie.
     """
+    if not 1 <= n <= m:
+        raise ValueError(f"cannot keep {n} of every {m} entries")
     groups = scores.unflatten(-1, (-1, m))
     nth = groups.topk(n, dim=-1, sorted=False).values.amin(-1, keepdim=True)
     keep = groups >= nth
-    # On CPU checking for ties first is cheaper than always resolving them; on CUDA the check
-    # would synchronise, and bf16 ties are common, so resolve unconditionally.
-    if keep.is_cuda or int(keep.sum()) != keep.numel() // m * n:
+    if resolve_ties is None:
+        resolve_ties = keep.is_cuda or int(keep.sum()) != keep.numel() // m * n
+    if resolve_ties:
+        count = torch.int16 if m < 2**15 else torch.int32  # small counters: less memory traffic
         above = groups > nth
         at_cut = keep & ~above
-        room = n - above.sum(-1, keepdim=True)
-        keep = above | (at_cut & (at_cut.cumsum(-1) <= room))
+        room = n - above.sum(-1, keepdim=True, dtype=count)
+        keep = above | (at_cut & (at_cut.cumsum(-1, dtype=count) <= room))
     return keep.flatten(-2)
 
 

@@ -71,7 +71,14 @@ def gguf_in(path: str, gguf_file: str | None) -> str | None:
 
 
 def load_config(path: str, gguf_file: str | None, trust_remote_code: bool = False):
-    return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"model.path={path!r}: no model config could be read ({type(error).__name__}: {error}). "
+            f"Give a local Hugging Face folder (./dir or /abs/dir), a hub id reachable from here, or "
+            f"pkg://<package>"
+        ) from error
 
 
 def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
@@ -81,9 +88,10 @@ def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
 
 
 def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
-    stat = (Path(path) / gguf_file).stat()
-    key = hashlib.sha1(f"{Path(path).resolve() / gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{key[:12]}"
+    """Keyed by the file's location and, for a local file, its size and modification time."""
+    local = Path(path) / gguf_file
+    key = f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else f"{path}/{gguf_file}"
+    return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str:

@@ -35,8 +35,6 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
     config = pruning_config(config)
     method = get_method(config.method)
     pattern = parse_sparsity(config.sparsity)
-    if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
-        return Pattern(ratio=0.0), {}
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:
@@ -54,6 +52,16 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
         for name, module in layers[index].named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules:
                 targets[f"{prefix}.{index}.{name}"] = module
+    if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
+        return Pattern(ratio=0.0), {}
+    if not pattern.is_nm and not pattern.is_dense():
+        too_narrow = {name: m.in_features for name, m in targets.items() if pattern.kept(m.in_features) < 1}
+        if too_narrow:
+            name, width = next(iter(too_narrow.items()))
+            raise ValueError(
+                f"pruning.sparsity={pattern}: would zero every input of {name} (width {width}); "
+                f"allowed: a ratio that keeps at least one entry of every targeted layer"
+            )
     if pattern.is_nm:
         uneven = {name: m.in_features for name, m in targets.items() if m.in_features % pattern.m}
         if uneven:

@@ -3,8 +3,8 @@
 Each setting times the same linears on the same inputs, dense and wrapped, interleaved, and prints
 one JSON line: setting, device, dtype, shape, dense_ms, pruned_ms, ratio (pruned / dense).
 
-    python scripts/bench_forward.py                      # CPU, fp32, 256 tokens
-    python scripts/bench_forward.py --device cuda        # bf16, 2048 tokens
+    python scripts/bench_forward.py                 # CPU (fp32, 256 tokens), then CUDA if present (bf16, 2048)
+    python scripts/bench_forward.py --device cuda   # one device only
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ def timed(fn, device) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", action="append", help="default: cpu, and cuda when present")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--tokens", type=int, default=None, help="default: 2048 on CUDA, 256 on CPU")
     parser.add_argument("--hidden", type=int, default=4096)
@@ -59,7 +58,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default: 50 on CUDA, 7 on CPU")
     parser.add_argument("--settings", default="8:16,2:4,0.5")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    for device in devices:
+        bench(torch.device(device), args)
+
+
+@torch.no_grad()
+def bench(device: torch.device, args) -> None:
     cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     tokens = args.tokens or (2048 if cuda else 256)

@@ -111,6 +111,7 @@ def test_bad_group_option_or_key_fails_at_startup(tiny_setup, tmp_path, override
 
 @pytest.mark.parametrize("override,words", [
     ("model.path=/nonexistent/model", ["model.path", "no such folder"]),
+    ("model.path=models/not-a-model", ["model.path", "no model config"]),
     ("pruning.target_modules=[q_proj,wq]", ["pruning.target_modules", "wq", "down_proj"]),
     ("device=tpu", ["device", "auto, cpu, cuda, cuda:N"]),
     ("model.dtype=int8", ["model.dtype", "bfloat16"]),
@@ -145,6 +146,16 @@ def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path)
         assert expected.encode() in log, expected
     table = json.loads(next(runs[0].rglob("per_layer*.table.json")).read_text())
     assert table["columns"] == ["layer", "measured_sparsity"] and len(table["data"]) == 14
+
+
+def test_a_failed_job_still_finishes_its_wandb_run(tiny_setup, tmp_path):
+    args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
+    done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=7:4")
+    assert done.returncode != 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["status"] == "failed"
+    log = next((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert b"failed" in log and b"7:4" in log
 
 
 def test_only_an_explicit_fallback_measures_other_text_and_says_so(tiny_setup, tmp_path):

@@ -65,3 +65,16 @@ def test_bad_sparsity_names_the_key_and_allowed_values(value, words):
 def test_pattern_targets():
     assert parse_sparsity("2:4").target() == 0.5 and parse_sparsity("3:4").target() == 0.25
     assert parse_sparsity(0.0).is_dense() and not parse_sparsity("8:16").is_dense()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (8, 16), (100, 256)])
+def test_tie_resolution_path_equals_the_plain_path_and_keeps_n(dtype, n, m):
+    scores = torch.randn(6, 2 * m).abs().to(dtype)
+    if dtype == torch.bfloat16:
+        scores = (scores * 4).round() / 4  # many ties
+    resolved = topk_keep_mask(scores, n, m, resolve_ties=True)
+    assert (resolved.unflatten(-1, (-1, m)).sum(-1) == n).all()
+    assert torch.equal(resolved, topk_keep_mask(scores, n, m))  # the automatic choice
+    if dtype == torch.float32:  # no ties: the comparison alone is already exact
+        assert torch.equal(resolved, topk_keep_mask(scores, n, m, resolve_ties=False))
