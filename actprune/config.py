@@ -17,6 +17,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     seqlen: int = 2048
     trust_remote_code: bool = False
+    apply_chat_template: bool = False  # what lm_eval uses for this model unless told otherwise
 
 
 @dataclass
@@ -36,8 +37,18 @@ class PerplexityConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    tasks: List[str] = field(default_factory=lambda: ["boolq", "winogrande", "piqa", "arc_easy"])
+    num_fewshot: int = 0
+    batch_size: int = 8
+    apply_chat_template: bool = "${model.apply_chat_template}"  # type: ignore[assignment]
+    limit: Optional[int] = None  # null: every row of each task
+
+
+@dataclass
 class BenchmarkConfig:
     ppl_wikitext2: Optional[PerplexityConfig] = None
+    lm_eval: Optional[LmEvalConfig] = None
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import models, results, tracking
+from . import models, results, tracking, zeroshot
 from .data import FALLBACK_SOURCE, wikitext2_test_text
 from .perplexity import perplexity
 from .sparsify import select_targets, sparsify_
@@ -41,7 +41,7 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str) -> dict:
     tracker = None
     try:
         tracker = tracking.Tracker(cfg.logger, job_dir, group=group, name=name, config=record["config"])
-        record.update(_run(cfg, record))
+        record.update(_run(cfg, record, job_dir))
         record["status"] = "ok"
     except Exception as error:
         record["status"] = "failed"
@@ -58,7 +58,7 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str) -> dict:
     return record
 
 
-def _run(cfg: DictConfig, record: dict) -> dict:
+def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     timings = record["timings"]
     # Everything that can be checked without the weights is checked first.
     device = models.resolve_device(cfg.device)
@@ -73,6 +73,12 @@ def _run(cfg: DictConfig, record: dict) -> dict:
         texts["ppl_wikitext2"], record["data_source"] = wikitext2_test_text(
             cfg.paths.data_dir, options.fallback_text, cache_dir=str(Path(cfg.paths.cache_dir) / "datasets")
         )
+    if "lm_eval" in benchmarks:
+        tic = time.perf_counter()
+        lm_eval_tasks, record["lm_eval_data"] = zeroshot.prepare(
+            benchmarks["lm_eval"], cfg.paths.data_dir, Path(job_dir) / "lm_eval_tasks"
+        )
+        timings["lm_eval_tasks"] = time.perf_counter() - tic
     record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")
@@ -91,9 +97,9 @@ def _run(cfg: DictConfig, record: dict) -> dict:
     record["replaced_layers"] = report.replaced_layers
 
     metrics = {}
+    report.reset()  # the measured sparsity covers the benchmarks' text only
     if "ppl_wikitext2" in benchmarks:
         options = benchmarks["ppl_wikitext2"]
-        report.reset()  # measure the sparsity reached on the benchmark text only
         tic = time.perf_counter()
         result = perplexity(model, tokenizer, texts["ppl_wikitext2"], options.seqlen, options.batch_size, options.max_windows)
         timings["ppl_wikitext2"] = time.perf_counter() - tic
@@ -101,5 +107,11 @@ def _run(cfg: DictConfig, record: dict) -> dict:
         key = "ppl/python_docs" if record["data_source"] == FALLBACK_SOURCE else "ppl/wikitext2"
         metrics[key] = result["ppl"]
         record["ppl_wikitext2"] = {key: result[key] for key in ("windows", "tokens", "mean_nll")}
+    if "lm_eval" in benchmarks:
+        tic = time.perf_counter()
+        result = zeroshot.evaluate(model, tokenizer, benchmarks["lm_eval"], lm_eval_tasks, cfg.seed)
+        timings["lm_eval"] = time.perf_counter() - tic
+        metrics.update(result["metrics"])
+        record["lm_eval"] = result["details"]
     record["sparsity"] = report.summary()
     return {"metrics": metrics}

@@ -64,7 +64,7 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
-    header = ("job", "method", "sparsity", "perplexity", "text", "measured", "layers", "status")
+    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", "measured", "layers", "status")
     lines = [header]
     for name, result in rows:
         sparsity = result.get("sparsity") or {}
@@ -77,6 +77,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
             str(sparsity.get("pattern", "?")),
             f"{ppl:.4f}" if isinstance(ppl, float) else "-",
             ppl_key.removeprefix("ppl/") if ppl_key else "-",
+            f"{mean_acc:.4f}" if isinstance(mean_acc := (result.get("metrics") or {}).get("lm_eval/mean_acc"), float) else "-",
             f"{measured:.4f}" if isinstance(measured, float) else "-",
             str(result.get("replaced_layers", "-")),
             result.get("status", "?"),

@@ -1,0 +1,140 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on the pruned model in memory.
+
+Where `paths.data_dir` holds `lm_eval/<task>/<split>.jsonl`, a task reads its rows from there: a
+small task YAML *includes* lm_eval's own definition of the task (prompt, choices, target, metrics)
+and only swaps the dataset for those files, so scores equal the built-in task's on the same rows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+def local_rows(data_dir: str | None, task: str) -> dict[str, str]:
+    """{split: file} for `data_dir/lm_eval/<task>/<split>.jsonl`."""
+    folder = Path(data_dir) / "lm_eval" / task if data_dir else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {path.stem: str(path.resolve()) for path in sorted(folder.glob("*.jsonl"))}
+
+
+def _check_reachable(task: str, config: dict, data_dir: str | None) -> None:
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(config["dataset_path"], config.get("dataset_name"))
+    except Exception as error:  # offline and not cached: datasets raises several types
+        splits = [config[key] for key in SPLITS if config.get(key)]
+        raise FileNotFoundError(
+            f"lm_eval task {task!r}: no local rows in {Path(data_dir or '<paths.data_dir>') / 'lm_eval' / task}/ "
+            f"(one <split>.jsonl per split, e.g. {sorted(set(splits))[0]}.jsonl, laid out like "
+            f"../shared/data/lm_eval), and datasets cannot load {config['dataset_path']!r} "
+            f"({type(error).__name__}). Put the rows there (paths.data_dir=DIR) or run once online."
+        ) from error
+
+
+def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
+    """Build lm_eval's Task objects (data loaded) before any model is: bad names fail here.
+
+    Returns the tasks and a record of where each one's rows came from.
+    """
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tasks = list(options.tasks)
+    if not tasks:
+        raise ValueError("benchmark.lm_eval.tasks is empty: name at least one lm_eval task")
+    manager = TaskManager()
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        hints = {task: difflib.get_close_matches(task, manager.all_tasks, n=4) for task in unknown}
+        raise ValueError(
+            "benchmark.lm_eval.tasks: unknown lm_eval task(s) "
+            + "; ".join(f"{task!r} (close: {', '.join(close) or 'none'})" for task, close in hints.items())
+            + ". `lm-eval ls tasks` lists them all"
+        )
+    overrides, sources = {}, {}
+    for task in tasks:
+        entry = manager.task_index[task]
+        if entry.yaml_path is None:  # a Python-defined task: lm_eval's own data only
+            sources[task] = "lm_eval"
+            continue
+        config = load_yaml(entry.yaml_path, resolve_func=False)
+        rows = local_rows(data_dir, task)
+        if not rows:
+            if "dataset_path" in config:
+                _check_reachable(task, config, data_dir)
+            sources[task] = f"datasets:{config.get('dataset_path')}"
+            continue
+        override = {"include": str(entry.yaml_path), "task": task, "dataset_path": "json", "dataset_name": None,
+                    "dataset_kwargs": {"data_files": rows}}
+        # Splits the local folder does not have are switched off, so lm_eval never asks for them.
+        override.update({key: config[key] if config.get(key) in rows else None for key in SPLITS})
+        if not (override["validation_split"] or override["test_split"]):
+            raise FileNotFoundError(
+                f"lm_eval task {task!r}: {Path(data_dir) / 'lm_eval' / task} has {sorted(rows)} but the task "
+                f"evaluates on {config.get('test_split') or config.get('validation_split')!r}: add that .jsonl"
+            )
+        overrides[task] = override
+        sources[task] = next(path for split, path in rows.items() if split in (override["test_split"], override["validation_split"]))
+    if overrides:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        for task, override in overrides.items():
+            (work_dir / f"{task}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
+        manager = TaskManager(include_path=str(work_dir))  # later paths override lm_eval's own
+    loaded = manager.load_task_or_group(tasks)
+    return list(loaded.values()), sources
+
+
+def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
+    """lm_eval on the model object; returns metrics and what to record about the run."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    # lm_eval ignores simple_evaluate's batch_size for a model object: it belongs to HFLM.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=options.num_fewshot,
+        limit=options.limit,
+        apply_chat_template=options.apply_chat_template,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    metrics, rows = {}, []
+    for task, scores in output["results"].items():
+        row = {"task": task}
+        for metric in ("acc", "acc_norm"):
+            if f"{metric},none" in scores:
+                row[metric] = scores[f"{metric},none"]
+                row[f"{metric}_stderr"] = scores.get(f"{metric}_stderr,none")
+                metrics[f"lm_eval/{task}/{metric}"] = row[metric]
+                metrics[f"lm_eval/{task}/{metric}_stderr"] = row[f"{metric}_stderr"]
+        row["samples"] = output.get("n-samples", {}).get(task, {}).get("effective")
+        rows.append(row)
+    accuracies = [row["acc"] for row in rows if "acc" in row]
+    if accuracies:
+        metrics["lm_eval/mean_acc"] = sum(accuracies) / len(accuracies)
+    details = {
+        "lm_eval_version": version("lm_eval"),
+        "task_versions": output.get("versions", {}),
+        "num_fewshot": options.num_fewshot,
+        "apply_chat_template": options.apply_chat_template,
+        "limit": options.limit,
+        "batch_size": lm.batch_size,
+        "per_task": rows,
+    }
+    return {"metrics": metrics, "details": details}
