@@ -33,12 +33,12 @@ def _check_reachable(task: str, config: dict, data_dir: str | None) -> None:
     try:
         datasets.load_dataset_builder(config["dataset_path"], config.get("dataset_name"))
     except Exception as error:  # offline and not cached: datasets raises several types
-        splits = [config[key] for key in SPLITS if config.get(key)]
+        evaluated = config.get("test_split") or config.get("validation_split")
         raise FileNotFoundError(
             f"lm_eval task {task!r}: no local rows in {Path(data_dir or '<paths.data_dir>') / 'lm_eval' / task}/ "
-            f"(one <split>.jsonl per split, e.g. {sorted(set(splits))[0]}.jsonl, laid out like "
-            f"../shared/data/lm_eval), and datasets cannot load {config['dataset_path']!r} "
-            f"({type(error).__name__}). Put the rows there (paths.data_dir=DIR) or run once online."
+            f"(it evaluates on {evaluated}.jsonl, one row per line, laid out like ../shared/data/lm_eval), "
+            f"and datasets cannot load {config['dataset_path']!r} ({type(error).__name__}). Put the rows "
+            f"there (paths.data_dir=DIR) or run once online so that datasets caches them."
         ) from error
 
 
