@@ -56,6 +56,11 @@ class Tracker:
         if per_layer:
             table = wandb.Table(columns=["layer", "measured_sparsity"], data=[[k, v] for k, v in per_layer.items()])
             self.run.log({"sparsity/per_layer": table})
+        per_task = (results.get("lm_eval") or {}).get("per_task") or []
+        if per_task:
+            columns = ["task", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"]
+            table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in per_task])
+            self.run.log({"lm_eval/per_task": table})
 
     def finish(self, status: str, error: str | None = None) -> None:
         if self.run is None:

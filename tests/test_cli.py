@@ -28,6 +28,10 @@ def tiny_setup(tmp_path_factory):
     with open(data_dir / "wikitext-2-raw-v1" / "test.jsonl", "w") as file:
         for row in TEXT:
             file.write(json.dumps({"text": row}) + "\n")
+    (data_dir / "lm_eval" / "piqa").mkdir(parents=True)
+    with open(data_dir / "lm_eval" / "piqa" / "validation.jsonl", "w") as file:
+        for i in range(6):
+            file.write(json.dumps({"goal": f"How to start the game {i}?", "sol1": "Press start.", "sol2": "Carry over the work.", "label": i % 2}) + "\n")
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
@@ -166,3 +170,18 @@ def test_only_an_explicit_fallback_measures_other_text_and_says_so(tiny_setup, t
     assert "not WikiText-2" in result["data_source"]
     assert set(result["metrics"]) == {"ppl/python_docs"}
     assert "falls back" in done.stderr + done.stdout and "python_docs" in done.stderr + done.stdout
+
+
+def test_ppl_and_lm_eval_in_one_job_reach_results_and_wandb(tiny_setup, tmp_path):
+    args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
+    done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=2:4", "benchmark=[ppl_wikitext2,lm_eval]",
+                    "benchmark.ppl_wikitext2.max_windows=2", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.batch_size=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert {"ppl/wikitext2", "lm_eval/piqa/acc", "lm_eval/piqa/acc_norm", "lm_eval/mean_acc"} <= set(result["metrics"])
+    assert result["lm_eval"]["batch_size"] == 3 and result["lm_eval"]["per_task"][0]["samples"] == 6
+    assert {"load", "ppl_wikitext2", "lm_eval"} <= set(result["timings"])
+    run = next((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert b"lm_eval/piqa/acc" in next(run.glob("*.wandb")).read_bytes()
+    table = json.loads(next(run.rglob("per_task*.table.json")).read_text())
+    assert table["data"][0][0] == "piqa" and table["data"][0][1] == result["metrics"]["lm_eval/piqa/acc"]
