@@ -26,6 +26,16 @@ class PruningConfig:
     sparsity: Any = 0.0  # float r in [0, 1) zeroed per token, or "N:M" (N kept in every M)
     target_modules: List[str] = field(default_factory=lambda: list(PROJECTIONS))
     layers: Optional[List[int]] = None  # decoder layer indices; null: all
+    score: str = "magnitude"  # activation methods: magnitude | weight_norm | clact
+    transforms: List[Any] = field(default_factory=list)  # e.g. [shift, variance], [{name: shift, mode: static}]
+
+
+@dataclass
+class CalibrationConfig:
+    corpus: str = "wikitext2_validation"  # wikitext2_validation | c4 | wikitext2_train; never the test split
+    windows: int = 32
+    seqlen: int = 512
+    seed: int = 0
 
 
 @dataclass
@@ -75,6 +85,7 @@ class ActpruneConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 

@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import models, results, tracking, zeroshot
+from . import calibration, models, results, tracking, zeroshot
 from .data import FALLBACK_SOURCE, wikitext2_test_text
 from .perplexity import perplexity
-from .sparsify import select_targets, sparsify_
+from .methods import get_method
+from .scores import needs_calibration
+from .sparsify import pruning_config, select_targets, sparsify_
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir)
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     select_targets(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
+    pruning = pruning_config(cfg.pruning)
+    calibrate = get_method(pruning.method).kind == "activation" and needs_calibration(pruning)
+    if calibrate:
+        calibration_text = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
     texts = {}
     if "ppl_wikitext2" in benchmarks:
         options = benchmarks["ppl_wikitext2"]
@@ -91,8 +97,17 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     timings["load"] = time.perf_counter() - tic
     record["parameters"] = sum(p.numel() for p in model.parameters())
 
+    stats = None
+    if calibrate:
+        tic = time.perf_counter()
+        _, targets = select_targets(model, pruning)
+        stats, record["calibration"] = calibration.statistics(
+            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, cfg.paths.cache_dir
+        )
+        timings["calibration"] = time.perf_counter() - tic
+
     tic = time.perf_counter()
-    report = sparsify_(model, cfg.pruning)
+    report = sparsify_(model, pruning, stats=stats)
     timings["prune"] = time.perf_counter() - tic
     record["replaced_layers"] = report.replaced_layers
 

@@ -21,43 +21,75 @@ def magnitude(x: torch.Tensor) -> torch.Tensor:
 class _LastMask:
     """q/k/v (and gate/up) receive the very same input tensor: its mask is computed once.
 
-    A hit needs the same live tensor, unmodified since (`_version`), the same pattern and score.
+    A hit needs the same live tensor, unmodified since (`_version`), the same pattern, score and
+    per-channel score weight.
     """
 
     def __init__(self):
         self.key = None
         self.keep = self.dropped = None
 
-    def get(self, x: torch.Tensor, pattern: Pattern, score: Score) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, x: torch.Tensor, pattern: Pattern, score: Score, weight: torch.Tensor | None):
         if x.is_inference():  # inference tensors have no version counter: no reuse
-            keep = pattern_keep_mask(score(x), pattern)
+            keep = _keep_mask(x, pattern, score, weight)
             return keep, keep.numel() - keep.sum()
         if self.key is not None:
-            ref, version, last_pattern, last_score = self.key
-            if ref() is x and version == x._version and last_pattern == pattern and last_score is score:
+            ref, version, last_pattern, last_score, last_weight = self.key
+            if (ref() is x and version == x._version and last_pattern == pattern and last_score is score
+                    and last_weight is weight):
                 return self.keep, self.dropped
-        self.keep = pattern_keep_mask(score(x), pattern)
+        self.keep = _keep_mask(x, pattern, score, weight)
         self.dropped = self.keep.numel() - self.keep.sum()
-        self.key = (weakref.ref(x), x._version, pattern, score)
+        self.key = (weakref.ref(x), x._version, pattern, score, weight)
         return self.keep, self.dropped
+
+
+def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
+    scores = score(x) if weight is None else score(x) * weight
+    return pattern_keep_mask(scores, pattern)
 
 
 _last_mask = _LastMask()
 
 
+SHIFTS = ("mean", "median", "static")
+
+
 class ActSparseLinear(nn.Module):
     """`y = (x * keep(score(x))) Wᵀ + b` with the wrapped layer's own weight and bias.
 
+    Options, each a light error correction that uses the current token or calibration only:
+    - `channel_weight`: the score becomes `score(x) * channel_weight` (e.g. ‖W_:,j‖₂);
+    - `shift`: prune `x − η` and add `η` back through the layer, `y = prune(x − η) Wᵀ + b + η W 1`
+      with η the token's mean or median (rank-1 add-back), or `static`: η = `shift_vector`
+      (the calibration mean per channel) and the add-back `η Wᵀ` is precomputed;
+    - `variance`: rescale the pruned input so its per-token variance matches the unpruned one.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
     """
 
-    def __init__(self, linear: nn.Linear, pattern: Pattern, score: Score = magnitude):
+    def __init__(self, linear: nn.Linear, pattern: Pattern, score: Score = magnitude, *,
+                 channel_weight: torch.Tensor | None = None, shift: str | None = None,
+                 shift_vector: torch.Tensor | None = None, variance: bool = False):
         super().__init__()
+        if shift is not None and shift not in SHIFTS:
+            raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
+        if (shift == "static") != (shift_vector is not None):
+            raise ValueError("shift='static' needs shift_vector (the calibration mean per input channel)")
         self.linear = linear
         self.pattern = pattern
         self.score = score
-        device = linear.weight.device
+        self.shift = shift
+        self.variance = variance
+        weight = linear.weight
+        device = weight.device
+        self.register_buffer("channel_weight", None if channel_weight is None else channel_weight.to(device, weight.dtype))
+        if shift == "static":
+            shift_vector = shift_vector.to(device, weight.dtype)
+            self.register_buffer("shift_vector", shift_vector)
+            self.register_buffer("shift_output", F.linear(shift_vector, weight).detach())
+        elif shift is not None:
+            self.register_buffer("weight_rowsum", weight.detach().sum(1))
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
@@ -79,15 +111,34 @@ class ActSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen += x.numel()
-        if not self.pattern.is_dense():
-            keep, dropped = _last_mask.get(x, self.pattern, self.score)
-            self.zeroed += dropped
-            x = x * keep
-        return F.linear(x, self.linear.weight, self.linear.bias)
+        if self.pattern.is_dense() and self.shift is None:
+            return F.linear(x, self.linear.weight, self.linear.bias)
+        if self.shift == "static":
+            eta = self.shift_vector
+        elif self.shift == "mean":
+            eta = x.mean(-1, keepdim=True)
+        elif self.shift == "median":
+            eta = x.median(-1, keepdim=True).values
+        else:
+            eta = None
+        centred = x if eta is None else x - eta
+        keep, dropped = _last_mask.get(centred, self.pattern, self.score, self.channel_weight)
+        self.zeroed += dropped
+        pruned = centred * keep
+        if self.variance:
+            ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
+            pruned = pruned * ratio.sqrt().to(pruned.dtype)
+        y = F.linear(pruned, self.linear.weight, self.linear.bias)
+        if self.shift == "static":
+            return y + self.shift_output
+        if eta is not None:
+            return y + eta * self.weight_rowsum
+        return y
 
     def measured_sparsity(self) -> float | None:
         seen = int(self.seen)
         return int(self.zeroed) / seen if seen else None
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}"
+        options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
+        return ", ".join([f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options])

@@ -1,27 +1,29 @@
 """Pruning methods: small registered pieces that turn one target `nn.Linear` into its pruned form.
 
-A method gets the layer and the parsed pattern and returns the module that replaces it (or the
-layer itself, changed in place). Add one with `@register("name", kind)`; `pruning.method=name`
+A method gets the layer, the parsed pattern, the pruning config and the layer's calibration
+statistics (or None) and returns the module that replaces it (or the layer itself, changed in
+place). Add one with `@register("name", kind)`; `pruning.method=name`
 then selects it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .layers import ActSparseLinear, magnitude
 from .masks import Pattern, pattern_keep_mask
+from .scores import wrapper_options
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     kind: str  # "dense", "activation" (masks inputs at run time) or "weight" (zeroes W once)
-    apply: Callable[[nn.Linear, Pattern], nn.Module]
+    apply: Callable[[nn.Linear, Pattern, Any, dict | None], nn.Module]
 
 
 METHODS: dict[str, Method] = {}
@@ -42,18 +44,19 @@ def get_method(name: str) -> Method:
 
 
 @register("dense", kind="dense")
-def dense(linear: nn.Linear, pattern: Pattern) -> nn.Module:
+def dense(linear: nn.Linear, pattern: Pattern, config=None, stats=None) -> nn.Module:
     return linear
 
 
 @register("act_magnitude", kind="activation")
-def act_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
-    return ActSparseLinear(linear, pattern, score=magnitude)
+def act_magnitude(linear: nn.Linear, pattern: Pattern, config, stats: dict | None) -> nn.Module:
+    """Per token, keep the inputs with the largest |x| (times `pruning.score`'s channel weight)."""
+    return ActSparseLinear(linear, pattern, score=magnitude, **wrapper_options(linear, config, stats))
 
 
 @register("weight_magnitude", kind="weight")
 @torch.no_grad()
-def weight_magnitude(linear: nn.Linear, pattern: Pattern) -> nn.Module:
+def weight_magnitude(linear: nn.Linear, pattern: Pattern, config=None, stats=None) -> nn.Module:
     """Zero W by |W|: N:M along each output row's inputs, or one threshold over the whole layer."""
     if pattern.is_dense():
         return linear

@@ -12,6 +12,7 @@ from .config import PruningConfig
 from .layers import ActSparseLinear
 from .masks import Pattern, parse_sparsity
 from .methods import get_method
+from .scores import needs_calibration, parse_transforms, get_score
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -35,6 +36,8 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
     config = pruning_config(config)
     method = get_method(config.method)
     pattern = parse_sparsity(config.sparsity)
+    get_score(config.score)
+    parse_transforms(config.transforms)
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:
@@ -116,18 +119,25 @@ class SparsityReport:
         }
 
 
-def sparsify_(model: nn.Module, config) -> SparsityReport:
+def sparsify_(model: nn.Module, config, stats: dict | None = None) -> SparsityReport:
     """Prune `model` in place as `config` (a PruningConfig, dict or DictConfig) says.
 
     Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
-    token; weight methods zero the layer's weight. Returns a report of what was replaced.
+    token; weight methods zero the layer's weight. Scores and transforms that need calibration
+    take `stats` ({layer name: statistics}, from `actprune.calibration.statistics`). Returns a
+    report of what was replaced.
     """
     config = pruning_config(config)
     method = get_method(config.method)
     pattern, targets = select_targets(model, config)
+    if targets and method.kind == "activation" and needs_calibration(config) and stats is None:
+        raise ValueError(
+            f"pruning.score={config.score} / pruning.transforms={list(config.transforms)} need calibration "
+            f"statistics: pass stats= (see actprune.calibration.statistics)"
+        )
     report = SparsityReport(method.name, method.kind, pattern)
     for name, linear in targets.items():
-        replacement = method.apply(linear, pattern)
+        replacement = method.apply(linear, pattern, config, (stats or {}).get(name))
         if replacement is not linear:
             parent_name, leaf = name.rsplit(".", 1)
             setattr(model.get_submodule(parent_name), leaf, replacement)

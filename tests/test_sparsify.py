@@ -177,7 +177,7 @@ def test_unknown_config_key_fails():
 
 def test_a_new_method_is_one_registered_function():
     @register("act_random_test", kind="activation")
-    def act_random(linear, pattern):
+    def act_random(linear, pattern, config, stats):
         return ActSparseLinear(linear, pattern, score=lambda x: torch.rand_like(x))
 
     try:
