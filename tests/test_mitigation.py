@@ -1,0 +1,151 @@
+"""Selection scores, transforms and calibration: exact when nothing is pruned, causal, cached."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from actprune import calibration, sparsify_
+from actprune.layers import ActSparseLinear
+from actprune.masks import parse_sparsity
+from actprune.sparsify import select_targets
+
+from .conftest import SHARED_DATA, needs_shared
+from .tiny import llama, qwen2
+
+VARIANTS = [
+    {"score": "magnitude"},
+    {"score": "weight_norm"},
+    {"score": "clact"},
+    {"transforms": ["shift"]},
+    {"transforms": [{"name": "shift", "mode": "mean"}]},
+    {"transforms": [{"name": "shift", "mode": "static"}]},
+    {"transforms": ["variance"]},
+    {"score": "clact", "transforms": [{"name": "shift", "mode": "static"}, "variance"]},
+]
+
+
+def fake_stats(model, config):
+    """Calibration statistics from random text through the dense model (what the job does)."""
+    _, targets = select_targets(model, config)
+    return calibration.collect(model, targets, torch.randint(0, 256, (3, 16)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_nothing_pruned_reproduces_the_dense_model(variant):
+    model = qwen2()
+    ids = torch.randint(0, 256, (2, 12))
+    config = {"method": "act_magnitude", "sparsity": 0.0, **variant}
+    stats = fake_stats(model, config)
+    with torch.no_grad():
+        dense = model(ids).logits
+        sparsify_(model, config, stats=stats)
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("sparsity", ["2:4", 0.5])
+def test_a_token_output_does_not_depend_on_the_batch(variant, sparsity):
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": sparsity, **variant}
+    sparsify_(model, config, stats=fake_stats(model, config))
+    ids = torch.randint(0, 256, (4, 10))
+    with torch.no_grad():
+        together = model(ids).logits
+        for row in range(4):
+            torch.testing.assert_close(model(ids[row : row + 1]).logits, together[row : row + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_every_score_and_transform_changes_the_pruned_output(variant):
+    ids = torch.randint(0, 256, (2, 12))
+    base, outputs = llama(), []
+    for chosen in ({}, variant):
+        model = copy.deepcopy(base)
+        config = {"method": "act_magnitude", "sparsity": "2:4", **chosen}
+        sparsify_(model, config, stats=fake_stats(model, config))
+        with torch.no_grad():
+            outputs.append(model(ids).logits)
+    assert not torch.allclose(*outputs)
+
+
+def test_scores_keep_exactly_n_per_group():
+    linear = nn.Linear(32, 8)
+    wrapper = ActSparseLinear(linear, parse_sparsity("2:4"), channel_weight=torch.rand(32) * 10, shift="median")
+    x = torch.randn(5, 32)
+    wrapper(x)
+    assert int(wrapper.zeroed) == 5 * 16
+
+
+def test_shift_adds_eta_back_through_the_layer():
+    linear = nn.Linear(8, 3)
+    wrapper = ActSparseLinear(linear, parse_sparsity("2:4"), shift="mean")
+    x = torch.randn(2, 8) + 5
+    eta = x.mean(-1, keepdim=True)
+    centred = x - eta
+    keep = centred.abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(-1).flatten(-2) < 2
+    expected = (centred * keep) @ linear.weight.T + linear.bias + eta * linear.weight.sum(1)
+    torch.testing.assert_close(wrapper(x), expected)
+
+
+def test_calibration_statistics_are_the_channel_statistics_of_the_inputs():
+    model = llama()
+    layer = model.model.layers[1].mlp.down_proj
+    seen = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    stats = calibration.collect(model, {"down": layer}, torch.randint(0, 256, (3, 16)))["down"]
+    inputs = torch.cat(seen).double()
+    torch.testing.assert_close(stats["mean"], inputs.mean(0).float())
+    torch.testing.assert_close(stats["var"], inputs.var(0, unbiased=False).float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats["l2"], inputs.norm(dim=0).float())
+    torch.testing.assert_close(stats["absmax"], inputs.abs().amax(0).float())
+    assert int(stats["count"]) == 48
+
+
+class WordTokenizer:
+    def __call__(self, text, return_tensors="pt"):
+        return type("Encoding", (), {"input_ids": torch.tensor([[hash(w) % 256 for w in text.split()]])})
+
+
+def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"}
+    _, targets = select_targets(model, config)
+    options = type("Calibration", (), {"corpus": "c4", "windows": 2, "seqlen": 8, "seed": 0})
+    text = "the quick brown fox jumps over the lazy dog " * 20
+    first, record = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
+    again, record_again = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
+    assert record["cache"] == "miss" and record_again["cache"] == "hit" and record["cache_file"] == record_again["cache_file"]
+    assert all(torch.equal(first[n]["l2"], again[n]["l2"]) for n in first)
+    options.seed = 1
+    _, other_seed = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
+    _, other_model = calibration.statistics(model, WordTokenizer(), targets, options, "other", text, str(tmp_path))
+    assert other_seed["cache"] == other_model["cache"] == "miss"
+    assert len({record["cache_file"], other_seed["cache_file"], other_model["cache_file"]}) == 3
+
+
+@needs_shared
+def test_calibration_corpora_never_read_the_test_split():
+    test_text = "\n\n".join(__import__("json").loads(l)["text"] for l in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl"))
+    for corpus in ("wikitext2_validation", "c4"):
+        text = calibration.corpus_text(corpus, str(SHARED_DATA))
+        assert len(text) > 100_000 and text[:5000] not in test_text
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"score": "wanda"}, ["pruning.score='wanda'", "clact", "weight_norm"]),
+    ({"transforms": ["rotate"]}, ["pruning.transforms", "'rotate'", "shift", "variance"]),
+    ({"transforms": [{"name": "shift", "mode": "mode"}]}, ["shift mode='mode'", "median, mean, static"]),
+    ({"score": "clact"}, ["need calibration statistics"]),
+])
+def test_bad_scores_and_transforms_are_clear_errors(config, words):
+    with pytest.raises(ValueError) as error:
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", **config})
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_unknown_calibration_corpus_is_a_clear_error():
+    with pytest.raises(ValueError, match="calibration.corpus='wikitext2_test'.*c4"):
+        calibration.corpus_text("wikitext2_test", None)
