@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -60,18 +61,30 @@ def windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.T
 
 
 @torch.no_grad()
-def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-    """Run the (dense) model over `batches`; per layer and input channel: count, mean, var, l2, absmax."""
-    sums = {}
+def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tensor,
+            second_moment: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Run the (dense) model over `batches`; per layer and input channel: count, mean, var, l2,
+    absmax, and with `second_moment` the matrix Σ x xᵀ. Layers fed the very same tensor (q/k/v,
+    gate/up) share one set of statistics."""
+    sums, alias, last = {}, {}, {"input": None, "name": None}
 
     def hook(name):
         def record(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0]
+            if name in alias:
+                return
+            if last["input"] is not None and last["input"]() is x:
+                alias[name] = last["name"]
+                return
+            last["input"], last["name"] = weakref.ref(x), name
+            x = x.detach().reshape(-1, x.shape[-1]).double()
             acc = sums.setdefault(name, {"count": 0, "sum": 0, "sumsq": 0, "absmax": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)})
             acc["count"] += x.shape[0]
             acc["sum"] = acc["sum"] + x.sum(0)
             acc["sumsq"] = acc["sumsq"] + (x * x).sum(0)
             acc["absmax"] = torch.maximum(acc["absmax"], x.abs().amax(0))
+            if second_moment:
+                acc["second_moment"] = acc.get("second_moment", 0) + x.T @ x
 
         return record
 
@@ -79,6 +92,7 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
     device = next(model.parameters()).device
     try:
         for window in tqdm(batches, desc="calibration windows", unit="window"):
+            last["input"] = None
             model(window[None].to(device), use_cache=False)
     finally:
         for handle in handles:
@@ -93,10 +107,14 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
             "l2": acc["sumsq"].sqrt().float().cpu(),
             "absmax": acc["absmax"].float().cpu(),
         }
+        if second_moment:
+            stats[name]["second_moment"] = acc["second_moment"].float().cpu()
+    for name, source in alias.items():
+        stats[name] = stats[source]
     return stats
 
 
-def cache_key(model_id: str, calibration_cfg, layer_names: list[str], batches: torch.Tensor) -> str:
+def cache_key(model_id: str, calibration_cfg, layer_names: list[str], batches: torch.Tensor, second_moment: bool) -> str:
     """Everything the statistics depend on: model, corpus, windows (their very tokens), layers."""
     fingerprint = {
         "model": model_id,
@@ -106,6 +124,7 @@ def cache_key(model_id: str, calibration_cfg, layer_names: list[str], batches: t
         "seed": calibration_cfg.seed,
         "tokens": hashlib.sha1(batches.numpy().tobytes()).hexdigest(),
         "layers": sorted(layer_names),
+        "second_moment": second_moment,
         "version": 1,
     }
     return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
@@ -121,10 +140,10 @@ def model_fingerprint(source: str) -> str:
 
 
 def statistics(model, tokenizer, layers: dict[str, nn.Linear], calibration_cfg, model_id: str, text: str,
-               cache_dir: str) -> tuple[dict, dict]:
+               cache_dir: str, second_moment: bool = False) -> tuple[dict, dict]:
     """Calibration statistics for `layers` over `text`, from the cache where present; and a record of how."""
     batches = windows(tokenizer, text, calibration_cfg.windows, calibration_cfg.seqlen, calibration_cfg.seed)
-    key = cache_key(model_id, calibration_cfg, list(layers), batches)
+    key = cache_key(model_id, calibration_cfg, list(layers), batches, second_moment)
     path = Path(cache_dir) / "calibration" / f"{key}.pt"
     record = {"corpus": calibration_cfg.corpus, "windows": calibration_cfg.windows, "seqlen": calibration_cfg.seqlen,
               "seed": calibration_cfg.seed, "tokens": batches.numel(), "cache_file": str(path)}
@@ -132,7 +151,7 @@ def statistics(model, tokenizer, layers: dict[str, nn.Linear], calibration_cfg, 
         log.info("calibration cache hit: %s", path)
         return torch.load(path, weights_only=True), {**record, "cache": "hit"}
     log.info("calibration cache miss: collecting statistics into %s", path)
-    stats = collect(model, layers, batches)
+    stats = collect(model, layers, batches, second_moment)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)

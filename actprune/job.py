@@ -14,7 +14,7 @@ from . import calibration, models, results, tracking, zeroshot
 from .data import FALLBACK_SOURCE, wikitext2_test_text
 from .perplexity import perplexity
 from .methods import get_method
-from .scores import needs_calibration
+from .mitigation import needed_statistics
 from .sparsify import pruning_config, select_targets, sparsify_
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     select_targets(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
     pruning = pruning_config(cfg.pruning)
-    calibrate = get_method(pruning.method).kind == "activation" and needs_calibration(pruning)
+    needed = needed_statistics(pruning) if get_method(pruning.method).kind == "activation" else set()
+    calibrate = bool(needed)
     if calibrate:
         calibration_text = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
     texts = {}
@@ -102,7 +103,8 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
         tic = time.perf_counter()
         _, targets = select_targets(model, pruning)
         stats, record["calibration"] = calibration.statistics(
-            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, cfg.paths.cache_dir
+            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, cfg.paths.cache_dir,
+            second_moment="second_moment" in needed,
         )
         timings["calibration"] = time.perf_counter() - tic
 

@@ -59,6 +59,8 @@ class ActSparseLinear(nn.Module):
     """`y = (x * keep(score(x))) Wᵀ + b` with the wrapped layer's own weight and bias.
 
     Options, each a light error correction that uses the current token or calibration only:
+    - `input_scale` or `rotation`: prune in another basis, `x' = x * input_scale` or `x @ rotation`,
+      with `absorbed_weight` (`W R⁻ᵀ`) copied into the layer once, so `x' W'ᵀ = x Wᵀ`;
     - `channel_weight`: the score becomes `score(x) * channel_weight` (e.g. ‖W_:,j‖₂);
     - `shift`: prune `x − η` and add `η` back through the layer, `y = prune(x − η) Wᵀ + b + η W 1`
       with η the token's mean or median (rank-1 add-back), or `static`: η = `shift_vector`
@@ -70,7 +72,9 @@ class ActSparseLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, pattern: Pattern, score: Score = magnitude, *,
                  channel_weight: torch.Tensor | None = None, shift: str | None = None,
-                 shift_vector: torch.Tensor | None = None, variance: bool = False):
+                 shift_vector: torch.Tensor | None = None, variance: bool = False,
+                 input_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                 absorbed_weight: torch.Tensor | None = None):
         super().__init__()
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
@@ -83,6 +87,13 @@ class ActSparseLinear(nn.Module):
         self.variance = variance
         weight = linear.weight
         device = weight.device
+        if (input_scale is not None or rotation is not None) != (absorbed_weight is not None):
+            raise ValueError("a change of basis needs the absorbed weight W R⁻ᵀ, and only then")
+        if absorbed_weight is not None:
+            with torch.no_grad():
+                weight.copy_(absorbed_weight)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.to(device, weight.dtype))
+        self.register_buffer("rotation", None if rotation is None else rotation.to(device, weight.dtype))
         self.register_buffer("channel_weight", None if channel_weight is None else channel_weight.to(device, weight.dtype))
         if shift == "static":
             shift_vector = shift_vector.to(device, weight.dtype)
@@ -111,6 +122,10 @@ class ActSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen += x.numel()
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        elif self.rotation is not None:
+            x = x @ self.rotation
         if self.pattern.is_dense() and self.shift is None:
             return F.linear(x, self.linear.weight, self.linear.bias)
         if self.shift == "static":
@@ -141,4 +156,5 @@ class ActSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
+        options += ["scaled"] * (self.input_scale is not None) + ["rotated"] * (self.rotation is not None)
         return ", ".join([f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options])

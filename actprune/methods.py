@@ -16,7 +16,7 @@ from torch import nn
 
 from .layers import ActSparseLinear, magnitude
 from .masks import Pattern, pattern_keep_mask
-from .scores import wrapper_options
+from .mitigation import wrapper_options
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from .config import PruningConfig
 from .layers import ActSparseLinear
 from .masks import Pattern, parse_sparsity
 from .methods import get_method
-from .scores import needs_calibration, parse_transforms, get_score
+from .mitigation import needs_calibration, parse_transforms, get_score
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -1,6 +1,7 @@
 """Selection scores, transforms and calibration: exact when nothing is pruned, causal, cached."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -23,13 +24,20 @@ VARIANTS = [
     {"transforms": [{"name": "shift", "mode": "static"}]},
     {"transforms": ["variance"]},
     {"score": "clact", "transforms": [{"name": "shift", "mode": "static"}, "variance"]},
+    {"score": "amber"},
+    {"transforms": ["scaling"]},
+    {"transforms": [{"name": "scaling", "alpha": 0.8}, "shift"]},
+    {"transforms": ["hadamard"]},
+    {"transforms": ["pca"]},
+    {"score": "clact", "transforms": ["scaling", "pca", {"name": "shift", "mode": "static"}]},
+    {"score": "weight_norm", "transforms": ["hadamard", "variance"]},
 ]
 
 
 def fake_stats(model, config):
     """Calibration statistics from random text through the dense model (what the job does)."""
     _, targets = select_targets(model, config)
-    return calibration.collect(model, targets, torch.randint(0, 256, (3, 16)))
+    return calibration.collect(model, targets, torch.randint(0, 256, (3, 16)), second_moment=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -68,6 +76,38 @@ def test_every_score_and_transform_changes_the_pruned_output(variant):
         with torch.no_grad():
             outputs.append(model(ids).logits)
     assert not torch.allclose(*outputs)
+
+
+@pytest.mark.parametrize("transforms", [["hadamard"], ["pca"], ["scaling", "hadamard"]])
+def test_nm_keeps_exactly_n_per_group_after_a_rotation(transforms):
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}
+    report = sparsify_(model, config, stats=fake_stats(model, config))
+    layer = report.layers["model.layers.0.self_attn.q_proj"]
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        if weight is layer.linear.weight:
+            seen.append(x)
+        return linear(x, weight, bias)
+
+    with mock.patch("actprune.layers.F.linear", spy), torch.no_grad():
+        model(torch.randint(0, 256, (2, 7)))
+    groups = (seen[0] != 0).unflatten(-1, (-1, 4)).sum(-1)
+    assert len(seen) == 1 and (groups == 2).all()
+
+
+def test_scaling_changes_only_which_entries_are_kept():
+    from actprune.mitigation import wrapper_options
+
+    linear, x = nn.Linear(16, 4), torch.randn(6, 16)
+    layer = copy.deepcopy(linear)
+    config = type("Config", (), {"score": "magnitude", "transforms": ["scaling"]})
+    options = wrapper_options(layer, config, {"absmax": torch.rand(16) * 5 + 0.1})
+    scaled = ActSparseLinear(layer, parse_sparsity("2:4"), **options)
+    keep = (x * options["input_scale"].float()).abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(-1).flatten(-2) < 2
+    torch.testing.assert_close(scaled(x), (x * keep) @ linear.weight.T + linear.bias)  # the original W
 
 
 def test_scores_keep_exactly_n_per_group():

@@ -1,0 +1,213 @@
+"""Selection scores and input transforms of activation pruning: small registered pieces.
+
+Transforms run in the order listed. Basis transforms (`scaling`, `hadamard`, `pca`) change the
+basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
+`W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken.
+A score gives a per-channel weight `w` in that final basis, entries ranked by `|x'_j| · w_j`.
+Statistics come from calibration (never from the evaluated batch), so every token is pruned on
+its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    needs: frozenset  # calibration statistics it reads: mean, l2, absmax, second_moment
+    build: Callable[..., Any]
+
+
+SCORES: dict[str, Piece] = {}
+TRANSFORMS: dict[str, Piece] = {}
+BASIS_TRANSFORMS = ("scaling", "hadamard", "pca")
+
+
+def register_score(name: str, needs: tuple = ()):
+    def add(build):
+        SCORES[name] = Piece(name, frozenset(needs), build)
+        return build
+
+    return add
+
+
+def register_transform(name: str, needs: tuple = ()):
+    def add(build):
+        TRANSFORMS[name] = Piece(name, frozenset(needs), build)
+        return build
+
+    return add
+
+
+class Basis:
+    """`x' = x R` as a per-channel scale while only scalings were composed, else a matrix."""
+
+    def __init__(self):
+        self.scale = None  # x' = x * scale
+        self.matrix = None  # x' = x @ matrix
+        self.inverse_t = None  # R⁻ᵀ, so that W' = W @ R⁻ᵀ
+
+    def then_scale(self, a: torch.Tensor) -> None:
+        if self.matrix is None:
+            self.scale = a if self.scale is None else self.scale * a
+        else:
+            self.matrix, self.inverse_t = self.matrix * a, self.inverse_t / a
+
+    def then_rotate(self, q: torch.Tensor) -> None:
+        if self.matrix is None:
+            d = torch.ones(q.shape[0], dtype=q.dtype) if self.scale is None else self.scale
+            self.matrix, self.inverse_t, self.scale = d[:, None] * q, (1 / d)[:, None] * q, None
+        else:
+            self.matrix, self.inverse_t = self.matrix @ q, self.inverse_t @ q
+
+    def row(self, v: torch.Tensor) -> torch.Tensor:
+        """A vector in input space (e.g. a mean) in the new basis."""
+        return v if self.scale is None and self.matrix is None else v * self.scale if self.matrix is None else v @ self.matrix
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.scale is None and self.matrix is None else w / self.scale if self.matrix is None else w @ self.inverse_t
+
+    def second_moment(self, m: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            return m if self.scale is None else self.scale[:, None] * m * self.scale[None, :]
+        return self.matrix.T @ m @ self.matrix
+
+    def column_l2(self, stats: dict) -> torch.Tensor:
+        if self.matrix is None:
+            return stats["l2"] if self.scale is None else stats["l2"] * self.scale.abs()
+        return self.second_moment(stats["second_moment"]).diagonal().clamp_min(0).sqrt()
+
+
+@register_score("magnitude")
+def magnitude_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor | None:
+    return None
+
+
+@register_score("weight_norm")
+def weight_norm_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor:
+    """|x_j| · ‖W_:,j‖₂, as in WINA: an input that feeds large weights matters more."""
+    return weight.norm(dim=0)
+
+
+@register_score("amber")
+def amber_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor:
+    """|x_j| · ‖Ŵ_:,j‖₂ with Ŵ each output row of W standardised (zero mean, unit variance), so
+    that a few outlier rows cannot decide the ranking (our reading of Amber Pruner's robust norm)."""
+    standardised = (weight - weight.mean(1, keepdim=True)) / weight.std(1, keepdim=True).clamp_min(1e-12)
+    return standardised.norm(dim=0)
+
+
+@register_score("clact", needs=("l2",))
+def clact_score(weight: torch.Tensor, basis: Basis, stats: dict) -> torch.Tensor:
+    """|x_j| · ‖X_:,j‖₂ with the column norm of the calibration inputs (never the evaluated batch)."""
+    return basis.column_l2(stats)
+
+
+@register_transform("scaling", needs=("absmax",))
+def scaling_transform(basis: Basis, weight: torch.Tensor, stats: dict, alpha: float = 0.5) -> None:
+    """SmoothQuant-like: x' = x / s, W' = W s, s_j = max|X_j|^α / max|W_:,j|^(1−α); only which
+    entries are kept changes."""
+    if basis.matrix is not None:
+        raise ValueError("pruning.transforms: put scaling before hadamard/pca (its statistics are per input channel)")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"pruning.transforms: scaling alpha={alpha}: allowed values are in [0, 1]")
+    x_max = basis.row(stats["absmax"]).abs().clamp_min(1e-5)
+    w_max = basis.weight(weight).abs().amax(0).clamp_min(1e-5)
+    basis.then_scale(1 / (x_max.pow(alpha) / w_max.pow(1 - alpha)))
+
+
+def hadamard(width: int) -> torch.Tensor:
+    """An orthogonal block-diagonal Hadamard matrix: blocks of the largest power of two dividing `width`."""
+    block = width & -width
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / math.sqrt(block)] * (width // block))
+
+
+@register_transform("hadamard")
+def hadamard_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -> None:
+    basis.then_rotate(hadamard(weight.shape[1]))
+
+
+@register_transform("pca", needs=("second_moment",))
+def pca_transform(basis: Basis, weight: torch.Tensor, stats: dict) -> None:
+    """LaRoSa-like: rotate into the eigenbasis of the calibration inputs' second moment."""
+    _, vectors = torch.linalg.eigh(basis.second_moment(stats["second_moment"]).double())
+    basis.then_rotate(vectors.flip(-1))  # largest eigenvalue first
+
+
+@register_transform("shift")
+def shift_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, mode: str = "median") -> dict:
+    """Prune x − η and add η back through the layer; η per token (median, mean) or static."""
+    if mode == "static":
+        return {"shift": "static", "shift_vector": basis.row(stats["mean"].double())}
+    return {"shift": mode}
+
+
+@register_transform("variance")
+def variance_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -> dict:
+    return {"variance": True}
+
+
+def parse_transforms(transforms) -> list[tuple[str, dict]]:
+    """`[shift, {name: shift, mode: static}, variance]` → [(name, options), ...], checked."""
+    parsed = []
+    for item in transforms or []:
+        name, options = (item, {}) if isinstance(item, str) else (item.get("name"), {k: v for k, v in item.items() if k != "name"})
+        if name not in TRANSFORMS:
+            raise ValueError(f"pruning.transforms: {name!r} is unknown: allowed values are {sorted(TRANSFORMS)}")
+        if name == "shift" and options.get("mode", "median") not in ("median", "mean", "static"):
+            raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
+        allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())
+        if set(options) - allowed:
+            raise ValueError(f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}")
+        parsed.append((name, dict(options)))
+    return parsed
+
+
+def get_score(name: str) -> Piece:
+    if name not in SCORES:
+        raise ValueError(f"pruning.score={name!r} is unknown: allowed values are {sorted(SCORES)}")
+    return SCORES[name]
+
+
+def needed_statistics(config) -> set[str]:
+    """The calibration statistics that `config`'s score and transforms read (empty: none needed)."""
+    transforms = parse_transforms(config.transforms)
+    needs = set(get_score(config.score).needs)
+    for name, options in transforms:
+        needs |= TRANSFORMS[name].needs
+        if name == "shift" and options.get("mode") == "static":
+            needs.add("mean")
+    if "l2" in needs and any(name in ("hadamard", "pca") for name, _ in transforms):
+        needs.add("second_moment")  # column norms in a rotated basis
+    return needs
+
+
+def needs_calibration(config) -> bool:
+    return bool(needed_statistics(config))
+
+
+def wrapper_options(linear: nn.Linear, config, stats: dict | None) -> dict:
+    """Keyword arguments of ActSparseLinear for this layer under `config` (score and transforms)."""
+    weight = linear.weight.detach().double()
+    stats = {k: v.double() if v.is_floating_point() else v for k, v in (stats or {}).items()}
+    basis, options = Basis(), {}
+    for name, transform_options in parse_transforms(config.transforms):
+        if name in BASIS_TRANSFORMS:
+            TRANSFORMS[name].build(basis, weight, stats, **transform_options)
+        else:
+            options.update(TRANSFORMS[name].build(basis, weight, stats, **transform_options))
+    absorbed = basis.weight(weight)
+    options["channel_weight"] = get_score(config.score).build(absorbed, basis, stats)
+    if basis.scale is not None or basis.matrix is not None:
+        options.update(input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed)
+    return options
