@@ -28,6 +28,9 @@ class PruningConfig:
     layers: Optional[List[int]] = None  # decoder layer indices; null: all
     score: str = "magnitude"  # activation methods: magnitude | weight_norm | clact
     transforms: List[Any] = field(default_factory=list)  # e.g. [shift, variance], [{name: shift, mode: static}]
+    selection: str = "topk"  # topk (exact per token) | threshold (calibrated per layer, ratios only)
+    dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
+    skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from .data import FALLBACK_SOURCE, wikitext2_test_text
 from .perplexity import perplexity
 from .methods import get_method
 from .mitigation import needed_statistics
-from .sparsify import pruning_config, select_targets, sparsify_
+from .sparsify import calibrate_thresholds_, pruning_config, select_targets, sparsify_
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,10 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     select_targets(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
     pruning = pruning_config(cfg.pruning)
-    needed = needed_statistics(pruning) if get_method(pruning.method).kind == "activation" else set()
-    calibrate = bool(needed)
-    if calibrate:
+    activation = get_method(pruning.method).kind == "activation"
+    needed = needed_statistics(pruning) if activation else set()
+    thresholds = activation and pruning.selection == "threshold"
+    if needed or thresholds:
         calibration_text = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
     texts = {}
     if "ppl_wikitext2" in benchmarks:
@@ -99,7 +100,7 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     record["parameters"] = sum(p.numel() for p in model.parameters())
 
     stats = None
-    if calibrate:
+    if needed:
         tic = time.perf_counter()
         _, targets = select_targets(model, pruning)
         stats, record["calibration"] = calibration.statistics(
@@ -112,6 +113,11 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     report = sparsify_(model, pruning, stats=stats)
     timings["prune"] = time.perf_counter() - tic
     record["replaced_layers"] = report.replaced_layers
+    if thresholds:
+        tic = time.perf_counter()
+        c = cfg.calibration
+        calibrate_thresholds_(model, report, calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed))
+        timings["thresholds"] = time.perf_counter() - tic
 
     metrics = {}
     report.reset()  # the measured sparsity covers the benchmarks' text only

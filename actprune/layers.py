@@ -44,9 +44,12 @@ class _LastMask:
         return self.keep, self.dropped
 
 
+def _scores(x, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
+    return score(x) if weight is None else score(x) * weight
+
+
 def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
-    scores = score(x) if weight is None else score(x) * weight
-    return pattern_keep_mask(scores, pattern)
+    return pattern_keep_mask(_scores(x, score, weight), pattern)
 
 
 _last_mask = _LastMask()
@@ -65,7 +68,10 @@ class ActSparseLinear(nn.Module):
     - `shift`: prune `x − η` and add `η` back through the layer, `y = prune(x − η) Wᵀ + b + η W 1`
       with η the token's mean or median (rank-1 add-back), or `static`: η = `shift_vector`
       (the calibration mean per channel) and the add-back `η Wᵀ` is precomputed;
-    - `variance`: rescale the pruned input so its per-token variance matches the unpruned one.
+    - `variance`: rescale the pruned input so its per-token variance matches the unpruned one;
+    - `dense_tokens`: the first k tokens of each sequence stay dense (attention sinks);
+    - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
+      per-layer threshold instead of a per-token top-k; the sparsity reached then varies.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
     """
@@ -74,7 +80,7 @@ class ActSparseLinear(nn.Module):
                  channel_weight: torch.Tensor | None = None, shift: str | None = None,
                  shift_vector: torch.Tensor | None = None, variance: bool = False,
                  input_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
-                 absorbed_weight: torch.Tensor | None = None):
+                 absorbed_weight: torch.Tensor | None = None, dense_tokens: int = 0):
         super().__init__()
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
@@ -85,6 +91,9 @@ class ActSparseLinear(nn.Module):
         self.score = score
         self.shift = shift
         self.variance = variance
+        self.dense_tokens = dense_tokens
+        self.recording = None  # a list while a threshold is being calibrated
+        self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
         weight = linear.weight
         device = weight.device
         if (input_scale is not None or rotation is not None) != (absorbed_weight is not None):
@@ -126,7 +135,7 @@ class ActSparseLinear(nn.Module):
             x = x * self.input_scale
         elif self.rotation is not None:
             x = x @ self.rotation
-        if self.pattern.is_dense() and self.shift is None:
+        if self.pattern.is_dense() and self.shift is None and self.recording is None:
             return F.linear(x, self.linear.weight, self.linear.bias)
         if self.shift == "static":
             eta = self.shift_vector
@@ -137,7 +146,7 @@ class ActSparseLinear(nn.Module):
         else:
             eta = None
         centred = x if eta is None else x - eta
-        keep, dropped = _last_mask.get(centred, self.pattern, self.score, self.channel_weight)
+        keep, dropped = self._keep(centred)
         self.zeroed += dropped
         pruned = centred * keep
         if self.variance:
@@ -149,6 +158,22 @@ class ActSparseLinear(nn.Module):
         if eta is not None:
             return y + eta * self.weight_rowsum
         return y
+
+    def _keep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.recording is not None:  # calibrating a threshold: stay dense, remember some scores
+            flat = _scores(x, self.score, self.channel_weight).detach().flatten()
+            self.recording.append(flat[:: max(1, flat.numel() // 4096)].float().cpu())
+            keep = torch.ones_like(x, dtype=torch.bool)
+        elif self.threshold is not None:
+            keep = _scores(x, self.score, self.channel_weight) >= self.threshold
+        else:
+            keep, dropped = _last_mask.get(x, self.pattern, self.score, self.channel_weight)
+            if not self.dense_tokens or x.dim() < 3:
+                return keep, dropped
+        if self.dense_tokens and x.dim() >= 3:  # attention sinks: a sequence's first tokens stay dense
+            keep = keep.clone()
+            keep[..., : self.dense_tokens, :] = True
+        return keep, keep.numel() - keep.sum()
 
     def measured_sparsity(self) -> float | None:
         seen = int(self.seen)

@@ -51,7 +51,8 @@ def dense(linear: nn.Linear, pattern: Pattern, config=None, stats=None) -> nn.Mo
 @register("act_magnitude", kind="activation")
 def act_magnitude(linear: nn.Linear, pattern: Pattern, config, stats: dict | None) -> nn.Module:
     """Per token, keep the inputs with the largest |x| (times `pruning.score`'s channel weight)."""
-    return ActSparseLinear(linear, pattern, score=magnitude, **wrapper_options(linear, config, stats))
+    options = wrapper_options(linear, config, stats)
+    return ActSparseLinear(linear, pattern, score=magnitude, dense_tokens=config.dense_tokens, **options)
 
 
 @register("weight_magnitude", kind="weight")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return prefix, layers
 
 
+SELECTIONS = ("topk", "threshold")
+
+
 def pruning_config(config) -> PruningConfig:
     """Accept a PruningConfig, a dict or a DictConfig; unknown keys and wrong types fail here."""
     merged = OmegaConf.merge(OmegaConf.structured(PruningConfig), config)
@@ -33,11 +37,22 @@ def pruning_config(config) -> PruningConfig:
 
 def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Linear]]:
     """Validate `config` against `model` (meta-device models work) and return the layers to prune."""
-    config = pruning_config(config)
+    pattern, targets, _ = _targets(model, pruning_config(config))
+    return pattern, targets
+
+
+def _targets(model: nn.Module, config: PruningConfig) -> tuple[Pattern, dict[str, nn.Linear], list[str]]:
     method = get_method(config.method)
     pattern = parse_sparsity(config.sparsity)
     get_score(config.score)
     parse_transforms(config.transforms)
+    if config.selection not in SELECTIONS:
+        raise ValueError(f"pruning.selection={config.selection!r}: allowed values are {list(SELECTIONS)}")
+    if config.selection == "threshold" and pattern.is_nm:
+        raise ValueError(f"pruning.selection=threshold with pruning.sparsity={pattern}: a calibrated threshold "
+                         f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
+    if config.dense_tokens < 0:
+        raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:
@@ -55,8 +70,16 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
         for name, module in layers[index].named_modules():
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules:
                 targets[f"{prefix}.{index}.{name}"] = module
+    skipped = []
+    for skip in config.skip_layers:
+        matched = [name for name in targets if fnmatch.fnmatch(name, skip)]
+        if not matched:
+            raise ValueError(f"pruning.skip_layers: {skip!r} matches no targeted layer (names look like {next(iter(targets))!r})")
+        for name in matched:
+            skipped.append(name)
+            del targets[name]
     if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
-        return Pattern(ratio=0.0), {}
+        return Pattern(ratio=0.0), {}, []
     if not pattern.is_nm and not pattern.is_dense():
         too_narrow = {name: m.in_features for name, m in targets.items() if pattern.kept(m.in_features) < 1}
         if too_narrow:
@@ -74,7 +97,7 @@ def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Line
                 f"{pattern.m} ({len(uneven)} such layers); choose another M or drop it from "
                 f"pruning.target_modules"
             )
-    return pattern, targets
+    return pattern, targets, sorted(skipped)
 
 
 @dataclass
@@ -86,6 +109,10 @@ class SparsityReport:
     pattern: Pattern
     layers: dict[str, nn.Module] = field(default_factory=dict)
     weight_sparsity: dict[str, float] = field(default_factory=dict)
+    skipped_layers: list[str] = field(default_factory=list)
+    dense_tokens: int = 0
+    selection: str = "topk"
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     @property
     def replaced_layers(self) -> int:
@@ -115,6 +142,10 @@ class SparsityReport:
             "target": self.pattern.target(),
             "measured": zeroed / seen if seen else (0.0 if self.kind == "dense" else None),
             "replaced_layers": self.replaced_layers,
+            "skipped_layers": self.skipped_layers,
+            "dense_tokens": self.dense_tokens,
+            "selection": self.selection,
+            "thresholds": self.thresholds,
             "per_layer": per_layer,
         }
 
@@ -129,13 +160,16 @@ def sparsify_(model: nn.Module, config, stats: dict | None = None) -> SparsityRe
     """
     config = pruning_config(config)
     method = get_method(config.method)
-    pattern, targets = select_targets(model, config)
+    pattern, targets, skipped = _targets(model, config)
     if targets and method.kind == "activation" and needs_calibration(config) and stats is None:
         raise ValueError(
             f"pruning.score={config.score} / pruning.transforms={list(config.transforms)} need calibration "
             f"statistics: pass stats= (see actprune.calibration.statistics)"
         )
-    report = SparsityReport(method.name, method.kind, pattern)
+    report = SparsityReport(method.name, method.kind, pattern, selection=config.selection)
+    report.skipped_layers = skipped
+    if method.kind == "activation":
+        report.dense_tokens = config.dense_tokens
     for name, linear in targets.items():
         replacement = method.apply(linear, pattern, config, (stats or {}).get(name))
         if replacement is not linear:
@@ -146,3 +180,24 @@ def sparsify_(model: nn.Module, config, stats: dict | None = None) -> SparsityRe
                 report.weight_sparsity[name] = float((linear.weight == 0).sum()) / linear.weight.numel()
         report.layers[name] = replacement
     return report
+
+
+@torch.no_grad()
+def calibrate_thresholds_(model: nn.Module, report: SparsityReport, batches: torch.Tensor) -> dict[str, float]:
+    """TEAL-like selection: per layer, the score below which the target fraction of the calibration
+    inputs falls (taken on the dense model, in each layer's final basis). Sets and returns them."""
+    wrappers = {name: layer for name, layer in report.layers.items() if isinstance(layer, ActSparseLinear)}
+    for layer in wrappers.values():
+        layer.recording = []
+    device = next(model.parameters()).device
+    try:
+        for window in batches:
+            model(window[None].to(device), use_cache=False)
+        for name, layer in wrappers.items():
+            samples = torch.cat(layer.recording).double()
+            layer.threshold = torch.quantile(samples, report.pattern.target()).to(device, layer.weight.dtype)
+            report.thresholds[name] = float(layer.threshold)
+    finally:
+        for layer in wrappers.values():
+            layer.recording = None
+    return report.thresholds

@@ -189,3 +189,46 @@ def test_bad_scores_and_transforms_are_clear_errors(config, words):
 def test_unknown_calibration_corpus_is_a_clear_error():
     with pytest.raises(ValueError, match="calibration.corpus='wikitext2_test'.*c4"):
         calibration.corpus_text("wikitext2_test", None)
+
+
+def test_threshold_selection_reaches_the_target_on_calibration_text_and_is_causal():
+    from actprune.sparsify import calibrate_thresholds_
+
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.6, "selection": "threshold"})
+    batches = torch.randint(0, 256, (6, 24))
+    thresholds = calibrate_thresholds_(model, report, batches)
+    assert len(thresholds) == 14 and all(t > 0 for t in thresholds.values())
+    report.reset()
+    with torch.no_grad():
+        together = model(batches).logits
+        alone = model(batches[2:3]).logits
+    torch.testing.assert_close(together[2:3], alone, rtol=1e-5, atol=1e-5)
+    assert report.summary()["measured"] == pytest.approx(0.6, abs=0.05)  # the calibration text itself
+    assert report.summary()["selection"] == "threshold"
+    with pytest.raises(ValueError, match="pruning.selection=threshold.*N:M"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "selection": "threshold"})
+
+
+def test_dense_tokens_keep_the_first_tokens_of_each_sequence_exact():
+    base = llama()
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        dense = base(ids).logits
+        model = copy.deepcopy(base)
+        report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "dense_tokens": 3})
+        pruned = model(ids).logits
+    torch.testing.assert_close(pruned[:, :3], dense[:, :3])
+    assert not torch.allclose(pruned[:, 3:], dense[:, 3:])
+    assert report.summary()["measured"] == pytest.approx(0.5 * 7 / 10)
+    assert report.summary()["dense_tokens"] == 3
+
+
+def test_skip_layers_stay_dense_and_are_counted():
+    model = llama(num_hidden_layers=3)
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "skip_layers": ["*.layers.1.*", "*.down_proj"]})
+    assert report.replaced_layers == 3 * 7 - 7 - 2
+    assert len(report.summary()["skipped_layers"]) == 9
+    assert isinstance(model.model.layers[1].self_attn.q_proj, nn.Linear)
+    with pytest.raises(ValueError, match="pruning.skip_layers: 'mlp' matches no targeted layer"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "skip_layers": ["mlp"]})
