@@ -62,6 +62,22 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
     return found
 
 
+def label(result: dict) -> str:
+    """The method as a reader names it: `act_magnitude`, `act_magnitude score=clact [pca,shift:static]`."""
+    pruning = (result.get("config") or {}).get("pruning") or {}
+    parts = [str(pruning.get("method", "?"))]
+    if pruning.get("method", "").startswith("act_"):
+        if pruning.get("score", "magnitude") != "magnitude":
+            parts.append(f"score={pruning['score']}")
+        transforms = [t if isinstance(t, str) else ":".join([t.get("name", "?"), *map(str, (v for k, v in t.items() if k != "name"))])
+                      for t in pruning.get("transforms") or []]
+        if transforms:
+            parts.append(f"[{','.join(transforms)}]")
+        if pruning.get("selection", "topk") != "topk":
+            parts.append(pruning["selection"])
+    return " ".join(parts)
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
     """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
     header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", "measured", "layers", "status")
@@ -73,7 +89,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         measured = sparsity.get("measured")
         lines.append((
             name,
-            str(sparsity.get("method", "?")),
+            label(result),
             str(sparsity.get("pattern", "?")),
             f"{ppl:.4f}" if isinstance(ppl, float) else "-",
             ppl_key.removeprefix("ppl/") if ppl_key else "-",

@@ -28,6 +28,9 @@ def tiny_setup(tmp_path_factory):
     with open(data_dir / "wikitext-2-raw-v1" / "test.jsonl", "w") as file:
         for row in TEXT:
             file.write(json.dumps({"text": row}) + "\n")
+    with open(data_dir / "wikitext-2-raw-v1" / "validation.jsonl", "w") as file:
+        for row in reversed(TEXT):
+            file.write(json.dumps({"text": row}) + "\n")
     (data_dir / "lm_eval" / "piqa").mkdir(parents=True)
     with open(data_dir / "lm_eval" / "piqa" / "validation.jsonl", "w") as file:
         for i in range(6):
@@ -185,3 +188,29 @@ def test_ppl_and_lm_eval_in_one_job_reach_results_and_wandb(tiny_setup, tmp_path
     assert b"lm_eval/piqa/acc" in next(run.glob("*.wandb")).read_bytes()
     table = json.loads(next(run.rglob("per_task*.table.json")).read_text())
     assert table["data"][0][0] == "piqa" and table["data"][0][1] == result["metrics"]["lm_eval/piqa/acc"]
+
+
+def test_calibration_is_computed_once_per_sweep_and_read_by_later_jobs(tiny_setup, tmp_path):
+    done = actprune("-m", *common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=2:4,0.5",
+                    "pruning.transforms=[{name:shift,mode:static}]", "pruning.score=clact", "calibration.windows=4",
+                    "calibration.seqlen=16", "benchmark.ppl_wikitext2.max_windows=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = sorted(results_in(tmp_path).values(), key=lambda r: r["config"]["pruning"]["sparsity"] != "2:4")
+    assert [r["status"] for r in found] == ["ok", "ok"]
+    assert [r["calibration"]["cache"] for r in found] == ["miss", "hit"]
+    assert found[0]["calibration"]["cache_file"] == found[1]["calibration"]["cache_file"]
+    assert found[0]["calibration"]["corpus"] == "wikitext2_validation" and found[0]["timings"]["calibration"] > 0
+    assert "CLACT" not in done.stdout and "score=clact [shift:static]" in done.stdout
+
+
+def test_mitigation_preset_composes_into_its_sweep():
+    from hydra import compose, initialize_config_dir
+
+    from actprune.app import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=mitigation_table"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert cfg.pruning.method == "act_magnitude" and cfg.benchmark.ppl_wikitext2.max_windows == 32
+    assert params["pruning.score"].split(",") == ["magnitude", "weight_norm", "amber", "clact"]
+    assert params["pruning.sparsity"] == "2:4,8:16,16:32,0.5"
