@@ -29,19 +29,26 @@ CORPORA = {
 }
 
 
-def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None) -> str:
+def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None) -> tuple[str, str]:
+    """The calibration text and the corpus it came from (`auto`: WikiText-2 train where datasets
+    can reach it, else the validation split)."""
     import datasets
 
+    if corpus == "auto":
+        try:
+            return corpus_text("wikitext2_train", data_dir, cache_dir)
+        except FileNotFoundError:
+            return corpus_text("wikitext2_validation", data_dir, cache_dir)
     if corpus not in CORPORA:
-        raise ValueError(f"calibration.corpus={corpus!r}: allowed values are {sorted(CORPORA)}")
+        raise ValueError(f"calibration.corpus={corpus!r}: allowed values are {['auto', *sorted(CORPORA)]}")
     local, hub = CORPORA[corpus]
     if local and data_dir and (Path(data_dir) / local).is_file():
         rows = datasets.load_dataset("json", data_files=str(Path(data_dir) / local), split="train", cache_dir=cache_dir)
-        return "\n\n".join(rows["text"])
+        return "\n\n".join(rows["text"]), corpus
     if hub is None:
         raise FileNotFoundError(f"calibration.corpus={corpus}: {Path(data_dir or '<paths.data_dir>') / local} not found")
     try:
-        return "\n\n".join(datasets.load_dataset(hub[0], hub[1], split=hub[2])["text"])
+        return "\n\n".join(datasets.load_dataset(hub[0], hub[1], split=hub[2])["text"]), corpus
     except Exception as error:  # offline and not cached
         where = f"{Path(data_dir or '<paths.data_dir>') / local} or " if local else ""
         raise FileNotFoundError(
@@ -114,11 +121,11 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
     return stats
 
 
-def cache_key(model_id: str, calibration_cfg, layer_names: list[str], batches: torch.Tensor, second_moment: bool) -> str:
+def cache_key(model_id: str, corpus: str, calibration_cfg, layer_names: list[str], batches: torch.Tensor, second_moment: bool) -> str:
     """Everything the statistics depend on: model, corpus, windows (their very tokens), layers."""
     fingerprint = {
         "model": model_id,
-        "corpus": calibration_cfg.corpus,
+        "corpus": corpus,
         "windows": calibration_cfg.windows,
         "seqlen": calibration_cfg.seqlen,
         "seed": calibration_cfg.seed,
@@ -140,12 +147,12 @@ def model_fingerprint(source: str) -> str:
 
 
 def statistics(model, tokenizer, layers: dict[str, nn.Linear], calibration_cfg, model_id: str, text: str,
-               cache_dir: str, second_moment: bool = False) -> tuple[dict, dict]:
+               corpus: str, cache_dir: str, second_moment: bool = False) -> tuple[dict, dict]:
     """Calibration statistics for `layers` over `text`, from the cache where present; and a record of how."""
     batches = windows(tokenizer, text, calibration_cfg.windows, calibration_cfg.seqlen, calibration_cfg.seed)
-    key = cache_key(model_id, calibration_cfg, list(layers), batches, second_moment)
+    key = cache_key(model_id, corpus, calibration_cfg, list(layers), batches, second_moment)
     path = Path(cache_dir) / "calibration" / f"{key}.pt"
-    record = {"corpus": calibration_cfg.corpus, "windows": calibration_cfg.windows, "seqlen": calibration_cfg.seqlen,
+    record = {"corpus": corpus, "windows": calibration_cfg.windows, "seqlen": calibration_cfg.seqlen,
               "seed": calibration_cfg.seed, "tokens": batches.numel(), "cache_file": str(path)}
     if path.is_file():
         log.info("calibration cache hit: %s", path)

@@ -35,7 +35,7 @@ class PruningConfig:
 
 @dataclass
 class CalibrationConfig:
-    corpus: str = "wikitext2_validation"  # wikitext2_validation | c4 | wikitext2_train; never the test split
+    corpus: str = "auto"  # auto (train if reachable, else validation) | wikitext2_validation | wikitext2_train | c4
     windows: int = 32
     seqlen: int = 512
     seed: int = 0

@@ -74,7 +74,7 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     needed = needed_statistics(pruning) if activation else set()
     thresholds = activation and pruning.selection == "threshold"
     if needed or thresholds:
-        calibration_text = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
+        calibration_text, corpus = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
     texts = {}
     if "ppl_wikitext2" in benchmarks:
         options = benchmarks["ppl_wikitext2"]
@@ -104,7 +104,7 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
         tic = time.perf_counter()
         _, targets = select_targets(model, pruning)
         stats, record["calibration"] = calibration.statistics(
-            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, cfg.paths.cache_dir,
+            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, corpus, cfg.paths.cache_dir,
             second_moment="second_moment" in needed,
         )
         timings["calibration"] = time.perf_counter() - tic

@@ -154,13 +154,13 @@ def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
     _, targets = select_targets(model, config)
     options = type("Calibration", (), {"corpus": "c4", "windows": 2, "seqlen": 8, "seed": 0})
     text = "the quick brown fox jumps over the lazy dog " * 20
-    first, record = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
-    again, record_again = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
+    first, record = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
+    again, record_again = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
     assert record["cache"] == "miss" and record_again["cache"] == "hit" and record["cache_file"] == record_again["cache_file"]
     assert all(torch.equal(first[n]["l2"], again[n]["l2"]) for n in first)
     options.seed = 1
-    _, other_seed = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, str(tmp_path))
-    _, other_model = calibration.statistics(model, WordTokenizer(), targets, options, "other", text, str(tmp_path))
+    _, other_seed = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
+    _, other_model = calibration.statistics(model, WordTokenizer(), targets, options, "other", text, "c4", str(tmp_path))
     assert other_seed["cache"] == other_model["cache"] == "miss"
     assert len({record["cache_file"], other_seed["cache_file"], other_model["cache_file"]}) == 3
 
@@ -168,9 +168,9 @@ def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
 @needs_shared
 def test_calibration_corpora_never_read_the_test_split():
     test_text = "\n\n".join(__import__("json").loads(l)["text"] for l in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl"))
-    for corpus in ("wikitext2_validation", "c4"):
-        text = calibration.corpus_text(corpus, str(SHARED_DATA))
-        assert len(text) > 100_000 and text[:5000] not in test_text
+    for corpus, expected in (("wikitext2_validation", "wikitext2_validation"), ("c4", "c4"), ("auto", "wikitext2_validation")):
+        text, source = calibration.corpus_text(corpus, str(SHARED_DATA))  # auto: the hub is offline here
+        assert source == expected and len(text) > 100_000 and text[:5000] not in test_text
 
 
 @pytest.mark.parametrize("config,words", [
