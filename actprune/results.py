@@ -75,6 +75,8 @@ def label(result: dict) -> str:
             parts.append(f"[{','.join(transforms)}]")
         if pruning.get("selection", "topk") != "topk":
             parts.append(pruning["selection"])
+        if pruning.get("skip_layers"):
+            parts.append(f"skip={','.join(pruning['skip_layers'])}")
     return " ".join(parts)
 
 

@@ -31,7 +31,7 @@ def main(folders: list[str]) -> None:
     spread = {row: max((max(v) - min(v)) / min(v) for (r, _), v in batch_spread.items() if r == row) for row in cells}
     print("| method | " + " | ".join(patterns) + " | batch-size spread |")
     print("|" + " --- |" * (len(patterns) + 2))
-    for row in sorted(cells, key=lambda r: cells[r].get(patterns[0], float("inf"))):
+    for row in sorted(cells, key=lambda r: [cells[r].get(p, float("inf")) for p in patterns]):
         values = [f"{cells[row][p]:.2f}" if p in cells[row] else "" for p in patterns]
         print(f"| {row} | " + " | ".join(values) + f" | {spread[row]:.1e} |")
 
