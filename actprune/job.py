@@ -74,7 +74,9 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     needed = needed_statistics(pruning) if activation else set()
     thresholds = activation and pruning.selection == "threshold"
     if needed or thresholds:
-        calibration_text, corpus = calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets"))
+        calibration_text, corpus = calibration.corpus_text(
+            cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")
+        )
     texts = {}
     if "ppl_wikitext2" in benchmarks:
         options = benchmarks["ppl_wikitext2"]
@@ -104,8 +106,8 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
         tic = time.perf_counter()
         _, targets = select_targets(model, pruning)
         stats, record["calibration"] = calibration.statistics(
-            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text, corpus, cfg.paths.cache_dir,
-            second_moment="second_moment" in needed,
+            model, tokenizer, targets, cfg.calibration, calibration.model_fingerprint(source), calibration_text,
+            corpus, cfg.paths.cache_dir, second_moment="second_moment" in needed,
         )
         timings["calibration"] = time.perf_counter() - tic
 
@@ -118,6 +120,7 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
         c = cfg.calibration
         calibrate_thresholds_(model, report, calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed))
         timings["thresholds"] = time.perf_counter() - tic
+        record.setdefault("calibration", {"corpus": corpus, "windows": c.windows, "seqlen": c.seqlen, "seed": c.seed})
 
     metrics = {}
     report.reset()  # the measured sparsity covers the benchmarks' text only
