@@ -31,6 +31,8 @@ class PruningConfig:
     selection: str = "topk"  # topk (exact per token) | threshold (calibrated per layer, ratios only)
     dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
     skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
+    blocksize: int = 128  # weight_sparsegpt: columns updated together
+    percdamp: float = 0.01  # weight_sparsegpt: dampening, a fraction of the mean Hessian diagonal
 
 
 @dataclass

@@ -70,10 +70,11 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     select_targets(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
     pruning = pruning_config(cfg.pruning)
-    activation = get_method(pruning.method).kind == "activation"
+    method = get_method(pruning.method)
+    activation = method.kind == "activation"
     needed = needed_statistics(pruning) if activation else set()
     thresholds = activation and pruning.selection == "threshold"
-    if needed or thresholds:
+    if needed or thresholds or method.rule:
         calibration_text, corpus = calibration.corpus_text(
             cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")
         )
@@ -111,9 +112,17 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path) -> dict:
         )
         timings["calibration"] = time.perf_counter() - tic
 
+    batches = None
+    if method.rule:  # Wanda, SparseGPT: calibration windows pass through the layers as they are pruned
+        c = cfg.calibration
+        batches = calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed)
+        record["calibration"] = {"corpus": corpus, "windows": c.windows, "seqlen": c.seqlen, "seed": c.seed}
+
     tic = time.perf_counter()
-    report = sparsify_(model, pruning, stats=stats)
+    report = sparsify_(model, pruning, stats=stats, batches=batches)
     timings["prune"] = time.perf_counter() - tic
+    if report.seconds:  # layer-by-layer methods: the calibration passes apart from the pruning itself
+        timings["calibration"], timings["prune"] = report.seconds["calibration"], report.seconds["prune"]
     record["replaced_layers"] = report.replaced_layers
     if thresholds:
         tic = time.perf_counter()

@@ -24,14 +24,15 @@ class Method:
     name: str
     kind: str  # "dense", "activation" (masks inputs at run time) or "weight" (zeroes W once)
     apply: Callable[[nn.Linear, Pattern, Any, dict | None], nn.Module]
+    rule: str | None = None  # weight methods pruned layer by layer on calibration inputs (actprune.weights)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, kind: str):
+def register(name: str, kind: str, rule: str | None = None):
     def add(apply):
-        METHODS[name] = Method(name, kind, apply)
+        METHODS[name] = Method(name, kind, apply, rule)
         return apply
 
     return add
@@ -67,4 +68,16 @@ def weight_magnitude(linear: nn.Linear, pattern: Pattern, config=None, stats=Non
     else:
         keep = pattern_keep_mask(scores.flatten(), pattern).view_as(scores)
     linear.weight.mul_(keep)
+    return linear
+
+
+@register("weight_wanda", kind="weight", rule="wanda")
+def weight_wanda(linear: nn.Linear, pattern: Pattern, config=None, stats=None) -> nn.Module:
+    """Wanda (Sun et al., 2024): |W_ij|·‖X_j‖₂ per output row; the pass is `actprune.weights`."""
+    return linear
+
+
+@register("weight_sparsegpt", kind="weight", rule="sparsegpt")
+def weight_sparsegpt(linear: nn.Linear, pattern: Pattern, config=None, stats=None) -> nn.Module:
+    """SparseGPT (Frantar & Alistarh, 2023): OBS reconstruction; the pass is `actprune.weights`."""
     return linear

@@ -14,6 +14,7 @@ from .layers import ActSparseLinear
 from .masks import Pattern, parse_sparsity
 from .methods import get_method
 from .mitigation import needs_calibration, parse_transforms, get_score
+from .weights import prune_sequentially_
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -113,6 +114,7 @@ class SparsityReport:
     dense_tokens: int = 0
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # layer-by-layer methods: calibration vs pruning
 
     @property
     def replaced_layers(self) -> int:
@@ -150,13 +152,13 @@ class SparsityReport:
         }
 
 
-def sparsify_(model: nn.Module, config, stats: dict | None = None) -> SparsityReport:
+def sparsify_(model: nn.Module, config, stats: dict | None = None, batches: torch.Tensor | None = None) -> SparsityReport:
     """Prune `model` in place as `config` (a PruningConfig, dict or DictConfig) says.
 
     Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
     token; weight methods zero the layer's weight. Scores and transforms that need calibration
-    take `stats` ({layer name: statistics}, from `actprune.calibration.statistics`). Returns a
-    report of what was replaced.
+    take `stats` ({layer name: statistics}, from `actprune.calibration.statistics`); Wanda and
+    SparseGPT take `batches` of calibration token windows. Returns a report of what was replaced.
     """
     config = pruning_config(config)
     method = get_method(config.method)
@@ -170,6 +172,12 @@ def sparsify_(model: nn.Module, config, stats: dict | None = None) -> SparsityRe
     report.skipped_layers = skipped
     if method.kind == "activation":
         report.dense_tokens = config.dense_tokens
+    if method.rule and targets and not pattern.is_dense():
+        if batches is None:
+            raise ValueError(f"pruning.method={method.name} prunes on calibration inputs: pass batches= (token windows)")
+        prefix, layers = decoder_layers(model)
+        options = {"blocksize": config.blocksize, "percdamp": config.percdamp} if method.rule == "sparsegpt" else {}
+        report.seconds = prune_sequentially_(model, layers, prefix, targets, pattern, method.rule, batches, **options)
     for name, linear in targets.items():
         replacement = method.apply(linear, pattern, config, (stats or {}).get(name))
         if replacement is not linear:
