@@ -115,6 +115,18 @@ class SparsityReport:
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # layer-by-layer methods: calibration vs pruning
+    dense: dict[str, tuple[nn.Linear, torch.Tensor]] = field(default_factory=dict)  # with keep_dense
+
+    def restore_(self, model: nn.Module) -> None:
+        """Undo `sparsify_(..., keep_dense=True)`: the original layers, with bit-identical weights."""
+        if self.layers and not self.dense:
+            raise ValueError("nothing to restore: call sparsify_(..., keep_dense=True)")
+        with torch.no_grad():
+            for name, (linear, weight) in self.dense.items():
+                linear.weight.copy_(weight)
+                parent_name, leaf = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent_name), leaf, linear)
+        self.layers, self.dense = {}, {}
 
     @property
     def replaced_layers(self) -> int:
@@ -152,13 +164,16 @@ class SparsityReport:
         }
 
 
-def sparsify_(model: nn.Module, config, stats: dict | None = None, batches: torch.Tensor | None = None) -> SparsityReport:
+def sparsify_(model: nn.Module, config, stats: dict | None = None, batches: torch.Tensor | None = None,
+              keep_dense: bool = False) -> SparsityReport:
     """Prune `model` in place as `config` (a PruningConfig, dict or DictConfig) says.
 
     Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
     token; weight methods zero the layer's weight. Scores and transforms that need calibration
     take `stats` ({layer name: statistics}, from `actprune.calibration.statistics`); Wanda and
-    SparseGPT take `batches` of calibration token windows. Returns a report of what was replaced.
+    SparseGPT take `batches` of calibration token windows. With `keep_dense`, a CPU copy of each
+    targeted weight is kept so that `report.restore_(model)` brings the dense model back exactly
+    (for a model object reused by the next job). Returns a report of what was replaced.
     """
     config = pruning_config(config)
     method = get_method(config.method)
@@ -170,6 +185,8 @@ def sparsify_(model: nn.Module, config, stats: dict | None = None, batches: torc
         )
     report = SparsityReport(method.name, method.kind, pattern, selection=config.selection)
     report.skipped_layers = skipped
+    if keep_dense:
+        report.dense = {name: (linear, linear.weight.detach().to("cpu", copy=True)) for name, linear in targets.items()}
     if method.kind == "activation":
         report.dense_tokens = config.dense_tokens
     if method.rule and targets and not pattern.is_dense():

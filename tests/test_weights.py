@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from actprune import sparsify_
+from actprune.layers import ActSparseLinear
 from actprune.masks import parse_sparsity
 from actprune.weights import _Inputs, sparsegpt_, wanda_
 
@@ -114,3 +115,26 @@ def test_on_stories260k_wanda_and_sparsegpt_beat_magnitude(tmp_path):
         assert results[("weight_wanda", sparsity)] < results[("weight_magnitude", sparsity)], results
         assert results[("weight_sparsegpt", sparsity)] < results[("weight_magnitude", sparsity)], results
     assert all(math.isfinite(v) for v in results.values())
+
+
+@pytest.mark.parametrize("config", [
+    {"method": "weight_sparsegpt", "sparsity": "2:4"},
+    {"method": "weight_wanda", "sparsity": 0.5},
+    {"method": "weight_magnitude", "sparsity": 0.5},
+    {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["hadamard", "shift"]},
+])
+def test_restore_brings_back_the_dense_model_bit_for_bit(config):
+    model = qwen2()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    report = sparsify_(model, config, batches=BATCHES, keep_dense=True)
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, dense_logits)
+    report.restore_(model)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[n], before[n]) for n in before)
+    assert not any(isinstance(m, ActSparseLinear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense_logits)
