@@ -26,14 +26,17 @@ def main(folders: list[str]) -> None:
             cells[row].setdefault(pattern, ppl)
             if pattern not in patterns:
                 patterns.append(pattern)
-    order = {p: i for i, p in enumerate(["dense", "2:4", "8:16", "16:32", "0.5"])}
+    order = {p: i for i, p in enumerate(["dense", "2:4", "4:8", "8:16", "16:32", "0.5"])}
     patterns.sort(key=lambda p: order.get(p, len(order)))
-    spread = {row: max((max(v) - min(v)) / min(v) for (r, _), v in batch_spread.items() if r == row) for row in cells}
+    spread = {}
+    for (row, _), values in batch_spread.items():
+        if len(values) > 1:
+            spread[row] = max(spread.get(row, 0.0), (max(values) - min(values)) / min(values))
     print("| method | " + " | ".join(patterns) + " | batch-size spread |")
     print("|" + " --- |" * (len(patterns) + 2))
     for row in sorted(cells, key=lambda r: [cells[r].get(p, float("inf")) for p in patterns]):
         values = [f"{cells[row][p]:.2f}" if p in cells[row] else "" for p in patterns]
-        print(f"| {row} | " + " | ".join(values) + f" | {spread[row]:.1e} |")
+        print(f"| {row} | " + " | ".join(values) + f" | {f'{spread[row]:.1e}' if row in spread else '-'} |")
 
 
 if __name__ == "__main__":
