@@ -86,7 +86,9 @@ def test_results_json_content(tiny_setup, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((sweep / "run" / "results.json").read_text())
     assert result["status"] == "ok" and result["error"] is None
-    assert result["config"]["pruning"] == {"method": "act_magnitude", "sparsity": 0.25, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "layers": None}
+    expected = {"method": "act_magnitude", "sparsity": 0.25, "layers": None, "score": "magnitude", "transforms": [],
+                "selection": "topk", "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    assert {key: result["config"]["pruning"][key] for key in expected} == expected
     assert result["config"]["benchmark"]["ppl_wikitext2"]["seqlen"] == 32
     assert result["ppl_wikitext2"]["windows"] == 3 and result["ppl_wikitext2"]["tokens"] == 3 * 31
     assert result["metrics"]["ppl/wikitext2"] > 1
