@@ -60,6 +60,8 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
 
 def windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
     """`count` windows of `seqlen` tokens at random offsets (seeded) in the tokenized corpus."""
+    if count < 1 or seqlen < 2:
+        raise ValueError(f"calibration.windows={count}, calibration.seqlen={seqlen}: allowed values are windows >= 1, seqlen >= 2")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration.seqlen={seqlen} is longer than the calibration text ({ids.numel()} tokens)")

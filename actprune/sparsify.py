@@ -54,6 +54,9 @@ def _targets(model: nn.Module, config: PruningConfig) -> tuple[Pattern, dict[str
                          f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
+    if config.blocksize < 1 or config.percdamp < 0:
+        raise ValueError(f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
+                         f"values are blocksize >= 1 and percdamp >= 0")
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:

@@ -232,3 +232,10 @@ def test_skip_layers_stay_dense_and_are_counted():
     assert isinstance(model.model.layers[1].self_attn.q_proj, nn.Linear)
     with pytest.raises(ValueError, match="pruning.skip_layers: 'mlp' matches no targeted layer"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "skip_layers": ["mlp"]})
+
+
+def test_bad_calibration_and_sparsegpt_settings_name_the_key():
+    with pytest.raises(ValueError, match="calibration.windows=0"):
+        calibration.windows(WordTokenizer(), "a b c d e f g h", 0, 4, seed=0)
+    with pytest.raises(ValueError, match="pruning.blocksize=0"):
+        sparsify_(llama(), {"method": "weight_sparsegpt", "sparsity": 0.5, "blocksize": 0})
