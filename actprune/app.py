@@ -42,7 +42,17 @@ def job_name(overrides) -> str:
     return name
 
 
+def sweep_name(overrides) -> str:
+    """A sweep folder name that the same command line gives again (so re-running it resumes):
+    the experiment, if any, and a hash of the overrides that decide what the jobs compute."""
+    kept = sorted(str(o) for o in overrides if not re.match(r"^[+~]?(logger\b|overwrite$)", str(o)))
+    experiment = next((o.partition("=")[2] for o in kept if re.match(r"^\+?experiment=", o)), "sweep")
+    digest = hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10]
+    return re.sub(r"[^\w.-]", "_", experiment) + "-" + digest
+
+
 OmegaConf.register_new_resolver("actprune_job_name", job_name, replace=True)
+OmegaConf.register_new_resolver("actprune_sweep_name", sweep_name, replace=True)
 register_configs()
 
 
@@ -55,9 +65,10 @@ def main(cfg: DictConfig) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     group = Path(hydra_cfg.sweep.dir).name if multirun else job_dir.name
     name = job_name(hydra_cfg.overrides.task)
+    slot = hydra_cfg.job.num if multirun else None
     try:
-        record = run_job(cfg, job_dir, group=group, name=name)
-    except FileExistsError as error:  # a finished job's folder: leave it alone
+        record = run_job(cfg, job_dir, group=group, name=name, slot=slot)
+    except FileExistsError as error:  # a finished job's folder with other settings: leave it alone
         if not multirun:
             raise
         log.error("%s", error)

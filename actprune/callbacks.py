@@ -1,7 +1,8 @@
-"""Hydra callbacks: a table over every job of a multirun when it ends."""
+"""Hydra callbacks: when a multirun ends, its table, report files and plots; memory released."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -9,9 +10,21 @@ from omegaconf import DictConfig
 
 from . import results
 
+log = logging.getLogger(__name__)
+
 
 class SweepTable(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from . import job, report
+
+        job.release()  # the model and data that the jobs of this process shared
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = [(str(path.parent.relative_to(sweep_dir)), record) for path, record in results.read_all(sweep_dir)]
         print(f"\nSweep {sweep_dir}: {len(rows)} jobs\n{results.table(rows)}", flush=True)
+        if not rows:
+            return
+        written = report.report([sweep_dir], sweep_dir)
+        print("Report: " + ", ".join(str(path) for path in written.values()), flush=True)
+        logger = config.logger
+        if logger.name == "wandb" and logger.mode != "disabled":
+            report.log_to_wandb(written, sweep_dir.name, logger.project, logger.entity, logger.mode, sweep_dir)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -18,6 +18,7 @@ class ModelConfig:
     seqlen: int = 2048
     trust_remote_code: bool = False
     apply_chat_template: bool = False  # what lm_eval uses for this model unless told otherwise
+    device_map: Optional[str] = None  # CUDA: null (one GPU) | auto (a model larger than one GPU over all visible)
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PruningConfig:
     sparsity: Any = 0.0  # float r in [0, 1) zeroed per token, or "N:M" (N kept in every M)
     target_modules: List[str] = field(default_factory=lambda: list(PROJECTIONS))
     layers: Optional[List[int]] = None  # decoder layer indices; null: all
-    score: str = "magnitude"  # activation methods: magnitude | weight_norm | clact
+    score: str = "magnitude"  # activation methods: magnitude | weight_norm | amber | clact
     transforms: List[Any] = field(default_factory=list)  # e.g. [shift, variance], [{name: shift, mode: static}]
     selection: str = "topk"  # topk (exact per token) | threshold (calibrated per layer, ratios only)
     dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
@@ -93,7 +94,20 @@ class ActpruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    overwrite: bool = False  # re-run jobs whose results.json says ok (the old record is renamed, not lost)
+
+
+@dataclass
+class SweeperConfig:
+    """Hydra's basic grid sweeper plus resume and `grids` (hydra_plugins/actprune_sweeper)."""
+
+    _target_: str = "hydra_plugins.actprune_sweeper.sweeper.ResumingSweeper"
+    max_batch_size: Optional[int] = None  # jobs launched at once (null: all; local launcher with GPUs: one per GPU)
+    params: Optional[Dict[str, str]] = None  # one grid: {key: comma-separated values}
+    grids: Optional[List[Dict[str, str]]] = None  # several grids whose jobs are joined
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="actprune_schema", node=ActpruneConfig)
+    store = ConfigStore.instance()
+    store.store(name="actprune_schema", node=ActpruneConfig)
+    store.store(group="hydra/sweeper", name="actprune", node=SweeperConfig, provider="actprune")

@@ -20,9 +20,13 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, slot: int | None = None) -> torch.device:
+    """`auto`: CUDA if present, else CPU; with several GPUs visible, job number `slot` takes GPU slot % count."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        count = torch.cuda.device_count()
+        return torch.device("cuda", slot % count) if slot is not None and count > 1 else torch.device("cuda")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise ValueError(f"device={name!r}: allowed values are auto, cpu, cuda, cuda:N")
     device = torch.device(name)
@@ -129,14 +133,27 @@ def locate(model_cfg, cache_dir: str) -> tuple[str, str | None]:
     return path, gguf_file
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None) -> None:
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise ValueError(f"model.device_map={device_map!r}: allowed values are null, {', '.join(DEVICE_MAPS)}")
+
+
 def load_model(path: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype, cache_dir: str,
-               trust_remote_code: bool = False):
-    """Load model and tokenizer from a hub id, a local folder or a GGUF file, on `device` in `dtype`."""
+               trust_remote_code: bool = False, device_map: str | None = None):
+    """Load model and tokenizer from a hub id, a local folder or a GGUF file, on `device` in `dtype`.
+
+    `device_map` (CUDA only; e.g. `auto`) spreads a model larger than one GPU over all visible ones.
+    """
+    check_device_map(device_map)
     if gguf_file:
         path = dequantize_gguf(path, gguf_file, cache_dir)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if device.type == "cuda":
-        kwargs["device_map"] = {"": str(device)}  # loads straight onto the GPU, no CPU copy
+        # Straight onto the GPU(s), no CPU copy.
+        kwargs["device_map"] = device_map if device_map is not None else {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device.type != "cuda":
         model.to(device)

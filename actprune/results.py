@@ -31,15 +31,82 @@ def versions() -> dict:
     return found
 
 
-def claim(job_dir: Path) -> Path:
-    """The results path of a job that has not finished before; refuse to overwrite one that has."""
+# What a job computes; a finished job counts as done for a later run only if these agree.
+SETTINGS = ("model", "pruning", "benchmark", "calibration", "seed", "device")
+
+
+def settings(cfg) -> dict:
+    """The parts of a job's config that determine its numbers (not where or how it logs)."""
+    from omegaconf import OmegaConf
+
+    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            for key in SETTINGS if key in cfg}
+
+
+def same_settings(recorded: dict, current: dict) -> bool:
+    """Whether a recorded config agrees with the current settings (only their keys are compared)."""
+    return all(key in recorded and _agree(recorded[key], value) for key, value in current.items())
+
+
+def _agree(recorded, current) -> bool:
+    # A key that a later version added with an empty value (null, [], false) counts as absent,
+    # so that results of an earlier version still resume.
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return set(recorded) <= set(current) and all(
+            _agree(recorded[key], value) if key in recorded else value in (None, [], {}, False)
+            for key, value in current.items())
+    return recorded == current
+
+
+def previous(job_dir: Path) -> dict | None:
+    """The record a job left in `job_dir`, None if there is none; an unreadable one reads as failed."""
     path = Path(job_dir) / RESULTS
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return {"status": "failed", "error": f"unreadable {path}: {error}"}
+
+
+class AlreadyDone(Exception):
+    """The job finished before with the same settings: nothing to do."""
+
+    def __init__(self, path: Path, record: dict):
+        super().__init__(f"{path} says ok: skipped (overwrite=true re-runs it)")
+        self.path, self.record = path, record
+
+
+def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -> Path:
+    """The results path for a job about to run in `job_dir`.
+
+    A finished job (`ok`) with the same settings raises AlreadyDone, with other settings a clear
+    error, unless `overwrite`. A failed or overwritten record is renamed, never deleted.
+    """
+    path = Path(job_dir) / RESULTS
+    record = previous(job_dir)
+    if record is None:
+        return path
+    if record.get("status") == "ok" and not overwrite:
+        if current is None or same_settings(record.get("config") or {}, current):
+            raise AlreadyDone(path, record)
+        recorded = record.get("config") or {}
+        changed = sorted(key for key, value in current.items() if not same_settings(recorded, {key: value}))
         raise FileExistsError(
-            f"{path} already exists: a finished job is never overwritten; choose another "
-            f"hydra.run.dir / hydra.sweep.dir or move the old results away"
+            f"{path} holds a finished job with other settings ({', '.join(changed)} differ): it is never "
+            f"overwritten by accident; set overwrite=true, or choose another hydra.run.dir / hydra.sweep.dir"
         )
+    set_aside(path, record.get("status", "unknown"))
     return path
+
+
+def set_aside(path: Path, status: str) -> Path:
+    """Rename an earlier record to `results.<status>.<n>.json` beside it."""
+    n = 1
+    while (kept := path.with_name(f"results.{status}.{n}.json")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
 
 
 def write(path: Path, results: dict) -> None:
@@ -62,19 +129,26 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def label(result: dict) -> str:
+def transform_names(pruning: dict) -> list[str]:
+    """`[shift, {name: shift, mode: static}]` as `["shift", "shift:static"]`."""
+    return [t if isinstance(t, str) else ":".join([t.get("name", "?"), *map(str, (v for k, v in t.items() if k != "name"))])
+            for t in pruning.get("transforms") or []]
+
+
+def label(result: dict, transforms: bool = True) -> str:
     """The method as a reader names it: `act_magnitude`, `act_magnitude score=clact [pca,shift:static]`."""
     pruning = (result.get("config") or {}).get("pruning") or {}
     parts = [str(pruning.get("method", "?"))]
     if pruning.get("method", "").startswith("act_"):
         if pruning.get("score", "magnitude") != "magnitude":
             parts.append(f"score={pruning['score']}")
-        transforms = [t if isinstance(t, str) else ":".join([t.get("name", "?"), *map(str, (v for k, v in t.items() if k != "name"))])
-                      for t in pruning.get("transforms") or []]
-        if transforms:
-            parts.append(f"[{','.join(transforms)}]")
+        names = transform_names(pruning)
+        if names and transforms:
+            parts.append(f"[{','.join(names)}]")
         if pruning.get("selection", "topk") != "topk":
             parts.append(pruning["selection"])
+        if pruning.get("dense_tokens"):
+            parts.append(f"dense_tokens={pruning['dense_tokens']}")
         if pruning.get("skip_layers"):
             parts.append(f"skip={','.join(pruning['skip_layers'])}")
     return " ".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 LOGGERS = ("wandb", "none")
@@ -25,7 +26,14 @@ class Tracker:
             return
         import wandb
 
+        # The run id lives in the job folder: a job run again (failed, preempted) continues its run.
+        id_file = Path(job_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=logger_cfg.project,
             entity=logger_cfg.entity,
             mode=logger_cfg.mode,

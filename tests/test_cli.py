@@ -99,10 +99,22 @@ def test_results_json_content(tiny_setup, tmp_path):
     assert result["parameters"] > 0 and result["device"] == "cpu" and result["dtype"] == "float32"
     assert set(result["versions"]) >= {"python", "torch", "transformers", "actprune", "git_commit"}
     assert result["data_source"].endswith("test.jsonl")
-    # A finished job is never overwritten: the same run folder again refuses and leaves it intact.
-    again = actprune(*common(tiny_setup, sweep), "pruning=dense")
-    assert again.returncode != 0 and "already exists" in again.stderr
-    assert json.loads((sweep / "run" / "results.json").read_text()) == result
+    # A finished job is never overwritten by accident. The same job again is skipped...
+    path = sweep / "run" / "results.json"
+    written = path.read_bytes()
+    args = ["pruning=act_magnitude", "pruning.sparsity=0.25", "benchmark.ppl_wikitext2.max_windows=3",
+            "benchmark.ppl_wikitext2.batch_size=2"]
+    again = actprune(*common(tiny_setup, sweep), *args)
+    assert again.returncode == 0 and "Skipping" in again.stdout and path.read_bytes() == written
+    # ...another job in its folder is refused, naming what differs...
+    other = actprune(*common(tiny_setup, sweep), "pruning=dense")
+    assert other.returncode != 0 and "other settings (benchmark, pruning differ)" in other.stderr and "overwrite=true" in other.stderr
+    assert path.read_bytes() == written
+    # ...and overwrite=true runs it, keeping the old record beside the new one.
+    forced = actprune(*common(tiny_setup, sweep), "pruning=dense", "overwrite=true", "benchmark.ppl_wikitext2.max_windows=3")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert json.loads(path.read_text())["config"]["pruning"]["method"] == "dense"
+    assert (sweep / "run" / "results.ok.1.json").read_bytes() == written
 
 
 @pytest.mark.parametrize("override,words", [

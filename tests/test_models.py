@@ -44,3 +44,19 @@ def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
         assert torch.equal(model(ids).logits, again(ids).logits)
     text = "The history of the city begins in the early middle ages, when a small market grew around the river crossing. " * 4
     assert perplexity(again, tokenizer_again, text, seqlen=64, max_windows=1)["ppl"] < 50  # a trained model, not noise
+
+
+def test_several_gpus_give_each_job_of_a_sweep_its_own(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [models.resolve_device("auto", slot) for slot in (0, 1, 5)] == [torch.device("cuda", i) for i in (0, 1, 1)]
+    assert models.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert models.resolve_device("auto", 3) == torch.device("cuda")
+
+
+def test_a_bad_device_map_names_the_allowed_values():
+    with pytest.raises(ValueError, match="model.device_map='everywhere': allowed values are null, auto"):
+        models.check_device_map("everywhere")
+    models.check_device_map(None)
+    models.check_device_map("auto")

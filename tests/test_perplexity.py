@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +53,27 @@ def test_non_finite_perplexity_is_an_error():
         model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite"):
         perplexity(model, CharTokenizer(), TEXT, seqlen=64, max_windows=2)
+
+
+def test_per_window_nll_is_recorded_and_a_paired_comparison_reads_it(tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import paired_windows
+
+    model = llama()
+    dense = perplexity(model, CharTokenizer(), TEXT, seqlen=64, batch_size=1, max_windows=6)
+    by_three = perplexity(model, CharTokenizer(), TEXT, seqlen=64, batch_size=3, max_windows=6)
+    assert len(dense["window_nll"]) == 6 and sum(dense["window_nll"]) / 6 == pytest.approx(dense["mean_nll"], rel=1e-12)
+    assert by_three["window_nll"] == pytest.approx(dense["window_nll"], rel=1e-6)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4"})
+    pruned = perplexity(model, CharTokenizer(), TEXT, seqlen=64, max_windows=6)
+    for name, result in (("dense", dense), ("pruned", pruned)):
+        (tmp_path / name).mkdir()
+        record = {"config": {"pruning": {"method": name}}, "sparsity": {"pattern": "2:4"}, "ppl_wikitext2": result}
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    paired_windows.main([str(tmp_path / "pruned"), str(tmp_path / "dense")])
+    printed = capsys.readouterr().out
+    wins = sum(p > d for p, d in zip(pruned["window_nll"], dense["window_nll"]))
+    assert f"ppl {dense['ppl']:.2f}" in printed and f"lower on {wins}/6 windows" in printed

@@ -1,0 +1,94 @@
+"""Hydra's basic grid sweeper, plus resume and a union of grids.
+
+- Resume: a job whose folder holds a `results.json` that says `ok` for the same settings is not
+  launched again (unless `overwrite=true`); failed, missing and unfinished jobs are. The count is
+  logged before anything is launched.
+- `grids`: a list of parameter grids whose jobs are joined, for tables in which methods sweep
+  different values (activation at 0.2..0.9, weight pruning at 0.25..0.75).
+- The sweep folder is resolved once and pinned for every job, so a folder named from the command
+  line is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from actprune import results
+
+log = logging.getLogger(__name__)
+
+
+class ResumingSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
+                 grids: Optional[List[Dict[str, str]]] = None) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(grid) for grid in grids] if grids else [{}]
+
+    def jobs(self, arguments: List[str]) -> List[List[str]]:
+        """Every job's overrides: each grid's product, with the preset's params and the command line on top."""
+        parser = OverridesParser.create(config_loader=getattr(self.hydra_context, "config_loader", None))
+        jobs, seen = [], set()
+        for grid in self.grids:
+            lines = [*self._parse_config(), *(f"{key}={value}" for key, value in grid.items()), *arguments]
+            for job in self.split_arguments(parser.parse_overrides(lines), None)[0]:
+                if tuple(job) not in seen:
+                    seen.add(tuple(job))
+                    jobs.append(job)
+        return jobs
+
+    def job_state(self, overrides: List[str]) -> str:
+        """`done` (skip it), or why it runs: `failed`, `missing`, `overwrite`, `changed`, `unknown`."""
+        try:
+            config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+            previous = results.previous(job_dir)
+            if previous is None:
+                return "missing"
+            if config.get("overwrite"):
+                return "overwrite"
+            if previous.get("status") != "ok":
+                return "failed"
+            same = results.same_settings(previous.get("config") or {}, results.settings(config))
+            return "done" if same else "changed"
+        except Exception as error:  # the job itself decides; it reports what it finds
+            log.debug("cannot tell whether %s is done: %s", overrides, error)
+            return "unknown"
+
+    def batch_size(self, jobs: int) -> int:
+        if self.max_batch_size:
+            return self.max_batch_size
+        launcher = self.config.hydra.launcher
+        if str(launcher.get("_target_", "")).endswith("LocalLauncher") and launcher.get("gpus_per_node"):
+            return int(launcher.gpus_per_node)  # a job per GPU at a time; the job picks its GPU by number
+        return jobs or 1
+
+    def sweep(self, arguments: List[str]) -> Any:
+        sweep_dir = str(self.config.hydra.sweep.dir)
+        pin = "hydra.sweep.dir='" + sweep_dir.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        jobs = [[*job, pin] for job in self.jobs(arguments)]
+        states = [self.job_state(job) for job in jobs]
+        counts = Counter(states)
+        todo = [job for job, state in zip(jobs, states) if state != "done"]
+        log.info(
+            "Sweep %s: %d jobs; %d done before (results.json says ok, same settings) and skipped%s. "
+            "overwrite=true re-runs every job.", sweep_dir, len(jobs), counts["done"],
+            "".join(f"; {counts[s]} {s}" for s in ("failed", "missing", "changed", "overwrite", "unknown") if counts[s]),
+        )
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, Path(sweep_dir) / "multirun.yaml")
+        size = self.batch_size(len(todo))
+        self.overrides = [todo[i:i + size] for i in range(0, len(todo), size)]
+        returns, index = [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            returns.append(self.launcher.launch(batch, initial_job_idx=index))
+            index += len(batch)
+        return returns

@@ -1,0 +1,242 @@
+"""Sweeps at cluster scale: resume, failures re-run, kills, in-process reuse, the report, launchers."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf, open_dict
+
+from actprune import job, results
+from actprune.app import CONF_DIR
+from actprune.tracking import Tracker
+
+from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
+from .test_cli import actprune, common, results_in, tiny_setup  # noqa: F401 (a fixture)
+
+WINDOWS = "benchmark.ppl_wikitext2.max_windows=3"
+
+
+def out(done) -> str:
+    return done.stdout + done.stderr
+
+
+def ppl(found: dict) -> dict:
+    return {name: record["metrics"]["ppl/wikitext2"] for name, record in found.items()}
+
+
+def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*common(tiny_setup, sweep), "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS]
+    first = actprune("-m", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    found = results_in(sweep)
+    assert len(found) == 4 and all(r["status"] == "ok" for r in found.values())
+    written = {path: path.read_bytes() for path in sweep.rglob("results.json")}
+
+    # One job is marked failed by hand: the same command re-runs that one only.
+    failed_path = next(p for p in written if "pruning=weight_magnitude" in str(p) and "2:4" in str(p))
+    failed_path.write_text(json.dumps({**json.loads(written[failed_path]), "status": "failed"}))
+    second = actprune("-m", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "4 jobs; 3 done before" in out(second) and "1 failed" in out(second)
+    assert "Launching 1 jobs" in out(second)
+    for path, content in written.items():
+        if path != failed_path:
+            assert path.read_bytes() == content  # untouched
+    rerun = json.loads(failed_path.read_text())
+    assert rerun["status"] == "ok" and rerun["metrics"] == json.loads(written[failed_path])["metrics"]
+    assert json.loads((failed_path.parent / "results.failed.1.json").read_text())["status"] == "failed"
+
+    # A third time: nothing to launch.
+    third = actprune("-m", *args)
+    assert "4 jobs; 4 done before" in out(third) and "Launching" not in out(third)
+    assert {p: p.read_bytes() for p in sweep.rglob("results.json")} == {**written, failed_path: failed_path.read_bytes()}
+
+
+def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
+    args = [a for a in common(tiny_setup, tmp_path) if not a.startswith("hydra.sweep.dir")]
+    first = actprune("-m", *args, "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folders = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("sweep-")
+    again = actprune("-m", *args, "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    assert "2 done before" in out(again) and list((tmp_path / "outputs" / "multiruns").iterdir()) == folders
+    other = actprune("-m", *args, "pruning=act_magnitude", "pruning.sparsity=0.25", WINDOWS, cwd=tmp_path)
+    assert other.returncode == 0 and len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
+
+
+def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tmp_path):
+    args = [*common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=0.5", "model.seqlen=8",
+            "benchmark.ppl_wikitext2.max_windows=100000"]
+    process = subprocess.Popen([sys.executable, "-m", "actprune", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    seen = b""
+    try:
+        while b"wikitext2 windows" not in seen:  # wait until it is measuring (tqdm writes no newline)
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, seen.decode()[-3000:]
+            seen += chunk
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    run = tmp_path / "run"
+    assert run.is_dir() and not (run / "results.json").exists()
+    done = actprune(*common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS)
+    assert done.returncode == 0 and json.loads((run / "results.json").read_text())["status"] == "ok"
+
+
+def test_an_interrupted_job_is_recorded_as_interrupted_and_runs_again(tiny_setup, tmp_path, monkeypatch):
+    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=0.5")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "perplexity", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        job.run_job(cfg, tmp_path / "job", "g", "n")
+    assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert job.run_job(cfg, tmp_path / "job", "g", "n")["status"] == "ok"
+    assert (tmp_path / "job" / "results.interrupted.1.json").is_file()
+
+
+def job_config(setup, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
+            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", WINDOWS, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def test_in_process_jobs_reuse_the_model_and_leave_it_dense_bit_for_bit(tiny_setup, tmp_path):
+    job.release()
+    dense = job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "dense", "g", "dense")
+    (model, _), = [value for key, value in job._reused.items() if key[0] == "model"]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for overrides in (["pruning=weight_sparsegpt", "pruning.sparsity=2:4"], ["pruning=weight_wanda", "pruning.sparsity=0.5"],
+                      ["pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[hadamard,shift]"]):
+        record = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / overrides[0], "g", overrides[0])
+        assert record["status"] == "ok" and record["metrics"]["ppl/wikitext2"] != dense["metrics"]["ppl/wikitext2"]
+        (again, _), = [value for key, value in job._reused.items() if key[0] == "model"]
+        assert again is model  # reused, not reloaded
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+    last = job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "dense2", "g", "dense2")
+    assert last["metrics"] == dense["metrics"]
+    job.release()
+    assert not job._reused
+
+
+def test_a_failed_job_does_not_hand_an_altered_model_to_the_next(tiny_setup, tmp_path, monkeypatch):
+    job.release()
+    job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "a", "g", "a")
+    monkeypatch.setattr(job, "perplexity", lambda *a, **k: 1 / 0)
+    failed = job.run_job(job_config(tiny_setup, tmp_path, "pruning=weight_magnitude", "pruning.sparsity=0.5"), tmp_path / "b", "g", "b")
+    assert failed["status"] == "failed" and not [k for k in job._reused if k[0] == "model"]
+    job.release()
+
+
+def test_a_job_run_again_continues_its_wandb_run(tmp_path):
+    logger = OmegaConf.create({"name": "wandb", "project": "actprune", "entity": None, "mode": "offline", "tags": []})
+    ids = []
+    for _ in range(2):
+        tracker = Tracker(logger, tmp_path, group="g", name="n", config={})
+        ids.append(tracker.run.id)
+        tracker.finish("failed", "boom")
+    assert ids[0] == ids[1] == (tmp_path / "wandb_run_id").read_text().strip()
+
+
+def sweeper_jobs(experiment: str) -> list:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    options = OmegaConf.to_container(cfg.hydra.sweeper)
+    # Hydra's plugin scan (during compose) re-imports plugin modules: take the class it knows.
+    sweeper = get_class(options.pop("_target_"))
+    return sweeper(**options).jobs([])
+
+
+@pytest.mark.parametrize("experiment,count", [("paper_llama2_7b", 12), ("paper_gemma3_4b", 12),
+                                              ("paper_qwen2_5_7b", 23), ("act_vs_weight", 17)])
+def test_presets_expand_to_the_tables_they_promise(experiment, count):
+    jobs = sweeper_jobs(experiment)
+    assert len(jobs) == count and len({tuple(j) for j in jobs}) == count
+    assert sum("pruning=dense" in j for j in jobs) == 1
+    if experiment.startswith("paper_"):
+        act = {o.split("=")[1].replace("\\", "") for j in jobs if "pruning=act_magnitude" in j for o in j if o.startswith("pruning.sparsity=")}
+        weight = {o.split("=")[1].replace("\\", "") for j in jobs if "pruning=weight_magnitude" in j for o in j if o.startswith("pruning.sparsity=")}
+        assert act == {"0.2", "0.5", "0.7", "0.9", "2:4", "8:16"} and weight == {"2:4", "8:16", "0.25", "0.5", "0.75"}
+
+
+STORIES_SWEEP = [f"model.path={STORIES}", "model.seqlen=128", f"paths.data_dir={SHARED_DATA}", "logger=none",
+                 "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", "benchmark.ppl_wikitext2.max_windows=4"]
+
+
+@needs_shared
+def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
+    """The issue's done-when: a 4-job multirun run twice does the work once; the local launcher
+    gives the same numbers in separate processes; actprune-report makes the table, CSV and plots."""
+    basic, local = tmp_path / "basic", tmp_path / "local"
+    first = actprune("-m", *STORIES_SWEEP, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={basic}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert out(first).count("results: ") == 4
+    second = actprune("-m", *STORIES_SWEEP, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={basic}")
+    assert "4 jobs; 4 done before" in out(second) and "results: " not in out(second)
+
+    launched = actprune("-m", "hydra/launcher=local", *STORIES_SWEEP, f"paths.cache_dir={tmp_path / 'cache'}",
+                        f"hydra.sweep.dir={local}")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "Submitit 'local'" in out(launched)
+    pids = {record["host"]["pid"] for record in results_in(local).values()}
+    assert len(pids) == 4 and os.getpid() not in pids
+    assert ppl(results_in(basic)) == ppl(results_in(local)) and len(ppl(results_in(local))) == 4
+
+    report = subprocess.run([sys.executable, "-m", "actprune.report", str(basic), "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    markdown = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert markdown[0].startswith("| model | method | sparsity | transforms | perplexity |") and len(markdown) == 2 + 4
+    with open(tmp_path / "report" / "report.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {(r["method"], r["sparsity"]): float(r["perplexity"]) for r in rows} == {
+        (r["config"]["pruning"]["method"], str(r["config"]["pruning"]["sparsity"])): r["metrics"]["ppl/wikitext2"]
+        for r in results_in(basic).values()}
+    png = (tmp_path / "report" / "perplexity.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (basic / "report.md").is_file()  # also written when the sweep ended
+
+
+def test_local_launcher_runs_jobs_in_their_own_processes_with_the_same_numbers(tiny_setup, tmp_path):
+    grid = ["pruning=act_magnitude,weight_magnitude", "pruning.sparsity=2:4", WINDOWS]
+    basic = actprune("-m", *common(tiny_setup, tmp_path / "basic"), *grid)
+    local = actprune("-m", "hydra/launcher=local", *common(tiny_setup, tmp_path / "local"), *grid)
+    assert basic.returncode == 0 and local.returncode == 0, local.stderr[-3000:]
+    assert "Submitit 'local'" in out(local)
+    found = results_in(tmp_path / "local")
+    assert len(found) == 2 and len({r["host"]["pid"] for r in found.values()}) == 2
+    assert os.getpid() not in {r["host"]["pid"] for r in found.values()}
+    assert ppl(found) == ppl(results_in(tmp_path / "basic"))
+
+
+def test_report_logs_its_table_and_plots_to_a_wandb_summary_run(tiny_setup, tmp_path):
+    from actprune import report
+
+    sweep = tmp_path / "sweep"
+    done = actprune("-m", *common(tiny_setup, sweep), "pruning=dense,act_magnitude", "pruning.sparsity=0.5", WINDOWS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = report.report([sweep], tmp_path / "report")
+    assert {"markdown", "csv", "perplexity_plot"} <= set(written)
+    report.log_to_wandb(written, "sweep", "actprune", None, "offline", tmp_path / "report")
+    log = next((tmp_path / "report" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert b"summary/table" in log and b"sweep-summary" in log
+    table = json.loads(next((tmp_path / "report" / "wandb").rglob("table*.table.json")).read_text())
+    assert "perplexity" in table["columns"] and len(table["data"]) == 2
