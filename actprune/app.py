@@ -18,26 +18,26 @@ log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Overrides that say where or how a job logs, not what it computes, stay out of its name.
-UNNAMED = re.compile(r"^(hydra\.|paths\.|logger\b|device$|experiment$)")
+UNNAMED = re.compile(r"^(hydra\.|paths\.|logger\b|device$|experiment$|overwrite$)")
 
 
 def job_name(overrides) -> str:
     """A folder and W&B name from a job's overrides, e.g. `pruning=act_magnitude,pruning.sparsity=2:4`.
 
-    Path values are shortened to their last part, with a hash of the full overrides appended so
-    two different paths never share a folder.
+    Path values are shortened to their last part, with a hash of the named overrides in full
+    appended so two different paths never share a folder. Where or how a job logs (and
+    `overwrite`) never changes its name, so a later run finds the folder again.
     """
-    parts, shortened = [], False
+    named = []
     for override in sorted(str(o) for o in overrides):
         key, _, value = override.lstrip("+~").replace("\\", "").partition("=")
-        if UNNAMED.match(key):
-            continue
-        if "/" in value:
-            value, shortened = Path(value.rstrip("/")).name, True
-        parts.append(re.sub(r"[^\w.:=+,\[\]-]", "_", f"{key}={value}"))
+        if not UNNAMED.match(key):
+            named.append((key, value))
+    parts = [re.sub(r"[^\w.:=+,\[\]-]", "_", f"{key}={Path(value.rstrip('/')).name if '/' in value else value}")
+             for key, value in named]
     name = ",".join(parts) or "default"
-    if shortened or len(name) > 200:
-        digest = hashlib.sha1("\n".join(sorted(map(str, overrides))).encode()).hexdigest()[:8]
+    if any("/" in value for _, value in named) or len(name) > 200:
+        digest = hashlib.sha1("\n".join(f"{key}={value}" for key, value in named).encode()).hexdigest()[:8]
         name = f"{name[:190]}-{digest}"
     return name
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import socket
@@ -13,11 +14,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import calibration, models, results, tracking, zeroshot
+from . import calibration, learned, models, results, tracking, zeroshot
 from .data import FALLBACK_SOURCE, wikitext2_test_text
 from .perplexity import perplexity, tokenize
 from .methods import get_method
-from .mitigation import needed_statistics
+from .mitigation import learnable_options, needed_statistics
 from .sparsify import calibrate_thresholds_, pruning_config, select_targets, sparsify_
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,13 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path, slot: int | None) -> dict
     activation = method.kind == "activation"
     needed = needed_statistics(pruning) if activation else set()
     thresholds = activation and pruning.selection == "threshold"
+    learn = learnable_options(pruning) if activation else None
     calibration_text = corpus = lm_eval_tasks = None
-    if needed or thresholds or method.rule:
-        calibration_text, corpus = calibration.corpus_text(
-            cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")
+    if needed or thresholds or method.rule or learn is not None:
+        calibration_text, corpus = _reuse(
+            ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
+            lambda: calibration.corpus_text(cfg.calibration.corpus, cfg.paths.data_dir,
+                                            str(Path(cfg.paths.cache_dir) / "datasets")),
         )
     texts = {}
     if "ppl_wikitext2" in benchmarks:
@@ -158,10 +162,11 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path, slot: int | None) -> dict
             timings["calibration"] = time.perf_counter() - tic
 
         c = cfg.calibration
+        windows_used = {"corpus": corpus, "windows": c.windows, "seqlen": c.seqlen, "seed": c.seed}
         batches = None
         if method.rule:  # Wanda, SparseGPT: calibration windows pass through the layers as they are pruned
             batches = calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed)
-            record["calibration"] = {"corpus": corpus, "windows": c.windows, "seqlen": c.seqlen, "seed": c.seed}
+            record["calibration"] = windows_used
 
         tic = time.perf_counter()
         # keep_dense: restore_ below gives the next job of this process the dense model back, bit for bit.
@@ -174,7 +179,17 @@ def _run(cfg: DictConfig, record: dict, job_dir: Path, slot: int | None) -> dict
             tic = time.perf_counter()
             calibrate_thresholds_(model, report, calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed))
             timings["thresholds"] = time.perf_counter() - tic
-            record.setdefault("calibration", {"corpus": corpus, "windows": c.windows, "seqlen": c.seqlen, "seed": c.seed})
+            record.setdefault("calibration", windows_used)
+
+        if learn is not None:
+            tic = time.perf_counter()
+            windows = calibration.windows(tokenizer, calibration_text, c.windows, c.seqlen, c.seed)
+            key = {"model": calibration.model_fingerprint(source), "pruning": OmegaConf.to_container(cfg.pruning, resolve=True),
+                   "corpus": corpus, "tokens": hashlib.sha1(windows.numpy().tobytes()).hexdigest(), "dtype": str(dtype)}
+            record["learned"] = learned.fit_or_load_(model, report.layers, windows, learn,
+                                                     learned.cache_file(cfg.paths.cache_dir, key))
+            record.setdefault("calibration", windows_used)
+            timings["learn"] = time.perf_counter() - tic
 
         metrics = {}
         report.reset()  # the measured sparsity covers the benchmarks' text only

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .learned import straight_through
 from .masks import Pattern, pattern_keep_mask
 
 Score = Callable[[torch.Tensor], torch.Tensor]
@@ -71,7 +72,9 @@ class ActSparseLinear(nn.Module):
     - `variance`: rescale the pruned input so its per-token variance matches the unpruned one;
     - `dense_tokens`: the first k tokens of each sequence stay dense (attention sinks);
     - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
-      per-layer threshold instead of a per-token top-k; the sparsity reached then varies.
+      per-layer threshold instead of a per-token top-k; the sparsity reached then varies;
+    - `correction`: learned terms (output affine, input shift, score scale, low-rank residual on the
+      dropped entries), see `actprune.learned`.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
     """
@@ -80,7 +83,8 @@ class ActSparseLinear(nn.Module):
                  channel_weight: torch.Tensor | None = None, shift: str | None = None,
                  shift_vector: torch.Tensor | None = None, variance: bool = False,
                  input_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
-                 absorbed_weight: torch.Tensor | None = None, dense_tokens: int = 0):
+                 absorbed_weight: torch.Tensor | None = None, dense_tokens: int = 0,
+                 correction: nn.Module | None = None):
         super().__init__()
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
@@ -93,6 +97,8 @@ class ActSparseLinear(nn.Module):
         self.variance = variance
         self.dense_tokens = dense_tokens
         self.recording = None  # a list while a threshold is being calibrated
+        self.correction = correction  # learned (actprune.learned.Correction), trained after wrapping
+        self.bypass = False  # True: the dense output (a learned correction's training target)
         self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
         weight = linear.weight
         device = weight.device
@@ -135,7 +141,8 @@ class ActSparseLinear(nn.Module):
             x = x * self.input_scale
         elif self.rotation is not None:
             x = x @ self.rotation
-        if self.pattern.is_dense() and self.shift is None and self.recording is None:
+        correction = self.correction
+        if self.bypass or (self.pattern.is_dense() and self.shift is None and self.recording is None and correction is None):
             return F.linear(x, self.linear.weight, self.linear.bias)
         if self.shift == "static":
             eta = self.shift_vector
@@ -146,28 +153,39 @@ class ActSparseLinear(nn.Module):
         else:
             eta = None
         centred = x if eta is None else x - eta
-        keep, dropped = self._keep(centred)
+        if correction is not None and correction.shift is not None:
+            centred = centred - correction.shift.to(x.dtype)
+        channel_weight = self.channel_weight
+        scale = None if correction is None else correction.channel_scale()
+        if scale is not None:
+            channel_weight = scale.to(x.dtype) if channel_weight is None else channel_weight * scale.to(x.dtype)
+        keep, dropped = self._keep(centred, channel_weight)
         self.zeroed += dropped
-        pruned = centred * keep
+        if scale is not None and torch.is_grad_enabled() and self.threshold is None:  # a gradient for the learned scale
+            pruned = centred * straight_through(keep, _scores(centred, self.score, channel_weight), self.pattern)
+        else:
+            pruned = centred * keep
         if self.variance:
             ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
             pruned = pruned * ratio.sqrt().to(pruned.dtype)
         y = F.linear(pruned, self.linear.weight, self.linear.bias)
         if self.shift == "static":
-            return y + self.shift_output
-        if eta is not None:
-            return y + eta * self.weight_rowsum
+            y = y + self.shift_output
+        elif eta is not None:
+            y = y + eta * self.weight_rowsum
+        if correction is not None:
+            y = correction.output(y, centred * ~keep, self.linear.weight)
         return y
 
-    def _keep(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keep(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.recording is not None:  # calibrating a threshold: stay dense, remember some scores
-            flat = _scores(x, self.score, self.channel_weight).detach().flatten()
+            flat = _scores(x, self.score, channel_weight).detach().flatten()
             self.recording.append(flat[:: max(1, flat.numel() // 4096)].float().cpu())
             keep = torch.ones_like(x, dtype=torch.bool)
         elif self.threshold is not None:
-            keep = _scores(x, self.score, self.channel_weight) >= self.threshold
+            keep = _scores(x, self.score, channel_weight) >= self.threshold
         else:
-            keep, dropped = _last_mask.get(x, self.pattern, self.score, self.channel_weight)
+            keep, dropped = _last_mask.get(x, self.pattern, self.score, channel_weight)
             if not self.dense_tokens or x.dim() < 3:
                 return keep, dropped
         if self.dense_tokens and x.dim() >= 3:  # attention sinks: a sequence's first tokens stay dense

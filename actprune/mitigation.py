@@ -2,7 +2,8 @@
 
 Transforms run in the order listed. Basis transforms (`scaling`, `hadamard`, `pca`) change the
 basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
-`W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken.
+`W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken;
+`learnable` adds a trained correction in that final basis (actprune.learned).
 A score gives a per-channel weight `w` in that final basis, entries ranked by `|x'_j| · w_j`.
 Statistics come from calibration (never from the evaluated batch), so every token is pruned on
 its own.
@@ -16,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .learned import FORMS, Correction, check_options
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,17 @@ def variance_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -
     return {"variance": True}
 
 
+@register_transform("learnable")
+def learnable_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
+    """Learned corrections (actprune.learned), built on the layer's final weight, trained by the job."""
+    return {"learn": options}
+
+
+def learnable_options(config) -> dict | None:
+    """The options of the `learnable` transform in `config`, None where there is none."""
+    return next((options for name, options in parse_transforms(config.transforms) if name == "learnable"), None)
+
+
 def parse_transforms(transforms) -> list[tuple[str, dict]]:
     """`[shift, {name: shift, mode: static}, variance]` → [(name, options), ...], checked."""
     parsed = []
@@ -166,6 +180,10 @@ def parse_transforms(transforms) -> list[tuple[str, dict]]:
             raise ValueError(f"pruning.transforms: {name!r} is unknown: allowed values are {sorted(TRANSFORMS)}")
         if name == "shift" and options.get("mode", "median") not in ("median", "mean", "static"):
             raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
+        if name == "learnable":
+            check_options(options)
+            parsed.append((name, dict(options)))
+            continue
         allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())
         if set(options) - allowed:
             raise ValueError(f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}")
@@ -208,6 +226,9 @@ def wrapper_options(linear: nn.Linear, config, stats: dict | None) -> dict:
             options.update(TRANSFORMS[name].build(basis, weight, stats, **transform_options))
     absorbed = basis.weight(weight)
     options["channel_weight"] = get_score(config.score).build(absorbed, basis, stats)
+    if "learn" in options:
+        learn = options.pop("learn")
+        options["correction"] = Correction(absorbed.to(linear.weight.device), learn.get("forms", FORMS), learn.get("rank", 8))
     if basis.scale is not None or basis.matrix is not None:
         options.update(input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed)
     return options

@@ -130,9 +130,18 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
 
 
 def transform_names(pruning: dict) -> list[str]:
-    """`[shift, {name: shift, mode: static}]` as `["shift", "shift:static"]`."""
-    return [t if isinstance(t, str) else ":".join([t.get("name", "?"), *map(str, (v for k, v in t.items() if k != "name"))])
-            for t in pruning.get("transforms") or []]
+    """`[shift, {name: shift, mode: static}, {name: learnable, lr: 0.01, epochs: 8}]` as
+    `["shift", "shift:static", "learnable(lr=0.01,epochs=8)"]`."""
+    names = []
+    for t in pruning.get("transforms") or []:
+        options = {} if isinstance(t, str) else {k: v for k, v in t.items() if k != "name"}
+        name = t if isinstance(t, str) else t.get("name", "?")
+        if len(options) == 1:
+            name += f":{next(iter(options.values()))}"
+        elif options:
+            name += "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
+        names.append(name)
+    return names
 
 
 def label(result: dict, transforms: bool = True) -> str:

@@ -64,6 +64,11 @@ class Tracker:
         if per_layer:
             table = wandb.Table(columns=["layer", "measured_sparsity"], data=[[k, v] for k, v in per_layer.items()])
             self.run.log({"sparsity/per_layer": table})
+        learned_file = (results.get("learned") or {}).get("file")
+        if learned_file and Path(learned_file).is_file():  # the trained corrections, reusable by others
+            artifact = wandb.Artifact(f"correction-{Path(learned_file).stem}", type="learned-correction")
+            artifact.add_file(learned_file)
+            self.run.log_artifact(artifact)
         per_task = (results.get("lm_eval") or {}).get("per_task") or []
         if per_task:
             columns = ["task", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"]

@@ -60,6 +60,11 @@ def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup
     assert "4 jobs; 4 done before" in out(third) and "Launching" not in out(third)
     assert {p: p.read_bytes() for p in sweep.rglob("results.json")} == {**written, failed_path: failed_path.read_bytes()}
 
+    # overwrite=true re-runs every job in its own folder, the earlier records kept beside.
+    forced = actprune("-m", *args, "overwrite=true")
+    assert forced.returncode == 0 and "Launching 4 jobs" in out(forced)
+    assert set(sweep.rglob("results.json")) == set(written) and len(list(sweep.rglob("results.ok.1.json"))) == 4
+
 
 def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
     args = [a for a in common(tiny_setup, tmp_path) if not a.startswith("hydra.sweep.dir")]

@@ -1,0 +1,215 @@
+"""Learned corrections for activation-sparse layers, trained decoder layer by decoder layer.
+
+`pruning.transforms: [..., {name: learnable, forms: [affine, shift, scale, lowrank], ...}]` gives
+each wrapped layer a `Correction`; `fit_or_load_` trains them on calibration windows (each decoder
+layer against the dense layer's output, fed by the already-corrected layers before it) or loads
+them from a safetensors file saved by an earlier job with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .masks import Pattern
+
+log = logging.getLogger(__name__)
+FORMS = ("affine", "shift", "scale", "lowrank")
+TRAINING = {"lr": 1e-3, "epochs": 4, "steps": None, "batch_size": 4, "warmup": 10, "grad_clip": 1.0,
+            "weight_decay": 0.0, "seed": 0}
+OPTIONS = {"forms", "rank", *TRAINING}
+
+
+def check_options(options: dict) -> None:
+    unknown = set(options) - OPTIONS
+    if unknown:
+        raise ValueError(f"pruning.transforms: learnable has no option {sorted(unknown)}: allowed {sorted(OPTIONS)}")
+    forms = options.get("forms", FORMS)
+    if not forms or set(forms) - set(FORMS):
+        raise ValueError(f"pruning.transforms: learnable forms={list(forms)}: allowed values are {list(FORMS)}")
+
+
+class Correction(nn.Module):
+    """Per layer: `(1 + a) ⊙ y + b` on the output, a shift η of the input (added back through W), a
+    per-channel scale s of the selection score (straight-through), and a low-rank `U Vᵀ` applied to
+    the pruned-away part of the input, initialised from W's SVD (as in R-Sparse). At initialisation
+    it changes nothing where nothing is pruned."""
+
+    def __init__(self, weight: torch.Tensor, forms=FORMS, rank: int = 8):
+        super().__init__()
+        out_features, in_features = weight.shape
+        zeros = lambda n: nn.Parameter(torch.zeros(n, dtype=torch.float32, device=weight.device))  # noqa: E731
+        self.a = zeros(out_features) if "affine" in forms else None
+        self.b = zeros(out_features) if "affine" in forms else None
+        self.shift = zeros(in_features) if "shift" in forms else None
+        self.log_scale = zeros(in_features) if "scale" in forms else None
+        self.u = self.v = None
+        if "lowrank" in forms:
+            u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+            r = min(rank, s.numel())
+            self.u, self.v = nn.Parameter(u[:, :r] * s[:r]), nn.Parameter(vh[:r].T.contiguous())
+
+    def channel_scale(self) -> torch.Tensor | None:
+        return None if self.log_scale is None else self.log_scale.exp()
+
+    def output(self, y: torch.Tensor, dropped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The corrected output, from the sparse output `y` and the input entries that were dropped."""
+        if self.shift is not None:  # the learned η was subtracted before pruning: add it back
+            y = y + F.linear(self.shift.to(y.dtype), weight)
+        if self.u is not None:
+            y = y + (dropped @ self.v.to(dropped.dtype)) @ self.u.to(dropped.dtype).T
+        if self.a is not None:
+            y = y * (1 + self.a.to(y.dtype)) + self.b.to(y.dtype)
+        return y
+
+
+def straight_through(keep: torch.Tensor, scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The hard mask forward; backward, the gradient of a sigmoid around each group's cut, so that a
+    learned score scale gets a signal although the mask is discrete."""
+    width = scores.shape[-1]
+    group, kept = pattern.group(width), pattern.kept(width)
+    if kept >= group:
+        return keep.to(scores.dtype)
+    grouped = scores.unflatten(-1, (-1, group))
+    top = grouped.detach().topk(kept + 1, dim=-1).values
+    cut = ((top[..., kept - 1] + top[..., kept]) / 2).unsqueeze(-1)
+    soft = torch.sigmoid((grouped - cut) / (cut.abs() * 0.1 + 1e-6)).flatten(-2)
+    return keep.to(scores.dtype) + soft - soft.detach()
+
+
+@contextmanager
+def bypassed(wrappers):
+    """The wrapped layers computing their dense output (in their own basis: exact)."""
+    for wrapper in wrappers:
+        wrapper.bypass = True
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.bypass = False
+
+
+def _mse(layer, inputs, targets, indices) -> torch.Tensor:
+    from .weights import _output
+
+    total = 0.0
+    for i in indices:
+        args, kwargs = inputs[i]
+        total = total + F.mse_loss(_output(layer(*args, **kwargs)).float(), targets[i].float())
+    return total / len(indices)
+
+
+def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tensor, options: dict) -> dict:
+    """Train the corrections of `wrappers` decoder layer by decoder layer; per layer, the MSE against
+    the dense layer's output before and after training."""
+    from .sparsify import decoder_layers
+    from .weights import _next_inputs, _output, first_layer_inputs
+
+    options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
+    prefix, layers = decoder_layers(model)
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    losses = {}
+    try:
+        student = first_layer_inputs(model, layers, batches)
+        teacher = student
+        count = len(student)
+        steps = options["steps"] or options["epochs"] * math.ceil(count / options["batch_size"])
+        for index, layer in enumerate(tqdm(layers, desc="training corrections", unit="layer")):
+            mine = [w for name, w in wrappers.items() if name.startswith(f"{prefix}.{index}.")]
+            with torch.no_grad(), autocast, bypassed(mine):
+                targets = [_output(layer(*args, **kwargs)) for args, kwargs in teacher]
+            params = [p for w in mine for p in w.correction.parameters()]
+            if params:
+                for p in params:
+                    p.requires_grad_(True)
+                with torch.no_grad(), autocast:
+                    before = float(_mse(layer, student, targets, range(count)))
+                initial = [p.detach().clone() for p in params]
+                optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
+                warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, options["warmup"])))
+                generator = torch.Generator().manual_seed(options["seed"] + index)
+                progress = tqdm(range(steps), desc=f"layer {index}", unit="step", leave=False)
+                for _ in progress:
+                    chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast:
+                        loss = _mse(layer, student, targets, chosen)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
+                    optimizer.step()
+                    warmup.step()
+                    progress.set_postfix(loss=f"{loss.item():.3g}")
+                for p in params:
+                    p.requires_grad_(False)
+                with torch.no_grad(), autocast:
+                    after = float(_mse(layer, student, targets, range(count)))
+                    if after > before:  # never worse than where it started (a learning rate too high)
+                        for p, value in zip(params, initial):
+                            p.copy_(value)
+                losses[str(index)] = {"before": before, "after": min(after, before), "trained": after}
+            with torch.no_grad(), autocast:
+                student = [_next_inputs(layer, args, kwargs) for args, kwargs in student]
+                teacher = [((t, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": t})
+                           for t, (args, kwargs) in zip(targets, teacher)]
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return losses
+
+
+def cache_file(cache_dir: str, key_parts: dict) -> Path:
+    key = hashlib.sha1(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "learned" / f"{key}.safetensors"
+
+
+def save(wrappers: dict[str, nn.Module], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
+               for name, wrapper in wrappers.items() for key, value in wrapper.correction.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    save_file(tensors, staging)
+    os.replace(staging, path)  # concurrent jobs: the whole file or nothing
+
+
+def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    for name, wrapper in wrappers.items():
+        state = {key.removeprefix(f"{name}."): value for key, value in tensors.items() if key.startswith(f"{name}.")}
+        wrapper.correction.load_state_dict(state)
+
+
+def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tensor, options: dict,
+                 path: Path) -> dict:
+    """Load the corrections from `path` if an earlier job saved them, else train and save them."""
+    wrappers = {name: w for name, w in wrappers.items() if getattr(w, "correction", None) is not None}
+    if path.is_file():
+        log.info("learned corrections: cache hit, %s", path)
+        load_(wrappers, path)
+        return {"file": str(path), "cache": "hit"}
+    log.info("learned corrections: training them into %s", path)
+    tic = time.perf_counter()
+    losses = train_(model, wrappers, batches, options)
+    seconds = time.perf_counter() - tic
+    save(wrappers, path)
+    return {"file": str(path), "cache": "miss", "seconds": seconds, "mse": losses}

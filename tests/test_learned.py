@@ -1,0 +1,131 @@
+"""Learned corrections: exact at initialisation, trained layer by layer, saved and reused."""
+
+import json
+
+import pytest
+import torch
+
+from actprune import calibration, job, learned, sparsify_
+from actprune.layers import ActSparseLinear
+
+from .test_cli import tiny_setup  # noqa: F401 (a fixture)
+from .test_sweeps import job_config
+from .tiny import llama, qwen2
+
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+BATCHES = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(2))
+ALL = {"name": "learnable", "forms": list(learned.FORMS), "rank": 4, "lr": 0.001, "steps": 30, "batch_size": 2}
+
+
+def wrappers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, ActSparseLinear)}
+
+
+@pytest.mark.parametrize("transforms", [[ALL], [{"name": "shift", "mode": "median"}, ALL], ["hadamard", ALL]])
+def test_with_nothing_pruned_the_initial_correction_is_exact(transforms):
+    model = qwen2()
+    with torch.no_grad():
+        dense = model(IDS).logits
+    sparsify_(model, {"method": "act_magnitude", "sparsity": 0.0, "transforms": transforms})
+    assert all(w.correction is not None for w in wrappers(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_training_lowers_every_layers_error_and_the_scale_gets_a_gradient():
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]})
+    first = next(iter(report.layers.values()))
+    x = torch.randn(3, first.in_features)
+    first(x).square().sum().backward()  # the mask is discrete: the scale learns through the surrogate
+    assert first.correction.log_scale.grad is not None and first.correction.log_scale.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    losses = learned.train_(model, report.layers, BATCHES, ALL)
+    assert set(losses) == {"0", "1"}
+    assert all(value["trained"] < value["before"] for value in losses.values()), losses
+    assert all(p.requires_grad for p in model.parameters())  # as before training
+
+
+def test_a_saved_correction_loads_into_bit_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}
+    report = sparsify_(model, config, keep_dense=True)
+    path = tmp_path / "c.safetensors"
+    record = learned.fit_or_load_(model, report.layers, BATCHES, ALL, path)
+    assert record["cache"] == "miss" and path.is_file()
+    with torch.no_grad():
+        trained = model(IDS).logits
+    report.restore_(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+    report = sparsify_(model, config, keep_dense=True)
+    with torch.no_grad():
+        assert not torch.equal(model(IDS).logits, trained)  # fresh corrections differ...
+    again = learned.fit_or_load_(model, report.layers, BATCHES, ALL, path)
+    assert again == {"file": str(path), "cache": "hit"}
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, trained)  # ...loaded ones give the very same outputs
+
+
+def test_bad_learnable_options_are_clear_errors():
+    with pytest.raises(ValueError, match="learnable forms=\\['gain'\\]: allowed values are"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["gain"]}]})
+    with pytest.raises(ValueError, match="learnable has no option \\['learning_rate'\\]"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]})
+
+
+def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_correction(tiny_setup, tmp_path, monkeypatch):
+    seen = []
+    train = learned.train_
+
+    def spy(model, layers, batches, options):
+        seen.append(batches.clone())
+        return train(model, layers, batches, options)
+
+    monkeypatch.setattr(learned, "train_", spy)
+    overrides = ["pruning=act_magnitude", "pruning.sparsity=2:4", "calibration.windows=4", "calibration.seqlen=16",
+                 "pruning.transforms=[{name:learnable,steps:5,rank:2}]"]
+    job.release()
+    first = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "first", "g", "first")
+    assert first["status"] == "ok", first.get("traceback")
+    assert first["learned"]["cache"] == "miss" and first["learned"]["seconds"] > 0 and "learn" in first["timings"]
+    assert first["calibration"]["corpus"] == "wikitext2_validation"
+    # The windows trained on are the calibration windows of the validation split, nothing else.
+    model, tokenizer = next(value for key, value in job._reused.items() if key[0] == "model")
+    text, corpus = calibration.corpus_text("auto", str(tiny_setup["data"]))
+    assert corpus == "wikitext2_validation" and len(seen) == 1
+    assert torch.equal(seen[0], calibration.windows(tokenizer, text, 4, 16, 0))
+
+    second = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "second", "g", "second")
+    assert second["learned"] == {"file": first["learned"]["file"], "cache": "hit"} and len(seen) == 1
+    assert second["metrics"] == first["metrics"]
+    assert json.loads((tmp_path / "second" / "results.json").read_text())["learned"]["cache"] == "hit"
+    job.release()
+
+
+def test_the_saved_correction_is_logged_as_a_wandb_artifact(tmp_path):
+    from omegaconf import OmegaConf
+
+    from actprune.tracking import Tracker
+
+    path = tmp_path / "learned" / "abc.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(b"weights")
+    logger = OmegaConf.create({"name": "wandb", "project": "actprune", "entity": None, "mode": "offline", "tags": []})
+    tracker = Tracker(logger, tmp_path / "job", group="g", name="n", config={})
+    tracker.log_results({"status": "ok", "metrics": {}, "sparsity": {}, "timings": {}, "learned": {"file": str(path)}})
+    tracker.finish("ok")
+    log = next((tmp_path / "job" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    assert b"learned-correction" in log and b"correction-abc" in log
+
+
+def test_a_trained_correction_keeps_each_tokens_output_independent_of_the_batch():
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift", ALL]})
+    learned.train_(model, report.layers, BATCHES, ALL)
+    with torch.no_grad():
+        together = model(IDS).logits
+        alone = torch.cat([model(IDS[i : i + 1]).logits for i in range(len(IDS))])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
