@@ -77,6 +77,18 @@ class AlreadyDone(Exception):
         self.path, self.record = path, record
 
 
+def state(record: dict | None, current: dict | None, overwrite: bool = False) -> str:
+    """What a job finds in its folder: `missing`, `overwrite`, `failed` (or unfinished), `done`
+    (ok, same settings: skip it) or `changed` (ok, other settings: refuse)."""
+    if record is None:
+        return "missing"
+    if overwrite:
+        return "overwrite"
+    if record.get("status") != "ok":
+        return "failed"
+    return "done" if current is None or same_settings(record.get("config") or {}, current) else "changed"
+
+
 def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -> Path:
     """The results path for a job about to run in `job_dir`.
 
@@ -85,18 +97,18 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
     """
     path = Path(job_dir) / RESULTS
     record = previous(job_dir)
-    if record is None:
-        return path
-    if record.get("status") == "ok" and not overwrite:
-        if current is None or same_settings(record.get("config") or {}, current):
-            raise AlreadyDone(path, record)
+    found = state(record, current, overwrite)
+    if found == "done":
+        raise AlreadyDone(path, record)
+    if found == "changed":
         recorded = record.get("config") or {}
         changed = sorted(key for key, value in current.items() if not same_settings(recorded, {key: value}))
         raise FileExistsError(
             f"{path} holds a finished job with other settings ({', '.join(changed)} differ): it is never "
             f"overwritten by accident; set overwrite=true, or choose another hydra.run.dir / hydra.sweep.dir"
         )
-    set_aside(path, record.get("status", "unknown"))
+    if record is not None:
+        set_aside(path, record.get("status", "unknown"))
     return path
 
 

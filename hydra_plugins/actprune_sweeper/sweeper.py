@@ -44,19 +44,12 @@ class ResumingSweeper(BasicSweeper):
         return jobs
 
     def job_state(self, overrides: List[str]) -> str:
-        """`done` (skip it), or why it runs: `failed`, `missing`, `overwrite`, `changed`, `unknown`."""
+        """`done` (skip it), or why it is launched: `missing`, `failed`, `overwrite`, `changed` (the
+        job refuses, naming what differs), `unknown` (the job decides)."""
         try:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-            previous = results.previous(job_dir)
-            if previous is None:
-                return "missing"
-            if config.get("overwrite"):
-                return "overwrite"
-            if previous.get("status") != "ok":
-                return "failed"
-            same = results.same_settings(previous.get("config") or {}, results.settings(config))
-            return "done" if same else "changed"
+            return results.state(results.previous(job_dir), results.settings(config), bool(config.get("overwrite")))
         except Exception as error:  # the job itself decides; it reports what it finds
             log.debug("cannot tell whether %s is done: %s", overrides, error)
             return "unknown"
