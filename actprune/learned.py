@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .masks import Pattern
+from .weights import _next_inputs, _output, first_layer_inputs
 
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
@@ -102,8 +103,6 @@ def bypassed(wrappers):
 
 
 def _mse(layer, inputs, targets, indices) -> torch.Tensor:
-    from .weights import _output
-
     total = 0.0
     for i in indices:
         args, kwargs = inputs[i]
@@ -114,8 +113,7 @@ def _mse(layer, inputs, targets, indices) -> torch.Tensor:
 def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tensor, options: dict) -> dict:
     """Train the corrections of `wrappers` decoder layer by decoder layer; per layer, the MSE against
     the dense layer's output before and after training."""
-    from .sparsify import decoder_layers
-    from .weights import _next_inputs, _output, first_layer_inputs
+    from .sparsify import decoder_layers  # sparsify builds corrections through mitigation: import late
 
     options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
     prefix, layers = decoder_layers(model)
