@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from . import results
-
-log = logging.getLogger(__name__)
 
 
 class SweepTable(Callback):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .learned import FORMS, Correction, check_options
+from .learned import Correction, check_options
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,8 @@ def wrapper_options(linear: nn.Linear, config, stats: dict | None) -> dict:
     options["channel_weight"] = get_score(config.score).build(absorbed, basis, stats)
     if "learn" in options:
         learn = options.pop("learn")
-        options["correction"] = Correction(absorbed.to(linear.weight.device), learn.get("forms", FORMS), learn.get("rank", 8))
+        shape = {key: learn[key] for key in ("forms", "rank") if key in learn}  # Correction's defaults otherwise
+        options["correction"] = Correction(absorbed.to(linear.weight.device), **shape)
     if basis.scale is not None or basis.matrix is not None:
         options.update(input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed)
     return options

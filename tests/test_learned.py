@@ -8,7 +8,6 @@ import torch
 from actprune import calibration, job, learned, sparsify_
 from actprune.layers import ActSparseLinear
 
-from .test_cli import tiny_setup  # noqa: F401 (a fixture)
 from .test_sweeps import job_config
 from .tiny import llama, qwen2
 

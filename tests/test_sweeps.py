@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from actprune import job, results
+from actprune import job
 from actprune.app import CONF_DIR
 from actprune.tracking import Tracker
 
 from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
-from .test_cli import actprune, common, results_in, tiny_setup  # noqa: F401 (a fixture)
+from .test_cli import actprune, common, results_in
 
 WINDOWS = "benchmark.ppl_wikitext2.max_windows=3"
 
