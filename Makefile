@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARED_DATA := ../shared/data
 DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),paths.data_dir=$(abspath $(SHARED_DATA)),)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The unit tests only (no command line, no ../shared): for every edit.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not cli and not integration" $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_forward.py $(ARGS)

@@ -1,18 +1,23 @@
 """actprune: post-training activation sparsity for LLMs, as a library and a Hydra sweep app."""
 
+from .calibration import Calibration
 from .masks import Pattern, parse_sparsity, pattern_keep_mask, topk_keep_mask
-from .methods import METHODS, register
-from .perplexity import perplexity
-from .sparsify import SparsityReport, sparsify_
+from .methods import METHODS, activation_method, weight_method
+from .eval.perplexity import perplexity
+from .sparsify import PruningPlan, SparsityReport, plan, sparsify_
 
 __all__ = [
     "METHODS",
+    "Calibration",
     "Pattern",
+    "PruningPlan",
     "SparsityReport",
+    "activation_method",
     "parse_sparsity",
     "pattern_keep_mask",
     "perplexity",
-    "register",
+    "plan",
     "sparsify_",
     "topk_keep_mask",
+    "weight_method",
 ]

@@ -1,4 +1,4 @@
-"""The Hydra app: a thin shell over `actprune.job.run_job`."""
+"""The Hydra app: a thin shell over `actprune.run.job.run_job`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from .config import register_configs
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs: inside the package where it was installed from a wheel, else the checkout's conf/.
+CONF_DIR = next((d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                 if (d / "config.yaml").is_file()), Path(__file__).resolve().parent / "conf")
 
 # Overrides that say where or how a job logs, not what it computes, stay out of its name.
 UNNAMED = re.compile(r"^(hydra\.|paths\.|logger\b|device$|experiment$|overwrite$)")
@@ -58,7 +60,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from .job import run_job  # heavy imports after Hydra has parsed the command line
+    from .run.job import run_job  # heavy imports after Hydra has parsed the command line
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

@@ -1,8 +1,9 @@
-"""Calibration: per-channel statistics of each target layer's input, from text that is never evaluated.
+"""Calibration: token windows of a corpus that is never evaluated, and what methods learn from them.
 
-One pass with forward pre-hooks over windows of a calibration corpus collects, per targeted
-projection and input channel: token count, mean, variance, L2 norm and absolute maximum. The
-result is cached on disk, keyed by everything it depends on, and reused by later jobs.
+A `Calibration` tokenizes its windows once; statistics of the targeted layers' inputs (one pass
+with forward pre-hooks: per input channel count, mean, variance, L2 norm, absolute maximum, and the
+second moment where asked) are computed when a method first asks for them, cached on disk keyed by
+everything they depend on, and reused by later jobs. Learned corrections are cached beside them.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
+import time
 import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .files import atomic_write
+from .walk import feed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
         ) from error
 
 
-def windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
     """`count` windows of `seqlen` tokens at random offsets (seeded) in the tokenized corpus."""
     if count < 1 or seqlen < 2:
         raise ValueError(f"calibration.windows={count}, calibration.seqlen={seqlen}: allowed values are windows >= 1, seqlen >= 2")
@@ -98,11 +100,9 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    device = next(model.parameters()).device
+    handles.append(model.register_forward_pre_hook(lambda module, args: last.update(input=None)))
     try:
-        for window in tqdm(batches, desc="calibration windows", unit="window"):
-            last["input"] = None
-            model(window[None].to(device), use_cache=False)
+        feed(model, batches, desc="calibration windows")
     finally:
         for handle in handles:
             handle.remove()
@@ -123,22 +123,6 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
     return stats
 
 
-def cache_key(model_id: str, corpus: str, calibration_cfg, layer_names: list[str], batches: torch.Tensor, second_moment: bool) -> str:
-    """Everything the statistics depend on: model, corpus, windows (their very tokens), layers."""
-    fingerprint = {
-        "model": model_id,
-        "corpus": corpus,
-        "windows": calibration_cfg.windows,
-        "seqlen": calibration_cfg.seqlen,
-        "seed": calibration_cfg.seed,
-        "tokens": hashlib.sha1(batches.numpy().tobytes()).hexdigest(),
-        "layers": sorted(layer_names),
-        "second_moment": second_moment,
-        "version": 1,
-    }
-    return hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def model_fingerprint(source: str) -> str:
     """A hub id, or a local folder with the size and time of each weight file (edits change it)."""
     folder = Path(source)
@@ -148,22 +132,60 @@ def model_fingerprint(source: str) -> str:
     return str(folder.resolve()) + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def statistics(model, tokenizer, layers: dict[str, nn.Linear], calibration_cfg, model_id: str, text: str,
-               corpus: str, cache_dir: str, second_moment: bool = False) -> tuple[dict, dict]:
-    """Calibration statistics for `layers` over `text`, from the cache where present; and a record of how."""
-    batches = windows(tokenizer, text, calibration_cfg.windows, calibration_cfg.seqlen, calibration_cfg.seed)
-    key = cache_key(model_id, corpus, calibration_cfg, list(layers), batches, second_moment)
-    path = Path(cache_dir) / "calibration" / f"{key}.pt"
-    record = {"corpus": corpus, "windows": calibration_cfg.windows, "seqlen": calibration_cfg.seqlen,
-              "seed": calibration_cfg.seed, "tokens": batches.numel(), "cache_file": str(path)}
-    if path.is_file():
-        log.info("calibration cache hit: %s", path)
-        return torch.load(path, weights_only=True), {**record, "cache": "hit"}
-    log.info("calibration cache miss: collecting statistics into %s", path)
-    stats = collect(model, layers, batches, second_moment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    torch.save(stats, staging)
-    os.replace(staging, path)  # concurrent jobs of a sweep: whole file or nothing
-    return stats, {**record, "cache": "miss"}
+def _digest(parts: dict) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Calibration:
+    """Calibration windows, tokenized once, and what is computed from them on demand.
+
+    `Calibration(windows)` wraps token windows given by the caller (a notebook, a test); a job
+    builds one with `from_text`, which also names the corpus and settings for `results.json` and
+    a cache folder (with `model_id`, the model's fingerprint) where statistics and learned
+    corrections are kept for later jobs.
+    """
+
+    def __init__(self, windows: torch.Tensor, corpus: str = "given", seed: int | None = None,
+                 model_id: str | None = None, cache_dir: str | None = None):
+        self.windows = windows
+        self.corpus, self.seed = corpus, seed
+        self.model_id, self.cache_dir = model_id, cache_dir
+        self.tokens_digest = hashlib.sha1(windows.numpy().tobytes()).hexdigest()
+        self.used: dict = {}  # what was read or computed, for results.json
+        self.seconds = 0.0  # spent collecting statistics
+
+    @classmethod
+    def from_text(cls, tokenizer, text: str, corpus: str, calibration_cfg, model_id: str | None = None,
+                  cache_dir: str | None = None) -> Calibration:
+        c = calibration_cfg
+        return cls(sample_windows(tokenizer, text, c.windows, c.seqlen, c.seed), corpus, c.seed, model_id, cache_dir)
+
+    def record(self) -> dict:
+        """What `results.json` says about the calibration a job used."""
+        count, seqlen = self.windows.shape
+        return {"corpus": self.corpus, "windows": count, "seqlen": seqlen, "seed": self.seed,
+                "tokens": self.windows.numel(), **self.used}
+
+    def cache_file(self, kind: str, parts: dict, suffix: str) -> Path | None:
+        """Where something computed from these windows for this model is kept; None without a cache."""
+        if self.cache_dir is None or self.model_id is None:
+            return None
+        key = _digest({"model": self.model_id, "corpus": self.corpus, "tokens": self.tokens_digest, **parts})
+        return Path(self.cache_dir) / kind / f"{key}{suffix}"
+
+    def statistics(self, model: nn.Module, layers: dict[str, nn.Linear], second_moment: bool = False) -> dict:
+        """Per layer input statistics (see `collect`), from the cache where an earlier job left them."""
+        parts = {"layers": sorted(layers), "second_moment": second_moment, "version": 2}
+        path = self.cache_file("calibration", parts, ".pt")
+        if path is not None and path.is_file():
+            log.info("calibration cache hit: %s", path)
+            self.used.update(cache_file=str(path), cache="hit")
+            return torch.load(path, weights_only=True)
+        tic = time.perf_counter()
+        stats = collect(model, layers, self.windows, second_moment)
+        self.seconds += time.perf_counter() - tic
+        if path is not None:
+            log.info("calibration cache miss: statistics collected into %s", path)
+            atomic_write(path, lambda staging: torch.save(stats, staging))  # concurrent jobs: whole file or nothing
+            self.used.update(cache_file=str(path), cache="miss")
+        return stats

@@ -45,29 +45,6 @@ class CalibrationConfig:
 
 
 @dataclass
-class PerplexityConfig:
-    seqlen: int = "${model.seqlen}"  # type: ignore[assignment]
-    batch_size: int = 1
-    max_windows: Optional[int] = None  # null: every window of the test split
-    fallback_text: bool = False  # demo only: offline English text when WikiText-2 is unavailable
-
-
-@dataclass
-class LmEvalConfig:
-    tasks: List[str] = field(default_factory=lambda: ["boolq", "winogrande", "piqa", "arc_easy"])
-    num_fewshot: int = 0
-    batch_size: int = 8
-    apply_chat_template: bool = "${model.apply_chat_template}"  # type: ignore[assignment]
-    limit: Optional[int] = None  # null: every row of each task
-
-
-@dataclass
-class BenchmarkConfig:
-    ppl_wikitext2: Optional[PerplexityConfig] = None
-    lm_eval: Optional[LmEvalConfig] = None
-
-
-@dataclass
 class LoggerConfig:
     name: str = "none"  # wandb | none
     project: str = "actprune"
@@ -88,13 +65,15 @@ class PathsConfig:
 class ActpruneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
-    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    # name -> options; each benchmark checks its own (actprune.eval), before the model is loaded
+    benchmark: Dict[str, Any] = field(default_factory=dict)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     overwrite: bool = False  # re-run jobs whose results.json says ok (the old record is renamed, not lost)
+    imports: List[str] = field(default_factory=list)  # modules imported first: methods and benchmarks of your own
 
 
 @dataclass

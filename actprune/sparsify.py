@@ -1,52 +1,68 @@
-"""`sparsify_(model, config)`: prune the targeted projections of a model's decoder layers in place."""
+"""`sparsify_(model, config)`: prune the targeted projections of a model's decoder layers in place.
+
+`plan(model, config)` is the one place a pruning config is checked against a model (a meta-device
+skeleton works, so a job checks before loading any weight); `sparsify_` carries a plan out with the
+method it names, which takes what it needs from a `Calibration`.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .activation.scores import get_score
+from .activation.transforms import parse_transforms
+from .activation.wrapper import ActSparseLinear
+from .calibration import Calibration
 from .config import PruningConfig
-from .layers import ActSparseLinear
 from .masks import Pattern, parse_sparsity
-from .methods import get_method
-from .mitigation import needs_calibration, parse_transforms, get_score
-from .weights import prune_sequentially_
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The text decoder's layers and their qualified name (a multimodal model's vision tower excluded)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (model.get_decoder().layers)")
-    prefix = next(name for name, module in model.named_modules() if module is layers)
-    return prefix, layers
-
+from .methods import Method, Needs, get_method
+from .walk import decoder_layers
 
 SELECTIONS = ("topk", "threshold")
 
 
 def pruning_config(config) -> PruningConfig:
     """Accept a PruningConfig, a dict or a DictConfig; unknown keys and wrong types fail here."""
+    if isinstance(config, PruningConfig):
+        return config
     merged = OmegaConf.merge(OmegaConf.structured(PruningConfig), config)
     return OmegaConf.to_object(merged)
 
 
-def select_targets(model: nn.Module, config) -> tuple[Pattern, dict[str, nn.Linear]]:
-    """Validate `config` against `model` (meta-device models work) and return the layers to prune."""
-    pattern, targets, _ = _targets(model, pruning_config(config))
-    return pattern, targets
+@dataclass(frozen=True)
+class PruningPlan:
+    """A pruning config checked against a model: the method, pattern, parsed transforms and the
+    qualified names of the layers to prune (and of those `skip_layers` kept dense)."""
+
+    config: PruningConfig
+    method: Method
+    pattern: Pattern
+    transforms: list[tuple[str, dict]]
+    targets: list[str]
+    skipped: list[str]
+
+    @property
+    def needs(self) -> Needs:
+        """What the method reads from calibration; empty where no layer is pruned."""
+        return self.method.needs(self) if self.targets else Needs()
+
+    def settings(self) -> dict:
+        return asdict(self.config)
 
 
-def _targets(model: nn.Module, config: PruningConfig) -> tuple[Pattern, dict[str, nn.Linear], list[str]]:
+def plan(model: nn.Module, config) -> PruningPlan:
+    """Check `config` against `model`'s decoder layers; every bad value names its key."""
+    config = pruning_config(config)
     method = get_method(config.method)
     pattern = parse_sparsity(config.sparsity)
     get_score(config.score)
-    parse_transforms(config.transforms)
+    transforms = parse_transforms(config.transforms)
     if config.selection not in SELECTIONS:
         raise ValueError(f"pruning.selection={config.selection!r}: allowed values are {list(SELECTIONS)}")
     if config.selection == "threshold" and pattern.is_nm:
@@ -83,7 +99,7 @@ def _targets(model: nn.Module, config: PruningConfig) -> tuple[Pattern, dict[str
             skipped.append(name)
             del targets[name]
     if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
-        return Pattern(ratio=0.0), {}, []
+        return PruningPlan(config, method, Pattern(ratio=0.0), transforms, [], [])
     if not pattern.is_nm and not pattern.is_dense():
         too_narrow = {name: m.in_features for name, m in targets.items() if pattern.kept(m.in_features) < 1}
         if too_narrow:
@@ -101,7 +117,7 @@ def _targets(model: nn.Module, config: PruningConfig) -> tuple[Pattern, dict[str
                 f"{pattern.m} ({len(uneven)} such layers); choose another M or drop it from "
                 f"pruning.target_modules"
             )
-    return pattern, targets, sorted(skipped)
+    return PruningPlan(config, method, pattern, transforms, list(targets), sorted(skipped))
 
 
 @dataclass
@@ -117,7 +133,9 @@ class SparsityReport:
     dense_tokens: int = 0
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # layer-by-layer methods: calibration vs pruning
+    learned: dict | None = None  # learned corrections: trained (with their losses) or loaded, and where
+    calibration: dict | None = None  # the calibration used, as results.json records it
+    seconds: dict[str, float] = field(default_factory=dict)  # calibration, prune, thresholds, learn
     dense: dict[str, tuple[nn.Linear, torch.Tensor]] = field(default_factory=dict)  # with keep_dense
 
     def restore_(self, model: nn.Module) -> None:
@@ -167,65 +185,41 @@ class SparsityReport:
         }
 
 
-def sparsify_(model: nn.Module, config, stats: dict | None = None, batches: torch.Tensor | None = None,
+def sparsify_(model: nn.Module, config, calibration: Calibration | torch.Tensor | None = None,
               keep_dense: bool = False) -> SparsityReport:
-    """Prune `model` in place as `config` (a PruningConfig, dict or DictConfig) says.
+    """Prune `model` in place as `config` (a PruningConfig, dict, DictConfig, or a `plan` of them) says.
 
     Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
-    token; weight methods zero the layer's weight. Scores and transforms that need calibration
-    take `stats` ({layer name: statistics}, from `actprune.calibration.statistics`); Wanda and
-    SparseGPT take `batches` of calibration token windows. With `keep_dense`, a CPU copy of each
-    targeted weight is kept so that `report.restore_(model)` brings the dense model back exactly
-    (for a model object reused by the next job). Returns a report of what was replaced.
+    token; weight methods zero the layer's weight. Methods that learn from calibration text
+    (scores and transforms with statistics, thresholds, learned corrections, Wanda, SparseGPT)
+    read it from `calibration`: a `Calibration`, or a tensor of token windows (count × seqlen).
+    With `keep_dense`, a CPU copy of each targeted weight is kept so that `report.restore_(model)`
+    brings the dense model back exactly (for a model object reused by the next job).
     """
-    config = pruning_config(config)
-    method = get_method(config.method)
-    pattern, targets, skipped = _targets(model, config)
-    if targets and method.kind == "activation" and needs_calibration(config) and stats is None:
+    pruning = config if isinstance(config, PruningPlan) else plan(model, config)
+    if isinstance(calibration, torch.Tensor):
+        calibration = Calibration(calibration)
+    method, needs = pruning.method, pruning.needs
+    if needs and calibration is None:
         raise ValueError(
-            f"pruning.score={config.score} / pruning.transforms={list(config.transforms)} need calibration "
-            f"statistics: pass stats= (see actprune.calibration.statistics)"
+            f"pruning.method={method.name} (score={pruning.config.score}, transforms={list(pruning.config.transforms)}, "
+            f"selection={pruning.config.selection}) learns from calibration text: pass calibration= "
+            f"(token windows, or an actprune.calibration.Calibration)"
         )
-    report = SparsityReport(method.name, method.kind, pattern, selection=config.selection)
-    report.skipped_layers = skipped
+    targets = {name: model.get_submodule(name) for name in pruning.targets}
+    report = SparsityReport(method.name, method.kind, pruning.pattern, selection=pruning.config.selection)
+    report.skipped_layers = pruning.skipped
+    if method.kind == "activation":
+        report.dense_tokens = pruning.config.dense_tokens
     if keep_dense:
         report.dense = {name: (linear, linear.weight.detach().to("cpu", copy=True)) for name, linear in targets.items()}
-    if method.kind == "activation":
-        report.dense_tokens = config.dense_tokens
-    if method.rule and targets and not pattern.is_dense():
-        if batches is None:
-            raise ValueError(f"pruning.method={method.name} prunes on calibration inputs: pass batches= (token windows)")
-        prefix, layers = decoder_layers(model)
-        options = {"blocksize": config.blocksize, "percdamp": config.percdamp} if method.rule == "sparsegpt" else {}
-        report.seconds = prune_sequentially_(model, layers, prefix, targets, pattern, method.rule, batches, **options)
-    for name, linear in targets.items():
-        replacement = method.apply(linear, pattern, config, (stats or {}).get(name))
-        if replacement is not linear:
-            parent_name, leaf = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), leaf, replacement)
-        if method.kind == "weight":
-            with torch.no_grad():
-                report.weight_sparsity[name] = float((linear.weight == 0).sum()) / linear.weight.numel()
-        report.layers[name] = replacement
+    tic = time.perf_counter()
+    report.layers = method.apply_(model, pruning, targets, calibration, report)
+    report.seconds.setdefault("prune", time.perf_counter() - tic)
+    if method.kind == "weight":
+        with torch.no_grad():
+            report.weight_sparsity = {name: float((linear.weight == 0).sum()) / linear.weight.numel()
+                                      for name, linear in targets.items()}
+    if needs:
+        report.calibration = calibration.record()
     return report
-
-
-@torch.no_grad()
-def calibrate_thresholds_(model: nn.Module, report: SparsityReport, batches: torch.Tensor) -> dict[str, float]:
-    """TEAL-like selection: per layer, the score below which the target fraction of the calibration
-    inputs falls (taken on the dense model, in each layer's final basis). Sets and returns them."""
-    wrappers = {name: layer for name, layer in report.layers.items() if isinstance(layer, ActSparseLinear)}
-    for layer in wrappers.values():
-        layer.recording = []
-    device = next(model.parameters()).device
-    try:
-        for window in batches:
-            model(window[None].to(device), use_cache=False)
-        for name, layer in wrappers.items():
-            samples = torch.cat(layer.recording).double()
-            layer.threshold = torch.quantile(samples, report.pattern.target()).to(device, layer.weight.dtype)
-            report.thresholds[name] = float(layer.threshold)
-    finally:
-        for layer in wrappers.values():
-            layer.recording = None
-    return report.thresholds

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from actprune.layers import ActSparseLinear
+from actprune.activation import ActSparseLinear
 from actprune.masks import parse_sparsity
 
 

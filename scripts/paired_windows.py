@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from actprune.results import label
+from actprune.run.table import label
 
 
 def load(path: str) -> dict:

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +14,49 @@ from .tiny import llama
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# The models here are tiny: one thread is as fast as two, and does not spin against other processes for the
+# cores (two threads on a busy two-core machine made single tests 15 to 40 times slower). The command lines
+# the tests run inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# W&B's own service process, never one inherited: tearing it down must wait for its writes (see below).
+os.environ.pop("WANDB_SERVICE", None)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 STORIES = SHARED / "models" / "stories260k"
 SHARED_DATA = SHARED / "data"
 
-needs_shared = pytest.mark.skipif(
-    not (STORIES / "config.json").is_file() or not (SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl").is_file(),
-    reason="../shared (stories260k and WikiText-2) is absent: integration tests need it",
-)
+# Every test that reads ../shared is an integration test, and is skipped (with the reason) where ../shared is absent.
+SHARED_MARKS = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not (STORIES / "config.json").is_file() or not (SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl").is_file(),
+        reason="../shared (stories260k and WikiText-2) is absent: integration tests need it",
+    ),
+]
+
+
+def needs_shared(test):
+    """`@needs_shared` on a test: both marks of SHARED_MARKS (a module takes `pytestmark = [*SHARED_MARKS, ...]`)."""
+    for mark in SHARED_MARKS:
+        test = mark(test)
+    return test
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_service_left():
+    """A test that ran W&B in this process leaves no W&B service behind: otherwise the command lines of later
+    tests would inherit its address (WANDB_SERVICE) and log through it, and their `.wandb` files would not be
+    complete when they exit."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 # A tiny random Llama, its tokenizer and WikiText-2-shaped data, for the command-line tests.

@@ -1,26 +1,12 @@
 """The Hydra command line end to end, on a tiny random model and tokenizer built here."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .helpers import actprune, common, results_in
 
-def actprune(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def common(setup, sweep_dir):
-    return [f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
-            f"paths.cache_dir={setup['root'] / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep_dir}",
-            f"hydra.run.dir={sweep_dir}/run"]
-
-
-def results_in(folder: Path) -> dict:
-    return {path.parent.name: json.loads(path.read_text()) for path in folder.rglob("results.json")}
+pytestmark = pytest.mark.cli
 
 
 def test_multirun_mixes_methods_and_sparsities_and_survives_a_bad_job(tiny_setup, tmp_path):
@@ -181,15 +167,3 @@ def test_calibration_is_computed_once_per_sweep_and_read_by_later_jobs(tiny_setu
     assert found[0]["calibration"]["corpus"] == "wikitext2_validation" and found[0]["timings"]["calibration"] > 0
     assert "CLACT" not in done.stdout and "score=clact [shift:static]" in done.stdout
 
-
-def test_mitigation_preset_composes_into_its_sweep():
-    from hydra import compose, initialize_config_dir
-
-    from actprune.app import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=mitigation_table"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert cfg.pruning.method == "act_magnitude" and cfg.benchmark.ppl_wikitext2.max_windows == 32
-    assert params["pruning.score"].split(",") == ["magnitude", "weight_norm", "amber", "clact"]
-    assert params["pruning.sparsity"] == "2:4,8:16,16:32,0.5"

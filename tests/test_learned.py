@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from actprune import calibration, job, learned, sparsify_
-from actprune.layers import ActSparseLinear
+from actprune import calibration, reuse, sparsify_
+from actprune.activation import ActSparseLinear, learned
+from actprune.calibration import Calibration
+from actprune.run import job
 
-from .test_sweeps import job_config
+from .helpers import job_config, offline_wandb_log
 from .tiny import llama, qwen2
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -25,7 +27,7 @@ def test_with_nothing_pruned_the_initial_correction_is_exact(transforms):
     model = qwen2()
     with torch.no_grad():
         dense = model(IDS).logits
-    sparsify_(model, {"method": "act_magnitude", "sparsity": 0.0, "transforms": transforms})
+    sparsify_(model, {"method": "act_magnitude", "sparsity": 0.0, "transforms": transforms}, BATCHES)
     assert all(w.correction is not None for w in wrappers(model).values())
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, dense, rtol=1e-5, atol=1e-5)
@@ -33,16 +35,15 @@ def test_with_nothing_pruned_the_initial_correction_is_exact(transforms):
 
 def test_training_lowers_every_layers_error_and_the_scale_gets_a_gradient():
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]})
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}, BATCHES)
+    losses = report.learned["mse"]
+    assert set(losses) == {"0", "1"} and report.learned["cache"] is None  # no cache folder given: not saved
+    assert all(value["trained"] < value["before"] for value in losses.values()), losses
+    assert all(p.requires_grad for p in model.parameters())  # as before training
     first = next(iter(report.layers.values()))
     x = torch.randn(3, first.in_features)
     first(x).square().sum().backward()  # the mask is discrete: the scale learns through the surrogate
     assert first.correction.log_scale.grad is not None and first.correction.log_scale.grad.abs().sum() > 0
-    model.zero_grad(set_to_none=True)
-    losses = learned.train_(model, report.layers, BATCHES, ALL)
-    assert set(losses) == {"0", "1"}
-    assert all(value["trained"] < value["before"] for value in losses.values()), losses
-    assert all(p.requires_grad for p in model.parameters())  # as before training
 
 
 def test_a_saved_correction_loads_into_bit_identical_outputs(tmp_path):
@@ -50,22 +51,26 @@ def test_a_saved_correction_loads_into_bit_identical_outputs(tmp_path):
     model = llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}
-    report = sparsify_(model, config, keep_dense=True)
-    path = tmp_path / "c.safetensors"
-    record = learned.fit_or_load_(model, report.layers, BATCHES, ALL, path)
-    assert record["cache"] == "miss" and path.is_file()
+    calibration = Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path))
+    report = sparsify_(model, config, calibration, keep_dense=True)
+    path = tmp_path / "learned" / report.learned["file"].rsplit("/", 1)[-1]
+    assert report.learned["cache"] == "miss" and path.is_file()
     with torch.no_grad():
         trained = model(IDS).logits
     report.restore_(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
-    report = sparsify_(model, config, keep_dense=True)
+    report = sparsify_(model, {**config, "transforms": []}, keep_dense=True)
     with torch.no_grad():
-        assert not torch.equal(model(IDS).logits, trained)  # fresh corrections differ...
-    again = learned.fit_or_load_(model, report.layers, BATCHES, ALL, path)
-    assert again == {"file": str(path), "cache": "hit"}
+        assert not torch.equal(model(IDS).logits, trained)  # the corrections change the outputs...
+    report.restore_(model)
+    report = sparsify_(model, config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)), keep_dense=True)
+    assert report.learned == {"file": str(path), "cache": "hit"}
     with torch.no_grad():
-        assert torch.equal(model(IDS).logits, trained)  # ...loaded ones give the very same outputs
+        assert torch.equal(model(IDS).logits, trained)  # ...and loaded ones give the very same outputs
+    report.restore_(model)
+    other = sparsify_(model, config, Calibration(BATCHES, model_id="other", cache_dir=str(tmp_path)), keep_dense=True)
+    assert other.learned["cache"] == "miss"  # another model's corrections are never read
 
 
 def test_bad_learnable_options_are_clear_errors():
@@ -75,6 +80,7 @@ def test_bad_learnable_options_are_clear_errors():
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]})
 
 
+@pytest.mark.cli
 def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_correction(tiny_setup, tmp_path, monkeypatch):
     seen = []
     train = learned.train_
@@ -86,28 +92,28 @@ def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_corre
     monkeypatch.setattr(learned, "train_", spy)
     overrides = ["pruning=act_magnitude", "pruning.sparsity=2:4", "calibration.windows=4", "calibration.seqlen=16",
                  "pruning.transforms=[{name:learnable,steps:5,rank:2}]"]
-    job.release()
+    reuse.release()
     first = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "first", "g", "first")
     assert first["status"] == "ok", first.get("traceback")
     assert first["learned"]["cache"] == "miss" and first["learned"]["seconds"] > 0 and "learn" in first["timings"]
     assert first["calibration"]["corpus"] == "wikitext2_validation"
     # The windows trained on are the calibration windows of the validation split, nothing else.
-    model, tokenizer = next(value for key, value in job._reused.items() if key[0] == "model")
+    model, tokenizer = next(value for key, value in reuse._cache.items() if key[0] == "model")
     text, corpus = calibration.corpus_text("auto", str(tiny_setup["data"]))
     assert corpus == "wikitext2_validation" and len(seen) == 1
-    assert torch.equal(seen[0], calibration.windows(tokenizer, text, 4, 16, 0))
+    assert torch.equal(seen[0], calibration.sample_windows(tokenizer, text, 4, 16, 0))
 
     second = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "second", "g", "second")
     assert second["learned"] == {"file": first["learned"]["file"], "cache": "hit"} and len(seen) == 1
     assert second["metrics"] == first["metrics"]
     assert json.loads((tmp_path / "second" / "results.json").read_text())["learned"]["cache"] == "hit"
-    job.release()
+    reuse.release()
 
 
 def test_the_saved_correction_is_logged_as_a_wandb_artifact(tmp_path):
     from omegaconf import OmegaConf
 
-    from actprune.tracking import Tracker
+    from actprune.run.tracking import Tracker
 
     path = tmp_path / "learned" / "abc.safetensors"
     path.parent.mkdir()
@@ -116,14 +122,13 @@ def test_the_saved_correction_is_logged_as_a_wandb_artifact(tmp_path):
     tracker = Tracker(logger, tmp_path / "job", group="g", name="n", config={})
     tracker.log_results({"status": "ok", "metrics": {}, "sparsity": {}, "timings": {}, "learned": {"file": str(path)}})
     tracker.finish("ok")
-    log = next((tmp_path / "job" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    log = offline_wandb_log(tmp_path / "job")
     assert b"learned-correction" in log and b"correction-abc" in log
 
 
 def test_a_trained_correction_keeps_each_tokens_output_independent_of_the_batch():
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift", ALL]})
-    learned.train_(model, report.layers, BATCHES, ALL)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift", ALL]}, BATCHES)
     with torch.no_grad():
         together = model(IDS).logits
         alone = torch.cat([model(IDS[i : i + 1]).logits for i in range(len(IDS))])

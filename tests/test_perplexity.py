@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actprune import perplexity, sparsify_
-from actprune.perplexity import windows
+from actprune.eval.perplexity import split_windows
 
 from .tiny import llama
 
@@ -22,17 +22,17 @@ TEXT = "\n\n".join(["The quick brown fox jumps over the lazy dog, again and agai
 
 def test_windows_are_non_overlapping_and_drop_the_remainder():
     ids = torch.arange(103)
-    batches = windows(ids, 10)
+    batches = split_windows(ids, 10)
     assert batches.shape == (10, 10) and batches[1, 0] == 10 and batches[-1, -1] == 99
-    assert windows(ids, 10, max_windows=3).shape == (3, 10)
+    assert split_windows(ids, 10, max_windows=3).shape == (3, 10)
     with pytest.raises(ValueError, match="longer than the text"):
-        windows(ids, 200)
+        split_windows(ids, 200)
 
 
 def test_perplexity_is_exp_of_mean_token_nll():
     model = llama()
     result = perplexity(model, CharTokenizer(), TEXT, seqlen=64, max_windows=4)
-    ids = windows(CharTokenizer()(TEXT).input_ids[0], 64, 4)
+    ids = split_windows(CharTokenizer()(TEXT).input_ids[0], 64, 4)
     with torch.no_grad():
         losses = [model(w[None], labels=w[None]).loss.item() for w in ids]
     assert result["ppl"] == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)

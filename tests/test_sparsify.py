@@ -4,9 +4,9 @@ from torch import nn
 
 from actprune import sparsify_
 from actprune.config import PROJECTIONS
-from actprune.layers import ActSparseLinear
+from actprune.activation import ActSparseLinear
 from actprune.masks import parse_sparsity
-from actprune.methods import METHODS, register
+from actprune.methods import METHODS, activation_method
 
 from .tiny import gemma3_multimodal, llama, qwen2
 
@@ -174,9 +174,9 @@ def test_unknown_config_key_fails():
 
 
 def test_a_new_method_is_one_registered_function():
-    @register("act_random_test", kind="activation")
-    def act_random(linear, pattern, config, stats):
-        return ActSparseLinear(linear, pattern, score=lambda x: torch.rand_like(x))
+    @activation_method("act_random_test")
+    def act_random(linear, plan, stats):
+        return ActSparseLinear(linear, plan.pattern, score=lambda x: torch.rand_like(x))
 
     try:
         report = sparsify_(llama(), {"method": "act_random_test", "sparsity": "2:4", "target_modules": ["o_proj"]})

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
+from .conftest import REPO, SHARED_DATA, SHARED_MARKS, STORIES
 
-pytestmark = needs_shared
+pytestmark = [*SHARED_MARKS, pytest.mark.cli]  # both tests run the command line
 SEQLEN, WINDOWS = 512, 50
 
 

@@ -11,16 +11,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from actprune import job
+from actprune import reuse
 from actprune.app import CONF_DIR
-from actprune.tracking import Tracker
+from actprune.eval import perplexity as ppl_benchmark
+from actprune.run import job
+from actprune.run.tracking import Tracker
 
 from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
-from .test_cli import actprune, common, results_in
-
-WINDOWS = "benchmark.ppl_wikitext2.max_windows=3"
+from .helpers import WINDOWS, actprune, common, job_config, offline_wandb_log, results_in
 
 
 def out(done) -> str:
@@ -31,6 +31,7 @@ def ppl(found: dict) -> dict:
     return {name: record["metrics"]["ppl/wikitext2"] for name, record in found.items()}
 
 
+@pytest.mark.cli
 def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup, tmp_path):
     sweep = tmp_path / "sweep"
     args = [*common(tiny_setup, sweep), "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS]
@@ -65,6 +66,7 @@ def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup
     assert set(sweep.rglob("results.json")) == set(written) and len(list(sweep.rglob("results.ok.1.json"))) == 4
 
 
+@pytest.mark.cli
 def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
     args = [a for a in common(tiny_setup, tmp_path) if not a.startswith("hydra.sweep.dir")]
     first = actprune("-m", *args, "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
@@ -77,6 +79,7 @@ def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
     assert other.returncode == 0 and len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
 
 
+@pytest.mark.cli
 def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tmp_path):
     args = [*common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=0.5", "model.seqlen=8",
             "benchmark.ppl_wikitext2.max_windows=100000"]
@@ -97,13 +100,14 @@ def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tm
     assert done.returncode == 0 and json.loads((run / "results.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.cli
 def test_an_interrupted_job_is_recorded_as_interrupted_and_runs_again(tiny_setup, tmp_path, monkeypatch):
     cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=0.5")
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(job, "perplexity", interrupt)
+    monkeypatch.setattr(ppl_benchmark, "perplexity", interrupt)
     with pytest.raises(KeyboardInterrupt):
         job.run_job(cfg, tmp_path / "job", "g", "n")
     assert json.loads((tmp_path / "job" / "results.json").read_text())["status"] == "interrupted"
@@ -112,42 +116,34 @@ def test_an_interrupted_job_is_recorded_as_interrupted_and_runs_again(tiny_setup
     assert (tmp_path / "job" / "results.interrupted.1.json").is_file()
 
 
-def job_config(setup, tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
-            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", WINDOWS, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    return cfg
-
-
+@pytest.mark.cli
 def test_in_process_jobs_reuse_the_model_and_leave_it_dense_bit_for_bit(tiny_setup, tmp_path):
-    job.release()
+    reuse.release()
     dense = job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "dense", "g", "dense")
-    (model, _), = [value for key, value in job._reused.items() if key[0] == "model"]
+    (model, _), = [value for key, value in reuse._cache.items() if key[0] == "model"]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     for overrides in (["pruning=weight_sparsegpt", "pruning.sparsity=2:4"], ["pruning=weight_wanda", "pruning.sparsity=0.5"],
                       ["pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[hadamard,shift]"]):
         record = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / overrides[0], "g", overrides[0])
         assert record["status"] == "ok" and record["metrics"]["ppl/wikitext2"] != dense["metrics"]["ppl/wikitext2"]
-        (again, _), = [value for key, value in job._reused.items() if key[0] == "model"]
+        (again, _), = [value for key, value in reuse._cache.items() if key[0] == "model"]
         assert again is model  # reused, not reloaded
         after = model.state_dict()
         assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
     last = job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "dense2", "g", "dense2")
     assert last["metrics"] == dense["metrics"]
-    job.release()
-    assert not job._reused
+    reuse.release()
+    assert not reuse._cache
 
 
+@pytest.mark.cli
 def test_a_failed_job_does_not_hand_an_altered_model_to_the_next(tiny_setup, tmp_path, monkeypatch):
-    job.release()
+    reuse.release()
     job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "a", "g", "a")
-    monkeypatch.setattr(job, "perplexity", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(ppl_benchmark, "perplexity", lambda *a, **k: 1 / 0)
     failed = job.run_job(job_config(tiny_setup, tmp_path, "pruning=weight_magnitude", "pruning.sparsity=0.5"), tmp_path / "b", "g", "b")
-    assert failed["status"] == "failed" and not [k for k in job._reused if k[0] == "model"]
-    job.release()
+    assert failed["status"] == "failed" and not [k for k in reuse._cache if k[0] == "model"]
+    reuse.release()
 
 
 def test_a_job_run_again_continues_its_wandb_run(tmp_path):
@@ -181,10 +177,20 @@ def test_presets_expand_to_the_tables_they_promise(experiment, count):
         assert act == {"0.2", "0.5", "0.7", "0.9", "2:4", "8:16"} and weight == {"2:4", "8:16", "0.25", "0.5", "0.75"}
 
 
+def test_mitigation_preset_composes_into_its_sweep():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=mitigation_table"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert cfg.pruning.method == "act_magnitude" and cfg.benchmark.ppl_wikitext2.max_windows == 32
+    assert params["pruning.score"].split(",") == ["magnitude", "weight_norm", "amber", "clact"]
+    assert params["pruning.sparsity"] == "2:4,8:16,16:32,0.5"
+
+
 STORIES_SWEEP = [f"model.path={STORIES}", "model.seqlen=128", f"paths.data_dir={SHARED_DATA}", "logger=none",
                  "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", "benchmark.ppl_wikitext2.max_windows=4"]
 
 
+@pytest.mark.cli
 @needs_shared
 def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
     """The issue's done-when: a 4-job multirun run twice does the work once; the local launcher
@@ -204,7 +210,7 @@ def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
     assert len(pids) == 4 and os.getpid() not in pids
     assert ppl(results_in(basic)) == ppl(results_in(local)) and len(ppl(results_in(local))) == 4
 
-    report = subprocess.run([sys.executable, "-m", "actprune.report", str(basic), "--out", str(tmp_path / "report")],
+    report = subprocess.run([sys.executable, "-m", "actprune.run.report", str(basic), "--out", str(tmp_path / "report")],
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (tmp_path / "report" / "report.md").read_text().splitlines()
@@ -219,6 +225,7 @@ def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
     assert (basic / "report.md").is_file()  # also written when the sweep ended
 
 
+@pytest.mark.cli
 def test_local_launcher_runs_jobs_in_their_own_processes_with_the_same_numbers(tiny_setup, tmp_path):
     grid = ["pruning=act_magnitude,weight_magnitude", "pruning.sparsity=2:4", WINDOWS]
     basic = actprune("-m", *common(tiny_setup, tmp_path / "basic"), *grid)
@@ -231,8 +238,9 @@ def test_local_launcher_runs_jobs_in_their_own_processes_with_the_same_numbers(t
     assert ppl(found) == ppl(results_in(tmp_path / "basic"))
 
 
+@pytest.mark.cli
 def test_report_logs_its_table_and_plots_to_a_wandb_summary_run(tiny_setup, tmp_path):
-    from actprune import report
+    from actprune.run import report
 
     sweep = tmp_path / "sweep"
     done = actprune("-m", *common(tiny_setup, sweep), "pruning=dense,act_magnitude", "pruning.sparsity=0.5", WINDOWS)
@@ -240,7 +248,7 @@ def test_report_logs_its_table_and_plots_to_a_wandb_summary_run(tiny_setup, tmp_
     written = report.report([sweep], tmp_path / "report")
     assert {"markdown", "csv", "perplexity_plot"} <= set(written)
     report.log_to_wandb(written, "sweep", "actprune", None, "offline", tmp_path / "report")
-    log = next((tmp_path / "report" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+    log = offline_wandb_log(tmp_path / "report")
     assert b"summary/table" in log and b"sweep-summary" in log
     table = json.loads(next((tmp_path / "report" / "wandb").rglob("table*.table.json")).read_text())
     assert "perplexity" in table["columns"] and len(table["data"]) == 2

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from actprune import sparsify_
-from actprune.layers import ActSparseLinear
+from actprune.activation import ActSparseLinear
 from actprune.masks import parse_sparsity
-from actprune.weights import _Inputs, sparsegpt_, wanda_
+from actprune.methods import LayerInputStatistics as _Inputs
+from actprune.methods.sparsegpt import sparsegpt_
+from actprune.methods.wanda import wanda_
 
 from .conftest import SHARED_DATA, STORIES, needs_shared
 from .tiny import llama, qwen2
@@ -23,7 +25,7 @@ BATCHES = torch.randint(0, 256, (4, 16))
 @pytest.mark.parametrize("sparsity", ["2:4", "4:8"])
 def test_nm_keeps_exactly_n_per_group_of_each_row(method, sparsity):
     model = qwen2()
-    report = sparsify_(model, {"method": method, "sparsity": sparsity}, batches=BATCHES)
+    report = sparsify_(model, {"method": method, "sparsity": sparsity}, BATCHES)
     pattern = parse_sparsity(sparsity)
     assert report.replaced_layers == 14 and report.summary()["measured"] == pytest.approx(0.5, abs=1e-3)
     for name, layer in report.layers.items():
@@ -56,9 +58,9 @@ def test_sparsegpt_reconstructs_the_layer_better_than_magnitude(sparsity):
     dense = linear.weight.detach().clone()
     sparse = copy.deepcopy(linear)
     with torch.no_grad():
-        sparsegpt_(sparse, parse_sparsity(sparsity), inputs)
+        sparsegpt_(sparse, parse_sparsity(sparsity), inputs, blocksize=128, percdamp=0.01)
     magnitude = copy.deepcopy(linear)
-    from actprune.methods import weight_magnitude
+    from actprune.methods.weight_magnitude import weight_magnitude
     with torch.no_grad():
         weight_magnitude(magnitude, parse_sparsity(sparsity))
     error = lambda w: ((x @ w.T) - (x @ dense.T)).pow(2).mean().item()
@@ -78,7 +80,7 @@ def test_layers_are_calibrated_on_the_outputs_of_the_pruned_layers_before_them()
 
     for index in (0, 1):
         model.model.layers[index].register_forward_pre_hook(remember(index), with_kwargs=True)
-    sparsify_(model, {"method": "weight_wanda", "sparsity": 0.5}, batches=BATCHES[:1])
+    sparsify_(model, {"method": "weight_wanda", "sparsity": 0.5}, BATCHES[:1])
     hidden, kwargs = first_calls[0]
     kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
     with torch.no_grad():
@@ -89,8 +91,8 @@ def test_layers_are_calibrated_on_the_outputs_of_the_pruned_layers_before_them()
     assert not torch.allclose(first_calls[1][0], dense_out, atol=1e-4)
 
 
-def test_needs_batches():
-    with pytest.raises(ValueError, match="pass batches="):
+def test_needs_calibration_windows():
+    with pytest.raises(ValueError, match="pass calibration="):
         sparsify_(llama(), {"method": "weight_sparsegpt", "sparsity": 0.5})
 
 
@@ -102,14 +104,14 @@ def test_on_stories260k_wanda_and_sparsegpt_beat_magnitude(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     text, _ = calibration.corpus_text("wikitext2_validation", str(SHARED_DATA))
-    batches = calibration.windows(tokenizer, text, 32, 256, seed=0)
+    batches = calibration.sample_windows(tokenizer, text, 32, 256, seed=0)
     with open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl") as file:
         test = "\n\n".join(json.loads(line)["text"] for line in file)
     results = {}
     for sparsity in (0.5, "2:4"):
         for method in ("weight_magnitude", "weight_wanda", "weight_sparsegpt"):
             model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
-            sparsify_(model, {"method": method, "sparsity": sparsity}, batches=batches)
+            sparsify_(model, {"method": method, "sparsity": sparsity}, batches)
             results[(method, sparsity)] = perplexity(model, tokenizer, test, seqlen=512, max_windows=40)["ppl"]
     for sparsity in (0.5, "2:4"):
         assert results[("weight_wanda", sparsity)] < results[("weight_magnitude", sparsity)], results
@@ -129,7 +131,7 @@ def test_restore_brings_back_the_dense_model_bit_for_bit(config):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         dense_logits = model(ids).logits
-    report = sparsify_(model, config, batches=BATCHES, keep_dense=True)
+    report = sparsify_(model, config, BATCHES, keep_dense=True)
     with torch.no_grad():
         assert not torch.equal(model(ids).logits, dense_logits)
     report.restore_(model)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from actprune import sparsify_, zeroshot
-from actprune.config import LmEvalConfig
+from actprune import sparsify_
+from actprune.eval import zeroshot
+from actprune.eval.zeroshot import LmEvalOptions
 
 from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
 
@@ -18,7 +19,7 @@ SPLITS = {"boolq": "validation", "winogrande": "validation", "piqa": "validation
 
 
 def options(**overrides):
-    return OmegaConf.merge(OmegaConf.structured(LmEvalConfig(apply_chat_template=False)), overrides)
+    return OmegaConf.merge(OmegaConf.structured(LmEvalOptions(apply_chat_template=False)), overrides)
 
 
 def direct_lm_eval(tmp_path, limit):
@@ -49,6 +50,7 @@ def run_cli(tmp_path, *overrides):
     return done, json.loads((tmp_path / "results.json").read_text())
 
 
+@pytest.mark.cli
 @needs_shared
 def test_dense_scores_equal_lm_eval_run_directly_and_pruned_scores_differ(tmp_path):
     limit = 40
@@ -108,6 +110,7 @@ def test_task_without_local_rows_or_reachable_data_says_where_files_go(tmp_path)
     assert str(tmp_path / "lm_eval" / "piqa") in str(error.value) and "validation.jsonl" in str(error.value)
 
 
+@pytest.mark.cli
 @needs_shared
 def test_bad_task_fails_before_the_model_is_loaded(tmp_path):
     done, result = run_cli(tmp_path, "benchmark.lm_eval.tasks=[piqa,hellaswagg]")

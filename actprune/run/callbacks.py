@@ -1,4 +1,4 @@
-"""Hydra callbacks: when a multirun ends, its table, report files and plots; memory released."""
+"""Hydra callbacks: what happens when a multirun ends."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from . import results
+from .. import reuse
+from . import results, table
 
 
-class SweepTable(Callback):
+class SweepEnd(Callback):
+    """At the end of a multirun: free what its jobs shared in this process, print the table of its
+    jobs, write report.md/report.csv/plots into the sweep folder, and log them to W&B when on."""
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from . import job, report
+        from . import report
 
-        job.release()  # the model and data that the jobs of this process shared
+        reuse.release()
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = [(str(path.parent.relative_to(sweep_dir)), record) for path, record in results.read_all(sweep_dir)]
-        print(f"\nSweep {sweep_dir}: {len(rows)} jobs\n{results.table(rows)}", flush=True)
+        print(f"\nSweep {sweep_dir}: {len(rows)} jobs\n{table.table(rows)}", flush=True)
         if not rows:
             return
         written = report.report([sweep_dir], sweep_dir)

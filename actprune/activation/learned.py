@@ -8,12 +8,8 @@ them from a safetensors file saved by an earlier job with the same settings.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .masks import Pattern
-from .weights import _next_inputs, _output, first_layer_inputs
+from ..files import atomic_write
+from ..walk import LayerInputs
 
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
@@ -76,20 +72,6 @@ class Correction(nn.Module):
         return y
 
 
-def straight_through(keep: torch.Tensor, scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """The hard mask forward; backward, the gradient of a sigmoid around each group's cut, so that a
-    learned score scale gets a signal although the mask is discrete."""
-    width = scores.shape[-1]
-    group, kept = pattern.group(width), pattern.kept(width)
-    if kept >= group:
-        return keep.to(scores.dtype)
-    grouped = scores.unflatten(-1, (-1, group))
-    top = grouped.detach().topk(kept + 1, dim=-1).values
-    cut = ((top[..., kept - 1] + top[..., kept]) / 2).unsqueeze(-1)
-    soft = torch.sigmoid((grouped - cut) / (cut.abs() * 0.1 + 1e-6)).flatten(-2)
-    return keep.to(scores.dtype) + soft - soft.detach()
-
-
 @contextmanager
 def bypassed(wrappers):
     """The wrapped layers computing their dense output (in their own basis: exact)."""
@@ -102,21 +84,17 @@ def bypassed(wrappers):
             wrapper.bypass = False
 
 
-def _mse(layer, inputs, targets, indices) -> torch.Tensor:
+def _mse(walk: LayerInputs, index: int, hidden: list, targets: list, windows) -> torch.Tensor:
     total = 0.0
-    for i in indices:
-        args, kwargs = inputs[i]
-        total = total + F.mse_loss(_output(layer(*args, **kwargs)).float(), targets[i].float())
-    return total / len(indices)
+    for w in windows:
+        total = total + F.mse_loss(walk.call(index, w, hidden[w]).float(), targets[w].float())
+    return total / len(windows)
 
 
-def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tensor, options: dict) -> dict:
+def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict) -> dict:
     """Train the corrections of `wrappers` decoder layer by decoder layer; per layer, the MSE against
     the dense layer's output before and after training."""
-    from .sparsify import decoder_layers  # sparsify builds corrections through mitigation: import late
-
     options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
-    prefix, layers = decoder_layers(model)
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -124,20 +102,21 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tens
         p.requires_grad_(False)
     losses = {}
     try:
-        student = first_layer_inputs(model, layers, batches)
-        teacher = student
+        walk = LayerInputs(model, windows)
+        student = teacher = walk.hidden  # the corrected sparse stream, and the dense one
         count = len(student)
+        every = range(count)
         steps = options["steps"] or options["epochs"] * math.ceil(count / options["batch_size"])
-        for index, layer in enumerate(tqdm(layers, desc="training corrections", unit="layer")):
-            mine = [w for name, w in wrappers.items() if name.startswith(f"{prefix}.{index}.")]
+        for index in tqdm(range(len(walk.layers)), desc="training corrections", unit="layer"):
+            mine = [wrappers[name] for name in walk.names(index, wrappers)]
             with torch.no_grad(), autocast, bypassed(mine):
-                targets = [_output(layer(*args, **kwargs)) for args, kwargs in teacher]
+                targets = walk.run(index, teacher)
             params = [p for w in mine for p in w.correction.parameters()]
             if params:
                 for p in params:
                     p.requires_grad_(True)
                 with torch.no_grad(), autocast:
-                    before = float(_mse(layer, student, targets, range(count)))
+                    before = float(_mse(walk, index, student, targets, every))
                 initial = [p.detach().clone() for p in params]
                 optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
                 warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, options["warmup"])))
@@ -147,7 +126,7 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tens
                     chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
                     optimizer.zero_grad(set_to_none=True)
                     with autocast:
-                        loss = _mse(layer, student, targets, chosen)
+                        loss = _mse(walk, index, student, targets, chosen)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
                     optimizer.step()
@@ -156,24 +135,18 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tens
                 for p in params:
                     p.requires_grad_(False)
                 with torch.no_grad(), autocast:
-                    after = float(_mse(layer, student, targets, range(count)))
+                    after = float(_mse(walk, index, student, targets, every))
                     if after > before:  # never worse than where it started (a learning rate too high)
                         for p, value in zip(params, initial):
                             p.copy_(value)
                 losses[str(index)] = {"before": before, "after": min(after, before), "trained": after}
             with torch.no_grad(), autocast:
-                student = [_next_inputs(layer, args, kwargs) for args, kwargs in student]
-                teacher = [((t, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": t})
-                           for t, (args, kwargs) in zip(targets, teacher)]
+                student = walk.run(index, student)
+            teacher = targets
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return losses
-
-
-def cache_file(cache_dir: str, key_parts: dict) -> Path:
-    key = hashlib.sha1(json.dumps(key_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(cache_dir) / "learned" / f"{key}.safetensors"
 
 
 def save(wrappers: dict[str, nn.Module], path: Path) -> None:
@@ -181,11 +154,7 @@ def save(wrappers: dict[str, nn.Module], path: Path) -> None:
 
     tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
                for name, wrapper in wrappers.items() for key, value in wrapper.correction.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    save_file(tensors, staging)
-    os.replace(staging, path)  # concurrent jobs: the whole file or nothing
+    atomic_write(path, lambda staging: save_file(tensors, staging))
 
 
 def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
@@ -197,17 +166,19 @@ def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
         wrapper.correction.load_state_dict(state)
 
 
-def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], batches: torch.Tensor, options: dict,
-                 path: Path) -> dict:
-    """Load the corrections from `path` if an earlier job saved them, else train and save them."""
+def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict,
+                 path: Path | None) -> dict:
+    """Load the corrections from `path` if an earlier job saved them, else train them (and save
+    them there when a path is given)."""
     wrappers = {name: w for name, w in wrappers.items() if getattr(w, "correction", None) is not None}
-    if path.is_file():
+    if path is not None and path.is_file():
         log.info("learned corrections: cache hit, %s", path)
         load_(wrappers, path)
         return {"file": str(path), "cache": "hit"}
-    log.info("learned corrections: training them into %s", path)
+    log.info("learned corrections: training them%s", f" into {path}" if path else "")
     tic = time.perf_counter()
-    losses = train_(model, wrappers, batches, options)
+    losses = train_(model, wrappers, windows, options)
     seconds = time.perf_counter() - tic
-    save(wrappers, path)
-    return {"file": str(path), "cache": "miss", "seconds": seconds, "mse": losses}
+    if path is not None:
+        save(wrappers, path)
+    return {"file": str(path) if path else None, "cache": "miss" if path else None, "seconds": seconds, "mse": losses}

@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ..files import atomic_write
+
 RESULTS = "results.json"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
 
 
 def versions() -> dict:
@@ -48,13 +49,16 @@ def same_settings(recorded: dict, current: dict) -> bool:
     return all(key in recorded and _agree(recorded[key], value) for key, value in current.items())
 
 
+EMPTY = (None, [], {}, False)
+
+
 def _agree(recorded, current) -> bool:
-    # A key that a later version added with an empty value (null, [], false) counts as absent,
-    # so that results of an earlier version still resume.
+    # A key with an empty value (null, [], false) on one side only counts as absent, so that
+    # results of an earlier version (a key added since, or one that was always null) still resume.
     if isinstance(recorded, dict) and isinstance(current, dict):
-        return set(recorded) <= set(current) and all(
-            _agree(recorded[key], value) if key in recorded else value in (None, [], {}, False)
-            for key, value in current.items())
+        return all(_agree(recorded[key], current[key]) if key in recorded and key in current
+                   else (recorded.get(key) if key in recorded else current.get(key)) in EMPTY
+                   for key in {*recorded, *current})
     return recorded == current
 
 
@@ -122,12 +126,8 @@ def set_aside(path: Path, status: str) -> Path:
 
 
 def write(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        json.dump(results, file, indent=2, default=str)
-        file.write("\n")
-    os.replace(staging, path)
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    atomic_write(path, lambda staging: Path(staging).write_text(text))
 
 
 def read_all(folder: Path) -> list[tuple[Path, dict]]:
@@ -139,63 +139,3 @@ def read_all(folder: Path) -> list[tuple[Path, dict]]:
         except (OSError, json.JSONDecodeError):
             continue
     return found
-
-
-def transform_names(pruning: dict) -> list[str]:
-    """`[shift, {name: shift, mode: static}, {name: learnable, lr: 0.01, epochs: 8}]` as
-    `["shift", "shift:static", "learnable(lr=0.01,epochs=8)"]`."""
-    names = []
-    for t in pruning.get("transforms") or []:
-        options = {} if isinstance(t, str) else {k: v for k, v in t.items() if k != "name"}
-        name = t if isinstance(t, str) else t.get("name", "?")
-        if len(options) == 1:
-            name += f":{next(iter(options.values()))}"
-        elif options:
-            name += "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
-        names.append(name)
-    return names
-
-
-def label(result: dict, transforms: bool = True) -> str:
-    """The method as a reader names it: `act_magnitude`, `act_magnitude score=clact [pca,shift:static]`."""
-    pruning = (result.get("config") or {}).get("pruning") or {}
-    parts = [str(pruning.get("method", "?"))]
-    if pruning.get("method", "").startswith("act_"):
-        if pruning.get("score", "magnitude") != "magnitude":
-            parts.append(f"score={pruning['score']}")
-        names = transform_names(pruning)
-        if names and transforms:
-            parts.append(f"[{','.join(names)}]")
-        if pruning.get("selection", "topk") != "topk":
-            parts.append(pruning["selection"])
-        if pruning.get("dense_tokens"):
-            parts.append(f"dense_tokens={pruning['dense_tokens']}")
-        if pruning.get("skip_layers"):
-            parts.append(f"skip={','.join(pruning['skip_layers'])}")
-    return " ".join(parts)
-
-
-def table(rows: list[tuple[str, dict]]) -> str:
-    """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
-    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", "measured", "layers", "status")
-    lines = [header]
-    for name, result in rows:
-        sparsity = result.get("sparsity") or {}
-        ppl_key = next((key for key in result.get("metrics") or {} if key.startswith("ppl/")), None)
-        ppl = result["metrics"][ppl_key] if ppl_key else None
-        measured = sparsity.get("measured")
-        lines.append((
-            name,
-            label(result),
-            str(sparsity.get("pattern", "?")),
-            f"{ppl:.4f}" if isinstance(ppl, float) else "-",
-            ppl_key.removeprefix("ppl/") if ppl_key else "-",
-            f"{mean_acc:.4f}" if isinstance(mean_acc := (result.get("metrics") or {}).get("lm_eval/mean_acc"), float) else "-",
-            f"{measured:.4f}" if isinstance(measured, float) else "-",
-            str(result.get("replaced_layers", "-")),
-            result.get("status", "?"),
-        ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    rendered = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
-    rendered.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(rendered)

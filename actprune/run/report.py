@@ -9,79 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 from pathlib import Path
 
-from .masks import parse_sparsity
-from .results import label, read_all, transform_names
-
-log = logging.getLogger(__name__)
-FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text"]
-TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
-
-
-def rows(folders: list[Path]) -> list[dict]:
-    """One row per job, sorted by model, method and sparsity."""
-    found = []
-    for folder in folders:
-        for path, result in read_all(folder):
-            metrics = result.get("metrics") or {}
-            pruning = (result.get("config") or {}).get("pruning") or {}
-            ppl_key = next((key for key in metrics if key.startswith("ppl/")), None)
-            row = {
-                "model": result.get("model", "?"),
-                "method": label(result, transforms=False),
-                "sparsity": "dense" if (result.get("sparsity") or {}).get("kind") == "dense" else str(pruning.get("sparsity", "?")),
-                "transforms": ",".join(transform_names(pruning)),
-                "perplexity": metrics.get(ppl_key) if ppl_key else None,
-                "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
-                "mean_acc": metrics.get("lm_eval/mean_acc"),
-                "measured_sparsity": (result.get("sparsity") or {}).get("measured"),
-                "runtime_s": (result.get("timings") or {}).get("total"),
-                "replaced_layers": result.get("replaced_layers"),
-                "status": result.get("status", "?"),
-                "folder": str(path.parent),
-            }
-            for key, value in metrics.items():
-                if key.startswith("lm_eval/") and key.endswith("/acc"):
-                    row[key.removeprefix("lm_eval/").removesuffix("/acc")] = value
-            found.append(row)
-    return sorted(found, key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["transforms"],
-                                        zeroed_fraction(r["sparsity"]), r["sparsity"]))
-
-
-def columns(table: list[dict]) -> list[str]:
-    tasks = sorted({key for row in table for key in row} - set(FIXED) - set(TAIL))
-    return FIXED + tasks + TAIL
-
-
-def zeroed_fraction(sparsity: str) -> float:
-    if sparsity == "dense":
-        return 0.0
-    try:
-        return parse_sparsity(sparsity).target()
-    except ValueError:
-        return float("nan")
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
-    return "" if value is None else str(value)
-
-
-def markdown(table: list[dict]) -> str:
-    names = [c for c in columns(table) if c != "folder"]
-    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in names) + " |" for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(table: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns(table))
-        writer.writeheader()
-        writer.writerows(table)
+from .table import markdown, rows, write_csv, zeroed_fraction
 
 
 def plot(table: list[dict], metric: str, ylabel: str, path: Path, log_scale: bool = False) -> bool:

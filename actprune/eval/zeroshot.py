@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import difflib
 import logging
+import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from typing import List, Optional
 
 import yaml
+
+from . import Env, Measured, benchmark
 
 log = logging.getLogger(__name__)
 
@@ -138,3 +143,33 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
         "per_task": rows,
     }
     return {"metrics": metrics, "details": details}
+
+
+@dataclass
+class LmEvalOptions:
+    tasks: List[str] = field(default_factory=lambda: ["boolq", "winogrande", "piqa", "arc_easy"])
+    num_fewshot: int = 0
+    batch_size: int = 8
+    apply_chat_template: bool = False  # the config sets ${model.apply_chat_template}
+    limit: Optional[int] = None  # null: every row of each task
+
+
+@benchmark("lm_eval")
+class LmEval:
+    """Zero-shot accuracy with lm-evaluation-harness on the pruned model in memory."""
+
+    Options = LmEvalOptions
+
+    def __init__(self, options: LmEvalOptions):
+        self.options = options
+        self.tasks = None
+
+    def prepare(self, env: Env) -> dict:
+        tic = time.perf_counter()
+        self.tasks, sources = prepare(self.options, env.data_dir, Path(env.job_dir) / "lm_eval_tasks")
+        self.seconds = time.perf_counter() - tic
+        return {"lm_eval_data": sources}
+
+    def run(self, model, tokenizer, env: Env) -> Measured:
+        result = evaluate(model, tokenizer, self.options, self.tasks, env.seed)
+        return Measured(result["metrics"], result["details"], {"lm_eval_tasks": self.seconds})

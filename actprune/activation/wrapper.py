@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .learned import straight_through
-from .masks import Pattern, pattern_keep_mask
+from ..masks import Pattern, pattern_keep_mask
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,6 +55,20 @@ def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None) -
 _last_mask = _LastMask()
 
 
+def straight_through(keep: torch.Tensor, scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """The hard mask forward; backward, the gradient of a sigmoid around each group's cut, so that a
+    learned score scale gets a signal although the mask is discrete."""
+    width = scores.shape[-1]
+    group, kept = pattern.group(width), pattern.kept(width)
+    if kept >= group:
+        return keep.to(scores.dtype)
+    grouped = scores.unflatten(-1, (-1, group))
+    top = grouped.detach().topk(kept + 1, dim=-1).values
+    cut = ((top[..., kept - 1] + top[..., kept]) / 2).unsqueeze(-1)
+    soft = torch.sigmoid((grouped - cut) / (cut.abs() * 0.1 + 1e-6)).flatten(-2)
+    return keep.to(scores.dtype) + soft - soft.detach()
+
+
 SHIFTS = ("mean", "median", "static")
 
 
@@ -74,7 +87,7 @@ class ActSparseLinear(nn.Module):
     - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
       per-layer threshold instead of a per-token top-k; the sparsity reached then varies;
     - `correction`: learned terms (output affine, input shift, score scale, low-rank residual on the
-      dropped entries), see `actprune.learned`.
+      dropped entries), see `actprune.activation.learned`.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
     """
@@ -97,7 +110,7 @@ class ActSparseLinear(nn.Module):
         self.variance = variance
         self.dense_tokens = dense_tokens
         self.recording = None  # a list while a threshold is being calibrated
-        self.correction = correction  # learned (actprune.learned.Correction), trained after wrapping
+        self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
         self.bypass = False  # True: the dense output (a learned correction's training target)
         self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
         weight = linear.weight

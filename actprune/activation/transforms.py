@@ -1,10 +1,9 @@
-"""Selection scores and input transforms of activation pruning: small registered pieces.
+"""Input transforms of activation pruning: small registered pieces, applied in the order listed.
 
 Transforms run in the order listed. Basis transforms (`scaling`, `hadamard`, `pca`) change the
 basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
 `W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken;
-`learnable` adds a trained correction in that final basis (actprune.learned).
-A score gives a per-channel weight `w` in that final basis, entries ranked by `|x'_j| · w_j`.
+`learnable` adds a trained correction in that final basis (actprune.activation.learned).
 Statistics come from calibration (never from the evaluated batch), so every token is pruned on
 its own.
 """
@@ -16,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
-from .learned import Correction, check_options
+from .learned import check_options
 
 
 @dataclass(frozen=True)
@@ -28,17 +26,8 @@ class Piece:
     build: Callable[..., Any]
 
 
-SCORES: dict[str, Piece] = {}
 TRANSFORMS: dict[str, Piece] = {}
 BASIS_TRANSFORMS = ("scaling", "hadamard", "pca")
-
-
-def register_score(name: str, needs: tuple = ()):
-    def add(build):
-        SCORES[name] = Piece(name, frozenset(needs), build)
-        return build
-
-    return add
 
 
 def register_transform(name: str, needs: tuple = ()):
@@ -86,31 +75,6 @@ class Basis:
         if self.matrix is None:
             return stats["l2"] if self.scale is None else stats["l2"] * self.scale.abs()
         return self.second_moment(stats["second_moment"]).diagonal().clamp_min(0).sqrt()
-
-
-@register_score("magnitude")
-def magnitude_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor | None:
-    return None
-
-
-@register_score("weight_norm")
-def weight_norm_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor:
-    """|x_j| · ‖W_:,j‖₂, as in WINA: an input that feeds large weights matters more."""
-    return weight.norm(dim=0)
-
-
-@register_score("amber")
-def amber_score(weight: torch.Tensor, basis: Basis, stats: dict | None) -> torch.Tensor:
-    """|x_j| · ‖Ŵ_:,j‖₂ with Ŵ each output row of W standardised (zero mean, unit variance), so
-    that a few outlier rows cannot decide the ranking (our reading of Amber Pruner's robust norm)."""
-    standardised = (weight - weight.mean(1, keepdim=True)) / weight.std(1, keepdim=True).clamp_min(1e-12)
-    return standardised.norm(dim=0)
-
-
-@register_score("clact", needs=("l2",))
-def clact_score(weight: torch.Tensor, basis: Basis, stats: dict) -> torch.Tensor:
-    """|x_j| · ‖X_:,j‖₂ with the column norm of the calibration inputs (never the evaluated batch)."""
-    return basis.column_l2(stats)
 
 
 @register_transform("scaling", needs=("absmax",))
@@ -162,13 +126,8 @@ def variance_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -
 
 @register_transform("learnable")
 def learnable_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
-    """Learned corrections (actprune.learned), built on the layer's final weight, trained by the job."""
+    """Learned corrections (actprune.activation.learned), built on the layer's final weight, trained by the activation method."""
     return {"learn": options}
-
-
-def learnable_options(config) -> dict | None:
-    """The options of the `learnable` transform in `config`, None where there is none."""
-    return next((options for name, options in parse_transforms(config.transforms) if name == "learnable"), None)
 
 
 def parse_transforms(transforms) -> list[tuple[str, dict]]:
@@ -189,47 +148,3 @@ def parse_transforms(transforms) -> list[tuple[str, dict]]:
             raise ValueError(f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}")
         parsed.append((name, dict(options)))
     return parsed
-
-
-def get_score(name: str) -> Piece:
-    if name not in SCORES:
-        raise ValueError(f"pruning.score={name!r} is unknown: allowed values are {sorted(SCORES)}")
-    return SCORES[name]
-
-
-def needed_statistics(config) -> set[str]:
-    """The calibration statistics that `config`'s score and transforms read (empty: none needed)."""
-    transforms = parse_transforms(config.transforms)
-    needs = set(get_score(config.score).needs)
-    for name, options in transforms:
-        needs |= TRANSFORMS[name].needs
-        if name == "shift" and options.get("mode") == "static":
-            needs.add("mean")
-    if "l2" in needs and any(name in ("hadamard", "pca") for name, _ in transforms):
-        needs.add("second_moment")  # column norms in a rotated basis
-    return needs
-
-
-def needs_calibration(config) -> bool:
-    return bool(needed_statistics(config))
-
-
-def wrapper_options(linear: nn.Linear, config, stats: dict | None) -> dict:
-    """Keyword arguments of ActSparseLinear for this layer under `config` (score and transforms)."""
-    weight = linear.weight.detach().double()
-    stats = {k: v.double() if v.is_floating_point() else v for k, v in (stats or {}).items()}
-    basis, options = Basis(), {}
-    for name, transform_options in parse_transforms(config.transforms):
-        if name in BASIS_TRANSFORMS:
-            TRANSFORMS[name].build(basis, weight, stats, **transform_options)
-        else:
-            options.update(TRANSFORMS[name].build(basis, weight, stats, **transform_options))
-    absorbed = basis.weight(weight)
-    options["channel_weight"] = get_score(config.score).build(absorbed, basis, stats)
-    if "learn" in options:
-        learn = options.pop("learn")
-        shape = {key: learn[key] for key in ("forms", "rank") if key in learn}  # Correction's defaults otherwise
-        options["correction"] = Correction(absorbed.to(linear.weight.device), **shape)
-    if basis.scale is not None or basis.matrix is not None:
-        options.update(input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed)
-    return options

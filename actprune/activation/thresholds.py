@@ -1,0 +1,30 @@
+"""TEAL-like selection: one calibrated threshold per wrapped layer instead of a per-token top-k."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..walk import feed
+from .wrapper import ActSparseLinear
+
+
+@torch.no_grad()
+def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear], target: float,
+                          windows: torch.Tensor) -> dict[str, float]:
+    """Per layer, the score below which the `target` fraction of the calibration inputs falls
+    (taken on the dense model, in each layer's final basis). Sets and returns them."""
+    wrappers = {name: layer for name, layer in wrappers.items() if isinstance(layer, ActSparseLinear)}
+    thresholds = {}
+    for layer in wrappers.values():
+        layer.recording = []
+    try:
+        feed(model, windows)
+        for name, layer in wrappers.items():
+            samples = torch.cat(layer.recording).double()
+            layer.threshold = torch.quantile(samples, target).to(layer.weight.device, layer.weight.dtype)
+            thresholds[name] = float(layer.threshold)
+    finally:
+        for layer in wrappers.values():
+            layer.recording = None
+    return thresholds

@@ -1,0 +1,209 @@
+"""One job as a pipeline of stages: plan, load, calibrate, prune, evaluate, record.
+
+Each stage returns a small value; `run_job` assembles `results.json` from them. Everything that can
+be checked without the weights is checked by `plan`, once, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import models, reuse
+from ..calibration import Calibration, corpus_text, model_fingerprint
+from ..eval import Env, build
+from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
+from . import results, table, tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobPlan:
+    """What a job will do, checked against the model's config (no weights loaded)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    source: str  # where the model loads from (a folder, a hub id or a dequantized GGUF cache)
+    gguf_file: str | None
+    pruning: PruningPlan
+    benchmarks: dict  # name -> prepared benchmark
+    env: Env
+    calibration_text: tuple[str, str] | None  # (text, corpus) where the method learns from calibration
+    record: dict = field(default_factory=dict)  # what results.json says of the plan
+
+    @property
+    def model_key(self) -> tuple:
+        return self.env.model_key
+
+
+def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan:
+    """Check every setting and read the data the job needs; fail early, naming the key."""
+    for module in cfg.get("imports") or []:  # they register their methods and benchmarks
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"imports: cannot import {module!r} ({error}); is its folder on PYTHONPATH?") from error
+    device = models.resolve_device(cfg.device, slot if cfg.model.device_map is None else None)
+    dtype = models.resolve_dtype(cfg.model.dtype, device)
+    models.check_device_map(cfg.model.device_map)
+    benchmarks = {name: build(name, options) for name, options in cfg.benchmark.items() if options is not None}
+    source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir)
+    config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
+    pruning = plan(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
+    text = None
+    if pruning.needs:
+        text = reuse.cached(
+            ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
+            lambda: corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")),
+        )
+    model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
+    env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key)
+    record = {}
+    for benchmark in benchmarks.values():
+        record.update(benchmark.prepare(env))
+    record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
+    record["device"] = str(device)
+    record["dtype"] = str(dtype).removeprefix("torch.")
+    return JobPlan(device, dtype, source, gguf_file, pruning, benchmarks, env, text, record)
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    seconds: float
+
+
+def load(job: JobPlan, cfg: DictConfig) -> Loaded:
+    """The model and tokenizer, or those an earlier job of this process loaded with the same settings."""
+    tic = time.perf_counter()
+    model, tokenizer = reuse.cached(job.model_key, lambda: models.load_model(
+        job.source, job.gguf_file, job.device, job.dtype, cfg.paths.cache_dir, cfg.model.trust_remote_code,
+        cfg.model.device_map))
+    return Loaded(model, tokenizer, time.perf_counter() - tic)
+
+
+def calibrate(job: JobPlan, loaded: Loaded, cfg: DictConfig) -> Calibration | None:
+    """The calibration windows (tokenized once) where the method learns from them; statistics
+    follow on demand when the method asks."""
+    if job.calibration_text is None:
+        return None
+    text, corpus = job.calibration_text
+    return Calibration.from_text(loaded.tokenizer, text, corpus, cfg.calibration, model_fingerprint(job.source),
+                                 cfg.paths.cache_dir)
+
+
+def prune(job: JobPlan, loaded: Loaded, calibration: Calibration | None) -> SparsityReport:
+    # keep_dense: restore_ after the benchmarks gives the next job of this process the dense model back.
+    return sparsify_(loaded.model, job.pruning, calibration, keep_dense=True)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # name -> what results.json records of it
+    seconds: dict = field(default_factory=dict)
+
+
+def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport) -> Evaluation:
+    """Every benchmark on the pruned model; the sparsity the masks reach is counted over them only."""
+    report.reset()
+    evaluation = Evaluation()
+    for name, benchmark in job.benchmarks.items():
+        tic = time.perf_counter()
+        measured = benchmark.run(loaded.model, loaded.tokenizer, job.env)
+        evaluation.seconds[name] = time.perf_counter() - tic
+        evaluation.seconds.update(measured.timings)
+        evaluation.metrics.update(measured.metrics)
+        if measured.details is not None:
+            evaluation.details[name] = measured.details
+    return evaluation
+
+
+def new_record(cfg: DictConfig, name: str, group: str) -> dict:
+    return {
+        "status": "running",
+        "error": None,
+        "job": name,
+        "group": group,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": {},
+        "sparsity": {},
+        "replaced_layers": None,
+        "timings": {},
+        "versions": results.versions(),
+        "host": {"name": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
+    }
+
+
+def stages(cfg: DictConfig, job_dir: Path, slot: int | None, record: dict) -> None:
+    """Plan, load, calibrate, prune, evaluate; each stage's value goes into `record` as it comes."""
+    job = plan_job(cfg, job_dir, slot)
+    record.update(job.record)
+    torch.manual_seed(cfg.seed)
+    loaded = load(job, cfg)
+    record["timings"]["load"] = loaded.seconds
+    try:
+        record["parameters"] = sum(p.numel() for p in loaded.model.parameters())
+        report = prune(job, loaded, calibrate(job, loaded, cfg))
+        record["replaced_layers"] = report.replaced_layers
+        record["timings"].update(report.seconds)
+        if report.calibration is not None:
+            record["calibration"] = report.calibration
+        if report.learned is not None:
+            record["learned"] = report.learned
+        evaluation = evaluate(job, loaded, report)
+        record["timings"].update(evaluation.seconds)
+        record["metrics"] = evaluation.metrics
+        record.update(evaluation.details)
+        record["sparsity"] = report.summary()
+        report.restore_(loaded.model)
+    except BaseException:
+        reuse.forget(job.model_key)  # a job that failed part way may have left the model altered
+        raise
+
+
+def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None = None) -> dict:
+    """Run one configured job in `job_dir` and return what it wrote to its results.json.
+
+    A job that finished before with the same settings is not run again: its record is returned.
+    `slot` (the job's number in a sweep) picks its GPU when several are visible and `device=auto`.
+    """
+    try:
+        path = results.claim(job_dir, results.settings(cfg), cfg.get("overwrite", False))
+    except results.AlreadyDone as done:
+        log.info("Skipping %s: %s", name, done)
+        return done.record
+    started = time.perf_counter()
+    record = new_record(cfg, name, group)
+    tracker = None
+    try:
+        tracker = tracking.Tracker(cfg.logger, job_dir, group=group, name=name, config=record["config"])
+        stages(cfg, job_dir, slot, record)
+        record["status"] = "ok"
+    except Exception as error:
+        record["status"] = "failed"
+        record["error"] = f"{type(error).__name__}: {error}"
+        record["traceback"] = traceback.format_exc()
+        log.error("Job %s failed: %s", name, record["error"])
+    except BaseException as error:  # Ctrl-C, SystemExit: recorded as such, then passed on
+        record["status"], record["error"] = "interrupted", f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        record["timings"]["total"] = time.perf_counter() - started
+        results.write(path, record)
+        if tracker is not None:
+            tracker.log_results(record)
+            tracker.finish(record["status"], record["error"])
+    log.info("%s\n%s", f"results: {path}", table.table([(name, record)]))
+    return record

@@ -1,0 +1,167 @@
+"""Results as a reader sees them: the method's label, a row per job, and the tables built from
+rows (the job log, the sweep's end, `actprune-report`, the scripts' pivots)."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+from ..masks import parse_sparsity
+from .results import read_all
+
+FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text"]
+TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
+
+
+def transform_names(pruning: dict) -> list[str]:
+    """`[shift, {name: shift, mode: static}, {name: learnable, lr: 0.01, epochs: 8}]` as
+    `["shift", "shift:static", "learnable(lr=0.01,epochs=8)"]`."""
+    names = []
+    for t in pruning.get("transforms") or []:
+        options = {} if isinstance(t, str) else {k: v for k, v in t.items() if k != "name"}
+        name = t if isinstance(t, str) else t.get("name", "?")
+        if len(options) == 1:
+            name += f":{next(iter(options.values()))}"
+        elif options:
+            name += "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
+        names.append(name)
+    return names
+
+
+def label(result: dict, transforms: bool = True) -> str:
+    """The method as a reader names it: `act_magnitude`, `act_magnitude score=clact [pca,shift:static]`."""
+    pruning = (result.get("config") or {}).get("pruning") or {}
+    parts = [str(pruning.get("method", "?"))]
+    if pruning.get("method", "").startswith("act_"):
+        if pruning.get("score", "magnitude") != "magnitude":
+            parts.append(f"score={pruning['score']}")
+        names = transform_names(pruning)
+        if names and transforms:
+            parts.append(f"[{','.join(names)}]")
+        if pruning.get("selection", "topk") != "topk":
+            parts.append(pruning["selection"])
+        if pruning.get("dense_tokens"):
+            parts.append(f"dense_tokens={pruning['dense_tokens']}")
+        if pruning.get("skip_layers"):
+            parts.append(f"skip={','.join(pruning['skip_layers'])}")
+    return " ".join(parts)
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
+    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", "measured", "layers", "status")
+    lines = [header]
+    for name, result in rows:
+        cells = row(result)
+        number = lambda value: f"{value:.4f}" if isinstance(value, float) else "-"  # noqa: E731
+        lines.append((
+            name,
+            label(result),
+            str((result.get("sparsity") or {}).get("pattern", "?")),
+            number(cells["perplexity"]),
+            cells["text"] or "-",
+            number(cells["mean_acc"]),
+            number(cells["measured_sparsity"]),
+            str(result.get("replaced_layers", "-")),
+            cells["status"],
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rendered = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    rendered.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(rendered)
+
+
+def row(result: dict, folder: str | None = None) -> dict:
+    """One job as a row of the report: model, method, sparsity, transforms, the metrics, status."""
+    metrics = result.get("metrics") or {}
+    pruning = (result.get("config") or {}).get("pruning") or {}
+    ppl_key = next((key for key in metrics if key.startswith("ppl/")), None)
+    found = {
+        "model": result.get("model", "?"),
+        "method": label(result, transforms=False),
+        "sparsity": "dense" if (result.get("sparsity") or {}).get("kind") == "dense" else str(pruning.get("sparsity", "?")),
+        "transforms": ",".join(transform_names(pruning)),
+        "perplexity": metrics.get(ppl_key) if ppl_key else None,
+        "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
+        "mean_acc": metrics.get("lm_eval/mean_acc"),
+        "measured_sparsity": (result.get("sparsity") or {}).get("measured"),
+        "runtime_s": (result.get("timings") or {}).get("total"),
+        "replaced_layers": result.get("replaced_layers"),
+        "status": result.get("status", "?"),
+        "folder": folder,
+    }
+    for key, value in metrics.items():
+        if key.startswith("lm_eval/") and key.endswith("/acc"):
+            found[key.removeprefix("lm_eval/").removesuffix("/acc")] = value
+    return found
+
+
+def rows(folders: list[Path]) -> list[dict]:
+    """One row per job below `folders`, sorted by model, method and sparsity."""
+    found = [row(result, str(path.parent)) for folder in folders for path, result in read_all(folder)]
+    return sorted(found, key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["transforms"],
+                                        zeroed_fraction(r["sparsity"]), r["sparsity"]))
+
+
+def columns(table: list[dict]) -> list[str]:
+    tasks = sorted({key for row in table for key in row} - set(FIXED) - set(TAIL))
+    return FIXED + tasks + TAIL
+
+
+def zeroed_fraction(sparsity: str) -> float:
+    if sparsity == "dense":
+        return 0.0
+    try:
+        return parse_sparsity(sparsity).target()
+    except ValueError:
+        return float("nan")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def markdown(table: list[dict]) -> str:
+    names = [c for c in columns(table) if c != "folder"]
+    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in names) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns(table))
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def pivot(results: list[dict]) -> str:
+    """Markdown: a row per method label, a column of WikiText-2 perplexity per sparsity pattern.
+    Where a method ran at several batch sizes, the largest relative difference between them is
+    shown in its own column (0 means batch-size invariant)."""
+    cells, batch_spread, patterns = defaultdict(dict), defaultdict(list), []
+    for result in results:
+        if result.get("status") != "ok" or "ppl/wikitext2" not in result["metrics"]:
+            continue
+        pattern = str(result["config"]["pruning"]["sparsity"]) if result["sparsity"]["kind"] != "dense" else "dense"
+        method = label(result)
+        ppl = result["metrics"]["ppl/wikitext2"]
+        batch_spread[(method, pattern)].append(ppl)
+        cells[method].setdefault(pattern, ppl)
+        if pattern not in patterns:
+            patterns.append(pattern)
+    order = {p: i for i, p in enumerate(["dense", "2:4", "4:8", "8:16", "16:32", "0.5"])}
+    patterns.sort(key=lambda p: order.get(p, len(order)))
+    spread = {}
+    for (method, _), values in batch_spread.items():
+        if len(values) > 1:
+            spread[method] = max(spread.get(method, 0.0), (max(values) - min(values)) / min(values))
+    lines = ["| method | " + " | ".join(patterns) + " | batch-size spread |", "|" + " --- |" * (len(patterns) + 2)]
+    for method in sorted(cells, key=lambda m: [cells[m].get(p, float("inf")) for p in patterns]):
+        values = [f"{cells[method][p]:.2f}" if p in cells[method] else "" for p in patterns]
+        lines.append(f"| {method} | " + " | ".join(values) + f" | {f'{spread[method]:.1e}' if method in spread else '-'} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests: the command line in a subprocess, and composed job configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from actprune.app import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+WINDOWS = "benchmark.ppl_wikitext2.max_windows=3"
+
+
+def actprune(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def common(setup, sweep_dir):
+    return [f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
+            f"paths.cache_dir={setup['root'] / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.run.dir={sweep_dir}/run"]
+
+
+def results_in(folder: Path) -> dict:
+    return {path.parent.name: json.loads(path.read_text()) for path in folder.rglob("results.json")}
+
+
+def job_config(setup, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
+            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", WINDOWS, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return cfg
+
+
+def offline_wandb_log(folder: Path) -> bytes:
+    """The `.wandb` file of the one offline W&B run under folder (the record `wandb sync` uploads), complete.
+
+    W&B's service process writes that file on its own: `run.finish()` in this process returns before it has
+    flushed, so the service is shut down first, which waits for it to exit. A run logged by a command line
+    that has exited is complete already (its own service exited with it)."""
+    import wandb
+
+    wandb.teardown()
+    (path,) = folder.glob("wandb/offline-run-*/*.wandb")
+    return path.read_bytes()
