@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sys
 from pathlib import Path
 
 import hydra
@@ -58,9 +59,45 @@ OmegaConf.register_new_resolver("actprune_sweep_name", sweep_name, replace=True)
 register_configs()
 
 
+def _names(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [name for item in value for name in _names(item)]
+    return [name for item in getattr(value, "list", None) or [] for name in _names(item)]  # a sweep of lists
+
+
+def check_benchmarks(arguments: list[str]) -> None:
+    """`benchmark=[nope]`: Hydra says only that it could not load it; name the benchmarks there are."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("hydra.searchpath") for a in arguments):
+        return  # configs of one's own: Hydra looks there too
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra reports its own syntax errors
+        return
+    available = sorted(path.stem for path in (CONF_DIR / "benchmark").glob("*.yaml"))
+    for override in overrides:
+        if override.key_or_group == "benchmark":
+            unknown = [name for name in _names(override.value()) if name not in available]
+            if unknown:
+                raise SystemExit(f"benchmark: unknown {unknown}; available benchmarks are {available}")
+
+
+def main() -> None:
+    check_benchmarks(sys.argv[1:])
+    try:
+        run()
+    except KeyboardInterrupt:  # the job recorded itself as interrupted; no traceback, the usual status
+        print("actprune: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     from .run.job import run_job  # heavy imports after Hydra has parsed the command line
+    from .run.lock import Busy
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -70,10 +107,10 @@ def main(cfg: DictConfig) -> None:
     slot = hydra_cfg.job.num if multirun else None
     try:
         record = run_job(cfg, job_dir, group=group, name=name, slot=slot)
-    except FileExistsError as error:  # a finished job's folder with other settings: leave it alone
+    except (FileExistsError, Busy) as error:  # a finished job with other settings, or a job running elsewhere
         if not multirun:
-            raise
-        log.error("%s", error)
+            raise SystemExit(f"{type(error).__name__}: {error}") from None
+        log.error("%s", error)  # the sweep's table shows the refusal; a busy job is its runner's
         return
     if record["status"] != "ok" and not multirun:
         raise SystemExit(f"job failed: {record['error']}")

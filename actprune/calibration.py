@@ -9,6 +9,7 @@ everything they depend on, and reused by later jobs. Learned corrections are cac
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_write
+from .files import atomic_write, check_jsonl, set_aside
 from .walk import feed
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
         raise ValueError(f"calibration.corpus={corpus!r}: allowed values are {['auto', *sorted(CORPORA)]}")
     local, hub = CORPORA[corpus]
     if local and data_dir and (Path(data_dir) / local).is_file():
+        check_jsonl(Path(data_dir) / local)
         rows = datasets.load_dataset("json", data_files=str(Path(data_dir) / local), split="train", cache_dir=cache_dir)
         return "\n\n".join(rows["text"]), corpus
     if hub is None:
@@ -60,10 +62,16 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
         ) from error
 
 
-def sample_windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`count` windows of `seqlen` tokens at random offsets (seeded) in the tokenized corpus."""
+def check_settings(count: int, seqlen: int, max_positions: int | None = None) -> None:
     if count < 1 or seqlen < 2:
         raise ValueError(f"calibration.windows={count}, calibration.seqlen={seqlen}: allowed values are windows >= 1, seqlen >= 2")
+    if max_positions is not None and seqlen > max_positions:
+        raise ValueError(f"calibration.seqlen={seqlen} is longer than the model's context, max_position_embeddings={max_positions}")
+
+
+def sample_windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens at random offsets (seeded) in the tokenized corpus."""
+    check_settings(count, seqlen)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration.seqlen={seqlen} is longer than the calibration text ({ids.numel()} tokens)")
@@ -123,17 +131,35 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
     return stats
 
 
-def model_fingerprint(source: str) -> str:
-    """A hub id, or a local folder with the size and time of each weight file (edits change it)."""
+def model_fingerprint(source: str, gguf_file: str | None = None) -> str:
+    """A hub id, or a local folder with the size and time of each weight file (edits change it);
+    with a GGUF file, that file alone (a folder may hold several quantizations)."""
     folder = Path(source)
     if not folder.is_dir():
-        return source
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
+        return source if gguf_file is None else f"{source}/{gguf_file}"
+    if gguf_file is not None:
+        files = [folder / gguf_file]
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
     return str(folder.resolve()) + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def code_digest(*pieces) -> str:
+    """The source of the functions or modules that compute a cached result: a change makes a new key."""
+    return hashlib.sha1("".join(inspect.getsource(piece) for piece in pieces).encode()).hexdigest()[:12]
 
 
 def _digest(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_statistics(stats, layers, second_moment: bool) -> None:
+    """A cached file holds every layer's statistics, of the layer's width; else it raises."""
+    keys = {"count", "mean", "var", "l2", "absmax", *(["second_moment"] if second_moment else [])}
+    for name, layer in layers.items():
+        missing = keys - set(stats[name])
+        if missing or stats[name]["mean"].shape != (layer.in_features,):
+            raise ValueError(f"{name}: missing {sorted(missing)} or a width other than {layer.in_features}")
 
 
 class Calibration:
@@ -174,13 +200,23 @@ class Calibration:
         return Path(self.cache_dir) / kind / f"{key}{suffix}"
 
     def statistics(self, model: nn.Module, layers: dict[str, nn.Linear], second_moment: bool = False) -> dict:
-        """Per layer input statistics (see `collect`), from the cache where an earlier job left them."""
-        parts = {"layers": sorted(layers), "second_moment": second_moment, "version": 2}
+        """Per layer input statistics (see `collect`), from the cache where an earlier job left them;
+        a cached file that cannot be read is set aside, with a warning, and computed again."""
+        dtype = str(next(model.parameters()).dtype)
+        parts = {"layers": sorted(layers), "second_moment": second_moment, "dtype": dtype, "code": code_digest(collect)}
         path = self.cache_file("calibration", parts, ".pt")
         if path is not None and path.is_file():
-            log.info("calibration cache hit: %s", path)
-            self.used.update(cache_file=str(path), cache="hit")
-            return torch.load(path, weights_only=True)
+            try:
+                stats = torch.load(path, weights_only=True)
+                _check_statistics(stats, layers, second_moment)
+            except Exception as error:  # truncated, another format, another model's: never trusted
+                kept = set_aside(path, "corrupt")
+                log.warning("calibration cache %s is unreadable (%s: %s): set aside as %s, computing again",
+                            path, type(error).__name__, error, kept)
+            else:
+                log.info("calibration cache hit: %s", path)
+                self.used.update(cache_file=str(path), cache="hit")
+                return stats
         tic = time.perf_counter()
         stats = collect(model, layers, self.windows, second_moment)
         self.seconds += time.perf_counter() - tic

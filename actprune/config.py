@@ -57,7 +57,7 @@ class LoggerConfig:
 class PathsConfig:
     root_dir: str = "???"
     data_dir: str = "???"
-    output_dir: str = "???"
+    output_dir: Optional[str] = "???"  # the job folder; null outside a run (e.g. --cfg job --resolve)
     cache_dir: str = "???"
 
 

@@ -2,10 +2,45 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_jsonl(path: Path, field: str = "text") -> None:
+    """A JSON-lines file of rows with `field`, at least one; else an error naming file and line."""
+    count = 0
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path}, line {number}: a row needs a {field!r} field, one JSON object per line")
+            count += 1
+    if count == 0:
+        raise ValueError(f"{path} holds no rows: one {{{field!r}: ...}} JSON object per line")
+
+
+def set_aside(path: Path, tag: str) -> Path:
+    """Rename `path` (a file or a folder) to `<stem>.<tag>.<n><suffix>` beside it, never over another."""
+    path = Path(path)
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{tag}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
@@ -16,6 +51,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(staging)
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it 0600: a teammate could not read it
         os.replace(staging, path)
     except BaseException:
         if os.path.exists(staging):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .files import set_aside
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +125,42 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str:
     return str(target)
 
 
+def complete(folder: Path) -> str | None:
+    """Why a dequantized model folder cannot be used (None: it can): a file missing, or a
+    safetensors file shorter than its own header says."""
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return "no tokenizer"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors"
+    for path in weights:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            try:
+                header = json.loads(file.read(size))
+            except ValueError:
+                return f"{path.name}: unreadable header"
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + size + end:
+            return f"{path.name}: truncated"
+    return None
+
+
 def locate(model_cfg, cache_dir: str) -> tuple[str, str | None]:
-    """Where to load from: (path, gguf_file), or the dequantized cache folder once it exists."""
+    """Where to load from: (path, gguf_file), or the dequantized cache folder once it exists. A
+    cache folder that is incomplete is set aside, with a warning, and made again."""
     path = resolve_path(model_cfg.path, model_cfg.gguf_file)
     gguf_file = gguf_in(path, model_cfg.gguf_file)
     if gguf_file:
         cached = gguf_cache_folder(path, gguf_file, cache_dir)
-        if (cached / "config.json").is_file():
-            return str(cached), None
+        if cached.exists():
+            problem = complete(cached)
+            if problem is None:
+                return str(cached), None
+            kept = set_aside(cached, "corrupt")
+            log.warning("dequantized model %s is unusable (%s): set aside as %s, dequantizing again", cached, problem, kept)
     return path, gguf_file
 
 

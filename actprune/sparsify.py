@@ -100,6 +100,16 @@ def plan(model: nn.Module, config) -> PruningPlan:
             del targets[name]
     if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
         return PruningPlan(config, method, Pattern(ratio=0.0), transforms, [], [])
+    if not targets:
+        raise ValueError(
+            f"pruning.layers={config.layers}, pruning.skip_layers={list(config.skip_layers)}: no layer is left to "
+            f"prune with pruning.method={method.name}; name some layers, or use pruning=dense for the dense model"
+        )
+    if method.layerwise == "hessian" and pattern.is_nm and config.blocksize % pattern.m:
+        raise ValueError(
+            f"pruning.blocksize={config.blocksize} with pruning.sparsity={pattern}: SparseGPT's groups of {pattern.m} "
+            f"would cross its blocks; allowed: a blocksize that is a multiple of {pattern.m}"
+        )
     if not pattern.is_nm and not pattern.is_dense():
         too_narrow = {name: m.in_features for name, m in targets.items() if pattern.kept(m.in_features) < 1}
         if too_narrow:
@@ -182,7 +192,25 @@ class SparsityReport:
             "selection": self.selection,
             "thresholds": self.thresholds,
             "per_layer": per_layer,
+            "measured_covers": self.measured_covers(),
         }
+
+    def measured_covers(self) -> str:
+        """What `measured` counts, and where the pruned layers still read every input."""
+        if self.kind == "dense":
+            return "nothing is pruned"
+        if self.kind == "weight":
+            return "the fraction of zero weights in the pruned layers"
+        text = ("the fraction of pruned layers' input entries the masks zeroed, over every token the benchmarks "
+                "fed (padding included, e.g. lm_eval's)")
+        wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
+        dense_reads = [reason for reason, used in (
+            ("a shift adds η back through W", any(w.shift is not None for w in wrappers)),
+            ("the low-rank correction reads the dropped entries",
+             any(w.correction is not None and w.correction.u is not None for w in wrappers))) if used]
+        if dense_reads:
+            text += "; the layers still read every input (" + ", ".join(dense_reads) + ")"
+        return text
 
 
 def sparsify_(model: nn.Module, config, calibration: Calibration | torch.Tensor | None = None,

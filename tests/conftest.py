@@ -88,5 +88,5 @@ def tiny_setup(tmp_path_factory):
     tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
     model_dir = root / "tiny-llama"
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
-    llama(vocab_size=256, intermediate_size=96).save_pretrained(model_dir)
+    llama(vocab_size=256, intermediate_size=96, max_position_embeddings=1024).save_pretrained(model_dir)
     return {"model": model_dir, "data": data_dir, "root": root}

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the command line in a subprocess, and composed job configs."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,21 @@ def actprune(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def measuring(args) -> tuple[subprocess.Popen, bytes]:
+    """A job started in a subprocess, returned once it is measuring perplexity (past plan and load),
+    with what it printed so far (tqdm writes no newline, so the output is read as it comes)."""
+    process = subprocess.Popen([sys.executable, "-m", "actprune", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    seen = b""
+    while b"wikitext2 windows" not in seen:
+        chunk = os.read(process.stdout.fileno(), 4096)
+        if not chunk:
+            process.wait()
+            raise AssertionError(seen.decode()[-3000:])
+        seen += chunk
+    return process, seen
+
+
 def common(setup, sweep_dir):
     return [f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
             f"paths.cache_dir={setup['root'] / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep_dir}",
@@ -32,7 +48,8 @@ def job_config(setup, tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
-            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", WINDOWS, *overrides])
+            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none",
+            *([WINDOWS] if not any(o.startswith("benchmark=") for o in overrides) else []), *overrides])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg

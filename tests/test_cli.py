@@ -13,7 +13,9 @@ def test_multirun_mixes_methods_and_sparsities_and_survives_a_bad_job(tiny_setup
     sweep = tmp_path / "sweep"
     done = actprune("-m", *common(tiny_setup, sweep), "pruning=dense,act_magnitude,weight_magnitude",
                     "pruning.sparsity=2:4,1.5", "benchmark.ppl_wikitext2.max_windows=4")
-    assert done.returncode == 0, done.stderr[-3000:]
+    # Every job ran; the sweep then says which failed and exits non-zero.
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "3 of 6 jobs not ok (3 failed)" in done.stderr and "pruning.sparsity=1.5,pruning=dense" in done.stderr
     found = results_in(sweep)
     assert len(found) == 6
     assert any("pruning.sparsity=2:4,pruning=act_magnitude" in name for name in found)
@@ -167,3 +169,16 @@ def test_calibration_is_computed_once_per_sweep_and_read_by_later_jobs(tiny_setu
     assert found[0]["calibration"]["corpus"] == "wikitext2_validation" and found[0]["timings"]["calibration"] > 0
     assert "CLACT" not in done.stdout and "score=clact [shift:static]" in done.stdout
 
+
+
+def test_the_command_line_explains_itself_without_tracebacks(tiny_setup, tmp_path):
+    unselected = actprune(*common(tiny_setup, tmp_path), "benchmark=[lm_eval]", "benchmark.ppl_wikitext2.max_windows=3")
+    assert unselected.returncode != 0 and "benchmark.ppl_wikitext2.max_windows" in unselected.stderr
+    assert "Traceback" not in unselected.stderr
+    resolved = actprune(*common(tiny_setup, tmp_path), "benchmark=[lm_eval]", "--cfg", "job", "--resolve")
+    assert resolved.returncode == 0 and "output_dir: null" in resolved.stdout, resolved.stderr[-2000:]
+    unknown = actprune(*common(tiny_setup, tmp_path), "benchmark=[ppl_wikitxt2]")
+    assert unknown.returncode != 0 and "available benchmarks are ['lm_eval', 'ppl_wikitext2']" in unknown.stderr
+    helped = actprune("--help")
+    assert helped.returncode == 0 and "post-training activation sparsity" in helped.stdout
+    assert "pruning: act_magnitude, dense" in helped.stdout and "exits non-zero" in helped.stdout

@@ -133,3 +133,13 @@ def test_a_trained_correction_keeps_each_tokens_output_independent_of_the_batch(
         together = model(IDS).logits
         alone = torch.cat([model(IDS[i : i + 1]).logits for i in range(len(IDS))])
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+def test_a_corrupt_correction_file_is_set_aside_and_trained_again(tmp_path, caplog):
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}
+    first = sparsify_(llama(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
+    path = tmp_path / "learned" / first.learned["file"].rsplit("/", 1)[-1]
+    path.write_bytes(path.read_bytes()[:200])
+    again = sparsify_(llama(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
+    assert again.learned["cache"] == "miss" and again.learned["mse"] and "set aside" in caplog.text
+    assert str(path) in caplog.text and len(list(path.parent.glob("*.corrupt.*"))) == 1

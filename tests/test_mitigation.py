@@ -246,3 +246,109 @@ def test_bad_calibration_and_sparsegpt_settings_name_the_key():
         calibration.sample_windows(WordTokenizer(), "a b c d e f g h", 0, 4, seed=0)
     with pytest.raises(ValueError, match="pruning.blocksize=0"):
         sparsify_(llama(), {"method": "weight_sparsegpt", "sparsity": 0.5, "blocksize": 0})
+
+
+@pytest.mark.parametrize("rotation", ["pca", "hadamard", "scaling"])
+def test_a_static_shift_is_the_calibration_mean_in_the_final_basis_whatever_the_order(rotation):
+    """[shift static, pca] once subtracted the mean of an intermediate basis in the final one."""
+    base, ids, calibration_windows = llama(), torch.randint(0, 256, (2, 12)), random_windows()
+    static = {"name": "shift", "mode": "static"}
+    outputs, vectors = [], []
+    for transforms in ([static, rotation], [rotation, static]):
+        model = copy.deepcopy(base)
+        report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}, calibration_windows)
+        vectors.append(report.layers["model.layers.1.mlp.down_proj"].shift_vector)
+        with torch.no_grad():
+            outputs.append(model(ids).logits)
+    torch.testing.assert_close(vectors[0], vectors[1])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    # ...and it is the mean of what the mask sees: the layer's calibration inputs in the final basis.
+    seen = []
+    dense = copy.deepcopy(base)
+    dense.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for window in calibration_windows:
+            dense(window[None])
+    wrapper = report.layers["model.layers.1.mlp.down_proj"]
+    x = torch.cat(seen)
+    final = x * wrapper.input_scale if wrapper.input_scale is not None else x @ wrapper.rotation
+    torch.testing.assert_close(wrapper.shift_vector, final.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_a_job_that_would_prune_nothing_is_refused():
+    for config in ({"layers": []}, {"skip_layers": ["*"]}):
+        with pytest.raises(ValueError, match="no layer is left to prune with pruning.method=act_magnitude"):
+            plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", **config})
+    assert plan(llama(), {"method": "dense", "layers": []}).targets == []  # the dense reference is fine
+
+
+def test_sparsegpt_blocks_must_hold_whole_groups():
+    with pytest.raises(ValueError, match="pruning.blocksize=10 with pruning.sparsity=2:4.*multiple of 4"):
+        plan(llama(), {"method": "weight_sparsegpt", "sparsity": "2:4", "blocksize": 10})
+    assert plan(llama(), {"method": "weight_sparsegpt", "sparsity": 0.5, "blocksize": 10}).targets
+
+
+def test_a_corrupt_statistics_file_is_set_aside_and_computed_again(tmp_path, caplog):
+    model = llama()
+    targets = targets_of(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"})
+    windows = random_windows()
+    first = Calibration(windows, model_id="tiny", cache_dir=str(tmp_path))
+    expected = first.statistics(model, targets)
+    path = tmp_path / "calibration" / first.used["cache_file"].rsplit("/", 1)[-1]
+    for damage in (lambda: path.write_bytes(path.read_bytes()[:100]),  # truncated
+                   lambda: torch.save({name: {"mean": torch.zeros(3)} for name in targets}, path)):  # another format
+        damage()
+        again = Calibration(windows, model_id="tiny", cache_dir=str(tmp_path))
+        stats = again.statistics(model, targets)
+        assert again.used["cache"] == "miss" and all(torch.equal(stats[n]["l2"], expected[n]["l2"]) for n in targets)
+        assert "set aside" in caplog.text and str(path) in caplog.text
+    assert len(list(path.parent.glob("*.corrupt.*"))) == 2
+    hit = Calibration(windows, model_id="tiny", cache_dir=str(tmp_path))
+    hit.statistics(model, targets)
+    assert hit.used["cache"] == "hit"
+
+
+def test_statistics_are_keyed_by_the_models_dtype():
+    model, windows = llama(), random_windows()
+    targets = targets_of(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"})
+    calibration = Calibration(windows, model_id="tiny", cache_dir="/nonexistent")
+    fp32 = calibration.cache_file("calibration", {"dtype": str(next(model.parameters()).dtype)}, ".pt")
+    bf16 = calibration.cache_file("calibration", {"dtype": "torch.bfloat16"}, ".pt")
+    assert fp32 != bf16 and targets
+
+
+def test_the_model_fingerprint_names_the_gguf_file_it_reads(tmp_path):
+    (tmp_path / "a.Q4.gguf").write_bytes(b"q4")
+    (tmp_path / "a.Q8.gguf").write_bytes(b"q8 weights")
+    fingerprints = {calibration.model_fingerprint(str(tmp_path), name) for name in ("a.Q4.gguf", "a.Q8.gguf")}
+    assert len(fingerprints) == 2
+
+
+def test_dense_tokens_need_a_token_axis_and_nan_scores_fail_clearly():
+    layer = ActSparseLinear(nn.Linear(8, 4), parse_sparsity("2:4"), dense_tokens=2)
+    with pytest.raises(ValueError, match="pruning.dense_tokens=2 needs inputs shaped"):
+        layer(torch.randn(5, 8))
+    layer(torch.randn(1, 5, 8))
+    plain = ActSparseLinear(nn.Linear(8, 4), parse_sparsity("2:4"))
+    x = torch.randn(3, 8)
+    x[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN scores"):
+        plain(x)
+
+
+def test_threshold_calibration_samples_every_channel():
+    """Every 8th entry of a (1, 512, 64) input is channel 0, 8, 16...: those alone once set the threshold."""
+    from actprune.activation.wrapper import ScoreSample
+
+    layer = ActSparseLinear(nn.Linear(64, 4), parse_sparsity(0.5))
+    scale = torch.where(torch.arange(64) % 8 == 0, 100.0, 1.0)
+    x = torch.randn(1, 512, 64) * scale
+    layer.recording = ScoreSample()
+    with torch.no_grad():
+        layer(x)
+    layer.threshold, layer.recording = layer.recording.quantile(0.5).float(), None
+    layer.zeroed.zero_()
+    layer.seen.zero_()
+    with torch.no_grad():
+        layer(x)
+    assert layer.measured_sparsity() == pytest.approx(0.5, abs=0.02)

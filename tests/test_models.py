@@ -61,3 +61,21 @@ def test_a_bad_device_map_names_the_allowed_values():
         models.check_device_map("everywhere")
     models.check_device_map(None)
     models.check_device_map("auto")
+
+
+def test_an_incomplete_dequantized_model_is_set_aside_and_made_again(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "m.gguf").write_bytes(b"gguf")
+    cfg = OmegaConf.create({"path": str(tmp_path / "m"), "gguf_file": "m.gguf"})
+    cached = models.gguf_cache_folder(str(tmp_path / "m"), "m.gguf", str(tmp_path / "cache"))
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (cached / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, str(cached / "model.safetensors"))
+    assert models.complete(cached) is None and models.locate(cfg, str(tmp_path / "cache")) == (str(cached), None)
+    (cached / "model.safetensors").write_bytes((cached / "model.safetensors").read_bytes()[:1000])
+    assert models.complete(cached) == "model.safetensors: truncated"
+    assert models.locate(cfg, str(tmp_path / "cache")) == (str((tmp_path / "m").resolve()), "m.gguf")  # dequantized again
+    assert not cached.exists() and "set aside" in caplog.text and str(cached) in caplog.text

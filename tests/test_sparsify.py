@@ -188,3 +188,16 @@ def test_a_new_method_is_one_registered_function():
 def test_default_targets_are_the_seven_projections():
     report = sparsify_(llama(), {"method": "act_magnitude", "sparsity": 0.5})
     assert sorted(name.rsplit(".", 1)[-1] for name in report.layers) == sorted(PROJECTIONS * 2)
+
+
+def test_the_report_says_what_measured_sparsity_covers():
+    calibration = torch.randint(0, 256, (2, 16))
+    covers = {name: sparsify_(llama(), config, calibration).summary()["measured_covers"] for name, config in {
+        "plain": {"method": "act_magnitude", "sparsity": "2:4"},
+        "shift": {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift"]},
+        "lowrank": {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["lowrank"], "steps": 1}]},
+        "weight": {"method": "weight_magnitude", "sparsity": "2:4"},
+    }.items()}
+    assert "padding included" in covers["plain"] and "still read every input" not in covers["plain"]
+    assert "shift adds" in covers["shift"] and "low-rank correction reads" in covers["lowrank"]
+    assert covers["weight"] == "the fraction of zero weights in the pruned layers"

@@ -19,8 +19,11 @@ from actprune.eval import perplexity as ppl_benchmark
 from actprune.run import job
 from actprune.run.tracking import Tracker
 
-from .conftest import REPO, SHARED_DATA, STORIES, needs_shared
-from .helpers import WINDOWS, actprune, common, job_config, offline_wandb_log, results_in
+from .conftest import SHARED_DATA, STORIES, needs_shared
+from .helpers import WINDOWS, actprune, common, job_config, measuring, offline_wandb_log, results_in
+
+# A job that measures for minutes: interrupted in the tests once it is measuring.
+SLOW_JOB = ["pruning=act_magnitude", "pruning.sparsity=0.5", "model.seqlen=8", "benchmark.ppl_wikitext2.max_windows=100000"]
 
 
 def out(done) -> str:
@@ -81,16 +84,8 @@ def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
 
 @pytest.mark.cli
 def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tmp_path):
-    args = [*common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=0.5", "model.seqlen=8",
-            "benchmark.ppl_wikitext2.max_windows=100000"]
-    process = subprocess.Popen([sys.executable, "-m", "actprune", *args], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
-    seen = b""
+    process, _ = measuring([*common(tiny_setup, tmp_path), *SLOW_JOB])
     try:
-        while b"wikitext2 windows" not in seen:  # wait until it is measuring (tqdm writes no newline)
-            chunk = os.read(process.stdout.fileno(), 4096)
-            assert chunk, seen.decode()[-3000:]
-            seen += chunk
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=60)
@@ -98,6 +93,21 @@ def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tm
     assert run.is_dir() and not (run / "results.json").exists()
     done = actprune(*common(tiny_setup, tmp_path), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS)
     assert done.returncode == 0 and json.loads((run / "results.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.cli
+def test_ctrl_c_records_the_job_as_interrupted_and_exits_130_without_a_traceback(tiny_setup, tmp_path):
+    process, seen = measuring([*common(tiny_setup, tmp_path), *SLOW_JOB])
+    try:
+        process.send_signal(signal.SIGINT)
+        seen += process.communicate(timeout=60)[0]
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130 and b"Traceback" not in seen, seen.decode()[-3000:]
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"]
+    assert not (tmp_path / "run" / ".lock").exists()
 
 
 @pytest.mark.cli
@@ -252,3 +262,58 @@ def test_report_logs_its_table_and_plots_to_a_wandb_summary_run(tiny_setup, tmp_
     assert b"summary/table" in log and b"sweep-summary" in log
     table = json.loads(next((tmp_path / "report" / "wandb").rglob("table*.table.json")).read_text())
     assert "perplexity" in table["columns"] and len(table["data"]) == 2
+
+
+@pytest.mark.cli
+def test_a_refused_sweep_says_so_in_its_table_report_and_exit_status(tiny_setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS]
+    assert actprune("-m", *args).returncode == 0
+    other = actprune("-m", *args, "device=cpu")  # the same job folders (device is not in their names), other settings
+    assert other.returncode == 1 and "2 of 2 jobs not ok (2 refused)" in other.stderr
+    table = other.stdout[other.stdout.index("\nSweep "):].splitlines()[4:6]  # after the header and its rule
+    assert len(table) == 2 and all("pruning.sparsity=" in line and line.split()[-1] == "refused" for line in table)
+    assert (sweep / "report.md").read_text().count("| refused |") == 2
+    found = results_in(sweep)
+    assert all(r["status"] == "ok" and r["config"]["device"] == "auto" for r in found.values())
+    again = actprune("-m", *args)  # the first command again: its jobs are done, the refusals void
+    assert again.returncode == 0 and not list(sweep.rglob("refused.json"))
+
+
+def test_a_job_that_another_live_process_runs_is_skipped_untouched(tiny_setup, tmp_path):
+    import socket
+
+    from actprune.run.lock import LOCK, Busy, JobLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        (job_dir / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "slurm": None}))
+        with pytest.raises(Busy, match=f"pid {holder.pid}"):
+            job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), job_dir, "g", "n")
+        assert sorted(p.name for p in job_dir.iterdir()) == [LOCK]  # nothing written, the lock kept
+    finally:
+        holder.kill()
+        holder.wait()
+    with JobLock(job_dir):  # its holder is gone: the lock is stale and taken
+        assert json.loads((job_dir / LOCK).read_text())["pid"] == os.getpid()
+    assert not (job_dir / LOCK).exists()
+
+
+def test_stale_locks_are_told_from_live_ones(tmp_path, monkeypatch):
+    import socket
+
+    from actprune.run import lock
+
+    path = tmp_path / lock.LOCK
+    path.write_text("{}")
+    fresh_elsewhere = {"host": "other-node", "pid": 1, "slurm": "77_3"}
+    assert not lock._stale(path, fresh_elsewhere)  # another node's job, touched just now
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert lock._stale(path, fresh_elsewhere)  # this very SLURM job's earlier attempt: requeued
+    old = path.stat().st_mtime - lock.STALE - 1
+    os.utime(path, (old, old))
+    assert lock._stale(path, {"host": "other-node", "pid": 1, "slurm": None})  # nobody touched it for long
+    assert lock._stale(path, {"host": socket.gethostname(), "pid": os.getpid()})

@@ -89,7 +89,7 @@ def test_batch_size_is_the_batch_lm_eval_uses_and_scores_do_not_depend_on_it(tmp
         batches = []
         hook = model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
         chosen = options(tasks=["piqa"], limit=10, batch_size=batch_size)
-        tasks, _ = zeroshot.prepare(chosen, str(SHARED_DATA), tmp_path / str(batch_size))
+        tasks, _, _ = zeroshot.prepare(chosen, str(SHARED_DATA), tmp_path / str(batch_size))
         result = zeroshot.evaluate(model, tokenizer, chosen, tasks, seed=0)
         hook.remove()
         assert max(batches) == batch_size and result["details"]["batch_size"] == batch_size
@@ -116,3 +116,17 @@ def test_bad_task_fails_before_the_model_is_loaded(tmp_path):
     done, result = run_cli(tmp_path, "benchmark.lm_eval.tasks=[piqa,hellaswagg]")
     assert done.returncode != 0 and result["status"] == "failed"
     assert "hellaswag" in result["error"] and "load" not in result["timings"]
+
+
+def test_few_shot_examples_come_from_another_split_where_there_is_one(tmp_path, caplog):
+    rows = [{"goal": f"How to start the game {i}?", "sol1": "Press start.", "sol2": "Carry on.", "label": i % 2} for i in range(4)]
+    folder = tmp_path / "lm_eval" / "piqa"
+    folder.mkdir(parents=True)
+    (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _, _, fewshot = zeroshot.prepare(options(tasks=["piqa"], num_fewshot=1), str(tmp_path), tmp_path / "work")
+    assert fewshot == {"piqa": "validation"} and "the rows it scores" in caplog.text  # nothing else there: said so
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    caplog.clear()
+    tasks, _, fewshot = zeroshot.prepare(options(tasks=["piqa"], num_fewshot=1), str(tmp_path), tmp_path / "work2")
+    assert fewshot == {"piqa": "train"} and "the rows it scores" not in caplog.text
+    assert len(list(tasks[0].fewshot_docs())) == 4 and tasks[0].config.validation_split == "validation"

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import atomic_write
+from ..files import atomic_write, set_aside
 from ..walk import LayerInputs
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,15 @@ def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
-    for name, wrapper in wrappers.items():
+    states = {}
+    for name, wrapper in wrappers.items():  # every layer checked before any is changed
         state = {key.removeprefix(f"{name}."): value for key, value in tensors.items() if key.startswith(f"{name}.")}
-        wrapper.correction.load_state_dict(state)
+        expected = {key: value.shape for key, value in wrapper.correction.state_dict().items()}
+        if {key: value.shape for key, value in state.items()} != expected:
+            raise ValueError(f"{name}: the file holds {sorted(state)}, the correction has {sorted(expected)} (or other shapes)")
+        states[name] = state
+    for name, state in states.items():
+        wrappers[name].correction.load_state_dict(state)
 
 
 def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict,
@@ -172,9 +178,15 @@ def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
     them there when a path is given)."""
     wrappers = {name: w for name, w in wrappers.items() if getattr(w, "correction", None) is not None}
     if path is not None and path.is_file():
-        log.info("learned corrections: cache hit, %s", path)
-        load_(wrappers, path)
-        return {"file": str(path), "cache": "hit"}
+        try:
+            load_(wrappers, path)
+        except Exception as error:  # truncated or of other layers: set aside, trained again
+            kept = set_aside(path, "corrupt")
+            log.warning("learned corrections %s are unreadable (%s: %s): set aside as %s, training again",
+                        path, type(error).__name__, error, kept)
+        else:
+            log.info("learned corrections: cache hit, %s", path)
+            return {"file": str(path), "cache": "hit"}
     log.info("learned corrections: training them%s", f" into {path}" if path else "")
     tic = time.perf_counter()
     losses = train_(model, wrappers, windows, options)

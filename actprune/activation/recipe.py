@@ -37,6 +37,8 @@ def wrapper_options(linear: nn.Linear, score: str, transforms: list[tuple[str, d
         else:
             options.update(TRANSFORMS[name].build(basis, weight, stats, **transform_options))
     absorbed = basis.weight(weight)
+    if options.get("shift") == "static":  # the mean where the mask is taken: in the final basis
+        options["shift_vector"] = basis.row(stats["mean"])
     options["channel_weight"] = get_score(score).build(absorbed, basis, stats)
     if "learn" in options:
         learn = options.pop("learn")

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..walk import feed
-from .wrapper import ActSparseLinear
+from .wrapper import ActSparseLinear, ScoreSample
 
 
 @torch.no_grad()
@@ -16,13 +16,12 @@ def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear]
     (taken on the dense model, in each layer's final basis). Sets and returns them."""
     wrappers = {name: layer for name, layer in wrappers.items() if isinstance(layer, ActSparseLinear)}
     thresholds = {}
-    for layer in wrappers.values():
-        layer.recording = []
+    for seed, layer in enumerate(wrappers.values()):
+        layer.recording = ScoreSample(seed=seed)
     try:
         feed(model, windows)
         for name, layer in wrappers.items():
-            samples = torch.cat(layer.recording).double()
-            layer.threshold = torch.quantile(samples, target).to(layer.weight.device, layer.weight.dtype)
+            layer.threshold = layer.recording.quantile(target).to(layer.weight.device, layer.weight.dtype)
             thresholds[name] = float(layer.threshold)
     finally:
         for layer in wrappers.values():

@@ -113,9 +113,8 @@ def pca_transform(basis: Basis, weight: torch.Tensor, stats: dict) -> None:
 
 @register_transform("shift")
 def shift_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, mode: str = "median") -> dict:
-    """Prune x − η and add η back through the layer; η per token (median, mean) or static."""
-    if mode == "static":
-        return {"shift": "static", "shift_vector": basis.row(stats["mean"].double())}
+    """Prune x − η and add η back through the layer; η per token (median, mean) or static: the
+    calibration mean, taken in the final basis whatever transforms follow (see recipe)."""
     return {"shift": mode}
 
 

@@ -69,6 +69,24 @@ def straight_through(keep: torch.Tensor, scores: torch.Tensor, pattern: Pattern)
     return keep.to(scores.dtype) + soft - soft.detach()
 
 
+class ScoreSample:
+    """Scores seen while a threshold is calibrated: a seeded random subset of every call's entries,
+    over all tokens and channels (a strided subset would see only a few channels)."""
+
+    def __init__(self, per_call: int = 4096, seed: int = 0):
+        self.per_call = per_call
+        self.generator = torch.Generator().manual_seed(seed)
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, scores: torch.Tensor) -> None:
+        flat = scores.flatten()
+        index = torch.randint(flat.numel(), (min(self.per_call, flat.numel()),), generator=self.generator)
+        self.parts.append(flat[index.to(flat.device)].float().cpu())
+
+    def quantile(self, q: float) -> torch.Tensor:
+        return torch.quantile(torch.cat(self.parts).double(), q)
+
+
 SHIFTS = ("mean", "median", "static")
 
 
@@ -109,7 +127,7 @@ class ActSparseLinear(nn.Module):
         self.shift = shift
         self.variance = variance
         self.dense_tokens = dense_tokens
-        self.recording = None  # a list while a threshold is being calibrated
+        self.recording = None  # a ScoreSample while a threshold is being calibrated
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
         self.bypass = False  # True: the dense output (a learned correction's training target)
         self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
@@ -192,16 +210,18 @@ class ActSparseLinear(nn.Module):
 
     def _keep(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.recording is not None:  # calibrating a threshold: stay dense, remember some scores
-            flat = _scores(x, self.score, channel_weight).detach().flatten()
-            self.recording.append(flat[:: max(1, flat.numel() // 4096)].float().cpu())
+            self.recording.add(_scores(x, self.score, channel_weight).detach())
             keep = torch.ones_like(x, dtype=torch.bool)
         elif self.threshold is not None:
             keep = _scores(x, self.score, channel_weight) >= self.threshold
         else:
             keep, dropped = _last_mask.get(x, self.pattern, self.score, channel_weight)
-            if not self.dense_tokens or x.dim() < 3:
+            if not self.dense_tokens:
                 return keep, dropped
-        if self.dense_tokens and x.dim() >= 3:  # attention sinks: a sequence's first tokens stay dense
+        if self.dense_tokens and x.dim() < 3:
+            raise ValueError(f"pruning.dense_tokens={self.dense_tokens} needs inputs shaped (batch, tokens, features): "
+                             f"this layer got one of shape {tuple(x.shape)}, whose first tokens cannot be told")
+        if self.dense_tokens:  # attention sinks: a sequence's first tokens stay dense
             keep = keep.clone()
             keep[..., : self.dense_tokens, :] = True
         return keep, keep.numel() - keep.sum()

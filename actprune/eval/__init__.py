@@ -29,6 +29,7 @@ class Env:
     job_dir: Path | None = None
     seed: int = 0
     model_key: tuple = ()  # identifies the loaded model and tokenizer, for in-process reuse
+    max_positions: int | None = None  # the model's context length (max_position_embeddings), where it says
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import check_jsonl
 from ..reuse import cached
 from . import Env, Measured, benchmark
 
@@ -34,6 +35,7 @@ def wikitext2_test_text(data_dir: str | None, fallback: bool = False, cache_dir:
 
     local = Path(data_dir) / WIKITEXT2_TEST if data_dir else None
     if local is not None and local.is_file():
+        check_jsonl(local)
         rows = datasets.load_dataset("json", data_files=str(local), split="train", cache_dir=cache_dir)
         return "\n\n".join(rows["text"]), str(local)
     try:
@@ -115,8 +117,14 @@ class WikiText2Perplexity:
         self.text = self.source = None
 
     def prepare(self, env: Env) -> dict:
-        if self.options.batch_size < 1:
-            raise ValueError(f"benchmark.ppl_wikitext2.batch_size={self.options.batch_size}: must be >= 1")
+        o = self.options
+        if o.seqlen < 2 or o.batch_size < 1 or (o.max_windows is not None and o.max_windows < 1):
+            raise ValueError(f"benchmark.ppl_wikitext2.seqlen={o.seqlen}, batch_size={o.batch_size}, max_windows="
+                             f"{o.max_windows}: allowed values are seqlen >= 2 (default model.seqlen), batch_size >= 1, "
+                             f"max_windows >= 1 or null")
+        if env.max_positions is not None and o.seqlen > env.max_positions:
+            raise ValueError(f"benchmark.ppl_wikitext2.seqlen={o.seqlen} (default model.seqlen) is longer than the "
+                             f"model's context, max_position_embeddings={env.max_positions}")
         self.text, self.source = cached(
             ("text", env.data_dir, self.options.fallback_text),
             lambda: wikitext2_test_text(env.data_dir, self.options.fallback_text,

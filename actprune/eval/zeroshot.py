@@ -47,10 +47,18 @@ def _check_reachable(task: str, config: dict, data_dir: str | None) -> None:
         ) from error
 
 
-def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
+def fewshot_split(splits: dict) -> str | None:
+    """The split lm_eval draws few-shot examples from: its `fewshot_split`, else the first of
+    training, validation and test that the task has (lm_eval's own order)."""
+    return next((splits[key] for key in ("fewshot_split", "training_split", "validation_split", "test_split")
+                 if splits.get(key)), None)
+
+
+def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, dict]:
     """Build lm_eval's Task objects (data loaded) before any model is: bad names fail here.
 
-    Returns the tasks and a record of where each one's rows came from.
+    Returns the tasks, a record of where each one's rows came from and, with few-shot examples,
+    the split each task draws them from (a warning where that is the very split it scores).
     """
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -67,11 +75,12 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
             + "; ".join(f"{task!r} (close: {', '.join(close) or 'none'})" for task, close in hints.items())
             + ". `lm-eval ls tasks` lists them all"
         )
-    overrides, sources = {}, {}
+    overrides, sources, fewshot = {}, {}, {}
     for task in tasks:
         entry = manager.task_index[task]
         if entry.yaml_path is None:  # a Python-defined task: lm_eval's own data only
             sources[task] = "lm_eval"
+            fewshot[task] = "lm_eval's choice"
             continue
         config = load_yaml(entry.yaml_path, resolve_func=False)
         rows = local_rows(data_dir, task)
@@ -79,6 +88,7 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
             if "dataset_path" in config:
                 _check_reachable(task, config, data_dir)
             sources[task] = f"datasets:{config.get('dataset_path')}"
+            fewshot[task] = fewshot_split(config)
             continue
         override = {"include": str(entry.yaml_path), "task": task, "dataset_path": "json", "dataset_name": None,
                     "dataset_kwargs": {"data_files": rows}}
@@ -90,6 +100,11 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
                 f"evaluates on {config.get('test_split') or config.get('validation_split')!r}: add that .jsonl"
             )
         overrides[task] = override
+        fewshot[task] = fewshot_split(override)
+        scored = override["test_split"] or override["validation_split"]
+        if options.num_fewshot and fewshot[task] == scored:
+            log.warning("lm_eval task %s: few-shot examples come from %s, the rows it scores (no other split in %s)",
+                        task, scored, Path(data_dir) / "lm_eval" / task)
         sources[task] = next(path for split, path in rows.items() if split in (override["test_split"], override["validation_split"]))
     if overrides:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +112,7 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict]:
             (work_dir / f"{task}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
         manager = TaskManager(include_path=str(work_dir))  # later paths override lm_eval's own
     loaded = manager.load_task_or_group(tasks)
-    return list(loaded.values()), sources
+    return list(loaded.values()), sources, fewshot
 
 
 def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
@@ -165,10 +180,14 @@ class LmEval:
         self.tasks = None
 
     def prepare(self, env: Env) -> dict:
+        o = self.options
+        if o.batch_size < 1 or o.num_fewshot < 0 or (o.limit is not None and o.limit < 1):
+            raise ValueError(f"benchmark.lm_eval.batch_size={o.batch_size}, num_fewshot={o.num_fewshot}, limit={o.limit}: "
+                             f"allowed values are batch_size >= 1, num_fewshot >= 0, limit >= 1 or null")
         tic = time.perf_counter()
-        self.tasks, sources = prepare(self.options, env.data_dir, Path(env.job_dir) / "lm_eval_tasks")
+        self.tasks, sources, fewshot = prepare(self.options, env.data_dir, Path(env.job_dir) / "lm_eval_tasks")
         self.seconds = time.perf_counter() - tic
-        return {"lm_eval_data": sources}
+        return {"lm_eval_data": sources, **({"lm_eval_fewshot_split": fewshot} if self.options.num_fewshot else {})}
 
     def run(self, model, tokenizer, env: Env) -> Measured:
         result = evaluate(model, tokenizer, self.options, self.tasks, env.seed)

@@ -25,9 +25,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..activation import learned, wrapper
 from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics
 from ..activation.thresholds import calibrate_thresholds_
+from ..calibration import code_digest
 from ..walk import LayerInputs
 
 if TYPE_CHECKING:
@@ -119,7 +121,8 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     if learn is not None and wrapped:
         tic = time.perf_counter()
         dtype = str(next(model.parameters()).dtype)
-        path = calibration.cache_file("learned", {"pruning": plan.settings(), "dtype": dtype}, ".safetensors")
+        parts = {"pruning": plan.settings(), "dtype": dtype, "code": code_digest(learned, wrapper)}
+        path = calibration.cache_file("learned", parts, ".safetensors")
         report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
         report.seconds["learn"] = time.perf_counter() - tic
     return wrapped

@@ -13,7 +13,8 @@ from . import results, table
 
 class SweepEnd(Callback):
     """At the end of a multirun: free what its jobs shared in this process, print the table of its
-    jobs, write report.md/report.csv/plots into the sweep folder, and log them to W&B when on."""
+    jobs, write report.md/report.csv/plots into the sweep folder, log them to W&B when on, and exit
+    non-zero, naming them, when any job failed or was refused."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from . import report
@@ -29,3 +30,8 @@ class SweepEnd(Callback):
         logger = config.logger
         if logger.name == "wandb" and logger.mode != "disabled":
             report.log_to_wandb(written, sweep_dir.name, logger.project, logger.entity, logger.mode, sweep_dir)
+        bad = [(name, record.get("status")) for name, record in rows if record.get("status") != "ok"]
+        if bad:  # the sweep went on past them; its exit status must not say ok
+            counts = ", ".join(f"{sum(s == status for _, s in bad)} {status}" for status in sorted({s for _, s in bad}))
+            raise SystemExit(f"Sweep {sweep_dir}: {len(bad)} of {len(rows)} jobs not ok ({counts}): "
+                             + ", ".join(name for name, _ in bad))

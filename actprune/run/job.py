@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import models, reuse
-from ..calibration import Calibration, corpus_text, model_fingerprint
+from ..calibration import Calibration, check_settings, corpus_text, model_fingerprint
 from ..eval import Env, build
 from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
 from . import results, table, tracking
+from .lock import JobLock
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class JobPlan:
     dtype: torch.dtype
     source: str  # where the model loads from (a folder, a hub id or a dequantized GGUF cache)
     gguf_file: str | None
+    fingerprint: str  # the model's files, for cache keys
     pruning: PruningPlan
     benchmarks: dict  # name -> prepared benchmark
     env: Env
@@ -58,23 +60,27 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     models.check_device_map(cfg.model.device_map)
     benchmarks = {name: build(name, options) for name, options in cfg.benchmark.items() if options is not None}
     source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir)
+    original = models.resolve_path(cfg.model.path, cfg.model.gguf_file)  # not the dequantized cache: one key
+    fingerprint = model_fingerprint(original, models.gguf_in(original, cfg.model.gguf_file))
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
+    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     pruning = plan(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
     text = None
     if pruning.needs:
+        check_settings(cfg.calibration.windows, cfg.calibration.seqlen, max_positions)
         text = reuse.cached(
             ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
             lambda: corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")),
         )
     model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
-    env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key)
+    env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key, max_positions)
     record = {}
     for benchmark in benchmarks.values():
         record.update(benchmark.prepare(env))
     record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")
-    return JobPlan(device, dtype, source, gguf_file, pruning, benchmarks, env, text, record)
+    return JobPlan(device, dtype, source, gguf_file, fingerprint, pruning, benchmarks, env, text, record)
 
 
 @dataclass
@@ -99,8 +105,7 @@ def calibrate(job: JobPlan, loaded: Loaded, cfg: DictConfig) -> Calibration | No
     if job.calibration_text is None:
         return None
     text, corpus = job.calibration_text
-    return Calibration.from_text(loaded.tokenizer, text, corpus, cfg.calibration, model_fingerprint(job.source),
-                                 cfg.paths.cache_dir)
+    return Calibration.from_text(loaded.tokenizer, text, corpus, cfg.calibration, job.fingerprint, cfg.paths.cache_dir)
 
 
 def prune(job: JobPlan, loaded: Loaded, calibration: Calibration | None) -> SparsityReport:
@@ -177,13 +182,23 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | N
     """Run one configured job in `job_dir` and return what it wrote to its results.json.
 
     A job that finished before with the same settings is not run again: its record is returned.
+    A folder that another live process is running raises `Busy`; one that holds a finished job
+    with other settings raises FileExistsError and keeps a refusal record beside it.
     `slot` (the job's number in a sweep) picks its GPU when several are visible and `device=auto`.
     """
-    try:
-        path = results.claim(job_dir, results.settings(cfg), cfg.get("overwrite", False))
-    except results.AlreadyDone as done:
-        log.info("Skipping %s: %s", name, done)
-        return done.record
+    with JobLock(job_dir):
+        try:
+            path = results.claim(job_dir, results.settings(cfg), cfg.get("overwrite", False))
+        except results.AlreadyDone as done:
+            log.info("Skipping %s: %s", name, done)
+            return done.record
+        except FileExistsError as error:
+            results.refuse(job_dir, {**new_record(cfg, name, group), "error": f"refused: {error}"})
+            raise
+        return _run(cfg, job_dir, group, name, slot, path)
+
+
+def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None, path: Path) -> dict:
     started = time.perf_counter()
     record = new_record(cfg, name, group)
     tracker = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 from pathlib import Path
 
 from .table import markdown, rows, write_csv, zeroed_fraction
@@ -85,8 +86,10 @@ def log_to_wandb(written: dict[str, Path], group: str, project: str, entity: str
 
     with open(written["csv"]) as file:
         data = list(csv.reader(file))
-    run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=f"{group}-summary",
-                     job_type="summary", dir=str(run_dir), reinit="finish_previous")
+    # One summary run per sweep folder: a sweep run again updates it instead of adding another.
+    run_id = "summary-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, mode=mode, group=group,
+                     name=f"{group}-summary", job_type="summary", dir=str(run_dir), reinit="finish_previous")
     media = {"summary/table": wandb.Table(columns=data[0], data=data[1:])}
     media.update({f"summary/{key}": wandb.Image(str(path)) for key, path in written.items() if key.endswith("_plot")})
     run.log(media)

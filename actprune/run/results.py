@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..files import atomic_write
+from ..files import atomic_write, set_aside
 
+log = logging.getLogger(__name__)
 RESULTS = "results.json"
+REFUSED = "refused.json"  # a later command that this folder's finished job refused (other settings)
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
 
 
@@ -103,6 +105,7 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
     record = previous(job_dir)
     found = state(record, current, overwrite)
     if found == "done":
+        (Path(job_dir) / REFUSED).unlink(missing_ok=True)
         raise AlreadyDone(path, record)
     if found == "changed":
         recorded = record.get("config") or {}
@@ -111,18 +114,10 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
             f"{path} holds a finished job with other settings ({', '.join(changed)} differ): it is never "
             f"overwritten by accident; set overwrite=true, or choose another hydra.run.dir / hydra.sweep.dir"
         )
+    (Path(job_dir) / REFUSED).unlink(missing_ok=True)  # this command runs here: an older refusal is void
     if record is not None:
         set_aside(path, record.get("status", "unknown"))
     return path
-
-
-def set_aside(path: Path, status: str) -> Path:
-    """Rename an earlier record to `results.<status>.<n>.json` beside it."""
-    n = 1
-    while (kept := path.with_name(f"results.{status}.{n}.json")).exists():
-        n += 1
-    os.replace(path, kept)
-    return kept
 
 
 def write(path: Path, results: dict) -> None:
@@ -130,12 +125,20 @@ def write(path: Path, results: dict) -> None:
     atomic_write(path, lambda staging: Path(staging).write_text(text))
 
 
+def refuse(job_dir: Path, record: dict) -> None:
+    """Leave the refusal of a command beside the finished job it would have overwritten."""
+    write(Path(job_dir) / REFUSED, {**record, "status": "refused"})
+
+
 def read_all(folder: Path) -> list[tuple[Path, dict]]:
-    """Every results.json under `folder`, sorted by path."""
+    """Each job's record under `folder`, sorted by path: its results.json, or the refusal of the
+    last command that reached it. An unreadable file is a row that says so (and a warning)."""
     found = []
-    for path in sorted(Path(folder).rglob(RESULTS)):
+    paths = {p.parent: p for p in Path(folder).rglob(RESULTS)} | {p.parent: p for p in Path(folder).rglob(REFUSED)}
+    for job_dir, path in sorted(paths.items()):
         try:
-            found.append((path, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError):
-            continue
+            found.append((job_dir / RESULTS, json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as error:
+            log.warning("unreadable %s: %s", path, error)
+            found.append((job_dir / RESULTS, {"status": "unreadable", "error": f"unreadable {path}: {error}"}))
     return found

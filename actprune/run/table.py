@@ -4,13 +4,14 @@ rows (the job log, the sweep's end, `actprune-report`, the scripts' pivots)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections import defaultdict
 from pathlib import Path
 
 from ..masks import parse_sparsity
 from .results import read_all
 
-FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text"]
+FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text", "seqlen", "windows", "calibration"]
 TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
 
 
@@ -75,8 +76,11 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def row(result: dict, folder: str | None = None) -> dict:
     """One job as a row of the report: model, method, sparsity, transforms, the metrics, status."""
     metrics = result.get("metrics") or {}
-    pruning = (result.get("config") or {}).get("pruning") or {}
+    config = result.get("config") or {}
+    pruning = config.get("pruning") or {}
     ppl_key = next((key for key in metrics if key.startswith("ppl/")), None)
+    calibration = result.get("calibration") or {}
+    model = config.get("model") or {}
     found = {
         "model": result.get("model", "?"),
         "method": label(result, transforms=False),
@@ -84,12 +88,16 @@ def row(result: dict, folder: str | None = None) -> dict:
         "transforms": ",".join(transform_names(pruning)),
         "perplexity": metrics.get(ppl_key) if ppl_key else None,
         "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
+        "seqlen": ((config.get("benchmark") or {}).get("ppl_wikitext2") or {}).get("seqlen") if ppl_key else None,
+        "windows": (result.get("ppl_wikitext2") or {}).get("windows"),
+        "calibration": f"{calibration['corpus']} {calibration['windows']}x{calibration['seqlen']}" if calibration else None,
         "mean_acc": metrics.get("lm_eval/mean_acc"),
         "measured_sparsity": (result.get("sparsity") or {}).get("measured"),
         "runtime_s": (result.get("timings") or {}).get("total"),
         "replaced_layers": result.get("replaced_layers"),
         "status": result.get("status", "?"),
         "folder": folder,
+        "_model_files": f"{model.get('path')}/{model.get('gguf_file') or ''}",  # told apart from the name alone
     }
     for key, value in metrics.items():
         if key.startswith("lm_eval/") and key.endswith("/acc"):
@@ -100,12 +108,17 @@ def row(result: dict, folder: str | None = None) -> dict:
 def rows(folders: list[Path]) -> list[dict]:
     """One row per job below `folders`, sorted by model, method and sparsity."""
     found = [row(result, str(path.parent)) for folder in folders for path, result in read_all(folder)]
+    for name in {r["model"] for r in found}:  # two models whose folders share a name stay apart
+        same = [r for r in found if r["model"] == name]
+        if len({r["_model_files"] for r in same}) > 1:
+            for r in same:
+                r["model"] = f"{name}#{hashlib.sha1(r['_model_files'].encode()).hexdigest()[:6]}"
     return sorted(found, key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["transforms"],
                                         zeroed_fraction(r["sparsity"]), r["sparsity"]))
 
 
 def columns(table: list[dict]) -> list[str]:
-    tasks = sorted({key for row in table for key in row} - set(FIXED) - set(TAIL))
+    tasks = sorted({key for row in table for key in row if not key.startswith("_")} - set(FIXED) - set(TAIL))
     return FIXED + tasks + TAIL
 
 
@@ -133,7 +146,7 @@ def markdown(table: list[dict]) -> str:
 
 def write_csv(table: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns(table))
+        writer = csv.DictWriter(file, fieldnames=columns(table), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table)
 

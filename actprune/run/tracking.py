@@ -29,22 +29,15 @@ class Tracker:
         # The run id lives in the job folder: a job run again (failed, preempted) continues its run.
         id_file = Path(job_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id + "\n")
-        self.run = wandb.init(
-            id=run_id,
-            resume="allow",
-            project=logger_cfg.project,
-            entity=logger_cfg.entity,
-            mode=logger_cfg.mode,
-            dir=str(job_dir),
-            group=group,
-            name=name,
-            job_type="prune-eval",
-            tags=list(logger_cfg.tags),
-            config=config,
-            reinit="finish_previous",
-        )
+        try:
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+            self.run = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity,
+                                  mode=logger_cfg.mode, dir=str(job_dir), group=group, name=name, job_type="prune-eval",
+                                  tags=list(logger_cfg.tags), config=config, reinit="finish_previous")
+        except Exception as error:  # an unwritable folder, a bad key: say how to go on without W&B
+            raise RuntimeError(f"W&B could not start a run in {job_dir} ({type(error).__name__}: {error}); "
+                               f"logger=none runs the job without W&B") from error
 
     def log_results(self, results: dict) -> None:
         if self.run is None:

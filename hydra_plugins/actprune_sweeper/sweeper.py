@@ -49,10 +49,13 @@ class ResumingSweeper(BasicSweeper):
         try:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-            return results.state(results.previous(job_dir), results.settings(config), bool(config.get("overwrite")))
+            found = results.state(results.previous(job_dir), results.settings(config), bool(config.get("overwrite")))
         except Exception as error:  # the job itself decides; it reports what it finds
             log.debug("cannot tell whether %s is done: %s", overrides, error)
             return "unknown"
+        if found == "done":  # this command's job is there: a refusal of another command is void
+            (job_dir / results.REFUSED).unlink(missing_ok=True)
+        return found
 
     def batch_size(self, jobs: int) -> int:
         if self.max_batch_size:

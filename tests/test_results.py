@@ -1,0 +1,95 @@
+"""Records on disk: readable by teammates, never silently dropped."""
+
+import json
+import logging
+import os
+import stat
+
+import pytest
+
+from actprune.files import atomic_write
+from actprune.run import results, table
+
+
+def test_files_are_written_with_the_umask_not_private(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a" / "results.json", lambda staging: open(staging, "w").write("{}"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # mkstemp alone gives 0600
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no staging file left
+
+
+def test_an_unreadable_record_is_a_row_that_says_so_and_a_warning(tmp_path, caplog):
+    (tmp_path / "good").mkdir()
+    results.write(tmp_path / "good" / "results.json", {"status": "ok", "metrics": {"ppl/wikitext2": 3.0}})
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text('{"status": "ok", "metr')
+    with caplog.at_level(logging.WARNING):
+        found = dict((path.parent.name, record) for path, record in results.read_all(tmp_path))
+    assert found["good"]["status"] == "ok" and found["bad"]["status"] == "unreadable"
+    assert str(tmp_path / "bad" / "results.json") in caplog.text
+    rows = table.rows([tmp_path])
+    assert sorted(row["status"] for row in rows) == ["ok", "unreadable"]
+
+
+def test_a_refusal_stands_in_the_tables_until_its_folder_runs_again(tmp_path):
+    job = tmp_path / "job"
+    results.write(job / "results.json", {"status": "ok", "config": {"seed": 0}})
+    results.refuse(job, {"status": "running", "config": {"seed": 1}, "error": "refused: other settings"})
+    (path, record), = results.read_all(tmp_path)
+    assert record["status"] == "refused" and path == job / "results.json"
+    with pytest.raises(results.AlreadyDone):  # the finished job's own settings again: skipped, the refusal void
+        results.claim(job, {"seed": 0})
+    assert not (job / "refused.json").exists() and json.loads((job / "results.json").read_text())["status"] == "ok"
+
+
+def test_the_report_shows_what_makes_rows_comparable_and_keeps_same_named_models_apart(tmp_path):
+    def record(path, windows):
+        return {"status": "ok", "model": "llama", "metrics": {"ppl/wikitext2": 5.0}, "ppl_wikitext2": {"windows": windows},
+                "calibration": {"corpus": "c4", "windows": 8, "seqlen": 128},
+                "config": {"model": {"path": path}, "pruning": {"method": "act_magnitude", "sparsity": "2:4"},
+                           "benchmark": {"ppl_wikitext2": {"seqlen": 512}}}}
+
+    results.write(tmp_path / "a" / "results.json", record("/models/a/llama", 8))
+    results.write(tmp_path / "b" / "results.json", record("/models/b/llama", 32))
+    rows = table.rows([tmp_path])
+    assert {r["windows"] for r in rows} == {8, 32} and {r["seqlen"] for r in rows} == {512}
+    assert {r["calibration"] for r in rows} == {"c4 8x128"}
+    assert len({r["model"] for r in rows}) == 2 and all(r["model"].startswith("llama#") for r in rows)
+    markdown = table.markdown(rows)
+    assert "| seqlen | windows | calibration |" in markdown and "_model_files" not in markdown
+    table.write_csv(rows, tmp_path / "report.csv")
+
+
+def test_a_sweep_reported_again_updates_its_one_wandb_summary_run(tmp_path):
+    from actprune.run import report
+
+    (tmp_path / "report.csv").write_text("model,perplexity\nllama,5.0\n")
+    for _ in range(2):
+        report.log_to_wandb({"csv": tmp_path / "report.csv"}, "sweep", "actprune", None, "offline", tmp_path)
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # a folder per session, named for its run id
+    assert len(runs) == 2 and len({run.name for run in runs}) == 1, runs  # one run, resumed
+
+
+def test_wandb_mode_from_the_environment_unless_given(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from actprune.app import CONF_DIR
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        assert compose("config", overrides=["logger=wandb"]).logger.mode == "disabled"
+        assert compose("config", overrides=["logger=wandb", "logger.mode=offline"]).logger.mode == "offline"
+
+
+def test_an_unwritable_wandb_folder_suggests_logger_none(tmp_path):
+    from omegaconf import OmegaConf
+
+    from actprune.run.tracking import Tracker
+
+    (tmp_path / "file").write_text("not a folder")
+    logger = OmegaConf.create({"name": "wandb", "project": "actprune", "entity": None, "mode": "offline", "tags": []})
+    with pytest.raises(RuntimeError, match="logger=none runs the job without W&B"):
+        Tracker(logger, tmp_path / "file" / "job", group="g", name="n", config={})
