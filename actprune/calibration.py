@@ -176,15 +176,17 @@ class Calibration:
         self.windows = windows
         self.corpus, self.seed = corpus, seed
         self.model_id, self.cache_dir = model_id, cache_dir
-        self.tokens_digest = hashlib.sha1(windows.numpy().tobytes()).hexdigest()
+        self.tokens_digest = hashlib.sha1(windows.cpu().numpy().tobytes()).hexdigest()
         self.used: dict = {}  # what was read or computed, for results.json
-        self.seconds = 0.0  # spent collecting statistics
+        self.seconds = 0.0  # spent tokenizing and on statistics (read from the cache or collected)
 
     @classmethod
     def from_text(cls, tokenizer, text: str, corpus: str, calibration_cfg, model_id: str | None = None,
                   cache_dir: str | None = None) -> Calibration:
-        c = calibration_cfg
-        return cls(sample_windows(tokenizer, text, c.windows, c.seqlen, c.seed), corpus, c.seed, model_id, cache_dir)
+        c, tic = calibration_cfg, time.perf_counter()
+        calibration = cls(sample_windows(tokenizer, text, c.windows, c.seqlen, c.seed), corpus, c.seed, model_id, cache_dir)
+        calibration.seconds = time.perf_counter() - tic  # tokenizing counts as calibration time
+        return calibration
 
     def record(self) -> dict:
         """What `results.json` says about the calibration a job used."""
@@ -202,8 +204,15 @@ class Calibration:
     def statistics(self, model: nn.Module, layers: dict[str, nn.Linear], second_moment: bool = False) -> dict:
         """Per layer input statistics (see `collect`), from the cache where an earlier job left them;
         a cached file that cannot be read is set aside, with a warning, and computed again."""
+        tic = time.perf_counter()
+        try:
+            return self._statistics(model, layers, second_moment)
+        finally:
+            self.seconds += time.perf_counter() - tic
+
+    def _statistics(self, model: nn.Module, layers: dict[str, nn.Linear], second_moment: bool) -> dict:
         dtype = str(next(model.parameters()).dtype)
-        parts = {"layers": sorted(layers), "second_moment": second_moment, "dtype": dtype, "code": code_digest(collect)}
+        parts = {"layers": sorted(layers), "second_moment": second_moment, "dtype": dtype, "code": code_digest(collect, feed)}
         path = self.cache_file("calibration", parts, ".pt")
         if path is not None and path.is_file():
             try:
@@ -217,9 +226,7 @@ class Calibration:
                 log.info("calibration cache hit: %s", path)
                 self.used.update(cache_file=str(path), cache="hit")
                 return stats
-        tic = time.perf_counter()
         stats = collect(model, layers, self.windows, second_moment)
-        self.seconds += time.perf_counter() - tic
         if path is not None:
             log.info("calibration cache miss: statistics collected into %s", path)
             atomic_write(path, lambda staging: torch.save(stats, staging))  # concurrent jobs: whole file or nothing

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; once, at import, before any thread writes files
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()
 
 
 def check_jsonl(path: Path, field: str = "text") -> None:
@@ -33,13 +36,17 @@ def check_jsonl(path: Path, field: str = "text") -> None:
         raise ValueError(f"{path} holds no rows: one {{{field!r}: ...}} JSON object per line")
 
 
-def set_aside(path: Path, tag: str) -> Path:
-    """Rename `path` (a file or a folder) to `<stem>.<tag>.<n><suffix>` beside it, never over another."""
+def set_aside(path: Path, tag: str) -> Path | None:
+    """Rename `path` (a file or a folder) to `<stem>.<tag>.<n><suffix>` beside it, never over another;
+    None where a concurrent job moved it first."""
     path = Path(path)
     n = 1
     while (kept := path.with_name(f"{path.stem}.{tag}.{n}{path.suffix}")).exists():
         n += 1
-    os.replace(path, kept)
+    try:
+        os.replace(path, kept)
+    except FileNotFoundError:
+        return None
     return kept
 
 
@@ -51,7 +58,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(staging)
-        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it 0600: a teammate could not read it
+        os.chmod(staging, 0o666 & ~UMASK)  # mkstemp makes it 0600: a teammate could not read it
         os.replace(staging, path)
     except BaseException:
         if os.path.exists(staging):

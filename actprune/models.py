@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .files import set_aside
+from .files import UMASK, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes it 0700: teammates on shared storage read it too
         os.replace(staging, target)  # atomic: a concurrent job either sees all of it or nothing
     except OSError:
         if not (target / "config.json").is_file():

@@ -205,7 +205,7 @@ class SparsityReport:
                 "fed (padding included, e.g. lm_eval's)")
         wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
         dense_reads = [reason for reason, used in (
-            ("a shift adds η back through W", any(w.shift is not None for w in wrappers)),
+            ("a per-token shift reads it to find η", any(w.shift in ("mean", "median") for w in wrappers)),
             ("the low-rank correction reads the dropped entries",
              any(w.correction is not None and w.correction.u is not None for w in wrappers))) if used]
         if dense_reads:

@@ -13,4 +13,4 @@ from actprune.run.results import read_all
 from actprune.run.table import pivot
 
 if __name__ == "__main__":
-    print(pivot([result for folder in sys.argv[1:] for _, result in read_all(Path(folder))]))
+    print(pivot([result for folder in sys.argv[1:] for _, result in read_all(Path(folder), refusals=False)]))

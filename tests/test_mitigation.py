@@ -352,3 +352,14 @@ def test_threshold_calibration_samples_every_channel():
     with torch.no_grad():
         layer(x)
     assert layer.measured_sparsity() == pytest.approx(0.5, abs=0.02)
+
+
+def test_non_finite_calibration_statistics_fail_the_layer_by_name():
+    model, windows = llama(), random_windows()
+    calibration = Calibration(windows)
+    targets = targets_of(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"})
+    stats = calibration.statistics(model, targets)
+    stats["model.layers.0.self_attn.q_proj"]["l2"][3] = float("nan")
+    calibration.statistics = lambda *args, **kwargs: stats
+    with pytest.raises(FloatingPointError, match=r"model.layers.0.self_attn.q_proj: pruning.score=clact.*\['channel_weight'\]"):
+        sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"}, calibration)

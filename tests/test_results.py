@@ -36,7 +36,7 @@ def test_an_unreadable_record_is_a_row_that_says_so_and_a_warning(tmp_path, capl
 
 def test_a_refusal_stands_in_the_tables_until_its_folder_runs_again(tmp_path):
     job = tmp_path / "job"
-    results.write(job / "results.json", {"status": "ok", "config": {"seed": 0}})
+    results.write(job / "results.json", {"status": "ok", "results_version": results.VERSION, "config": {"seed": 0}})
     results.refuse(job, {"status": "running", "config": {"seed": 1}, "error": "refused: other settings"})
     (path, record), = results.read_all(tmp_path)
     assert record["status"] == "refused" and path == job / "results.json"
@@ -93,3 +93,21 @@ def test_an_unwritable_wandb_folder_suggests_logger_none(tmp_path):
     logger = OmegaConf.create({"name": "wandb", "project": "actprune", "entity": None, "mode": "offline", "tags": []})
     with pytest.raises(RuntimeError, match="logger=none runs the job without W&B"):
         Tracker(logger, tmp_path / "file" / "job", group="g", name="n", config={})
+
+
+def test_records_of_a_version_whose_numbers_a_fix_changed_run_again(tmp_path):
+    job = tmp_path / "job"
+    results.write(job / "results.json", {"status": "ok", "config": {"seed": 0}})  # no results_version: before the fixes
+    assert results.state(results.previous(job), {"seed": 0}) == "outdated"
+    results.claim(job, {"seed": 0})  # runs again; the old record is kept beside
+    assert (job / "results.ok.1.json").is_file() and not (job / "results.json").exists()
+    results.write(job / "results.json", {"status": "ok", "results_version": results.VERSION, "config": {"seed": 0}})
+    with pytest.raises(results.AlreadyDone):
+        results.claim(job, {"seed": 0})
+
+
+def test_a_benchmark_cannot_take_a_key_of_results_json():
+    from actprune.eval import benchmark
+
+    with pytest.raises(ValueError, match="'metrics' is a key results.json keeps"):
+        benchmark("metrics")(type("Metrics", (), {}))

@@ -199,5 +199,5 @@ def test_the_report_says_what_measured_sparsity_covers():
         "weight": {"method": "weight_magnitude", "sparsity": "2:4"},
     }.items()}
     assert "padding included" in covers["plain"] and "still read every input" not in covers["plain"]
-    assert "shift adds" in covers["shift"] and "low-rank correction reads" in covers["lowrank"]
+    assert "per-token shift" in covers["shift"] and "low-rank correction reads" in covers["lowrank"]
     assert covers["weight"] == "the fraction of zero weights in the pruned layers"

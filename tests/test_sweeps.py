@@ -317,3 +317,18 @@ def test_stale_locks_are_told_from_live_ones(tmp_path, monkeypatch):
     os.utime(path, (old, old))
     assert lock._stale(path, {"host": "other-node", "pid": 1, "slurm": None})  # nobody touched it for long
     assert lock._stale(path, {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+@pytest.mark.cli
+def test_a_sweep_judges_its_own_jobs_and_those_that_left_no_record(tiny_setup, tmp_path):
+    sweep = tmp_path / "sweep"
+    failing = actprune("-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=1.5", WINDOWS)
+    assert failing.returncode == 1
+    ok = actprune("-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS)
+    assert ok.returncode == 0, ok.stderr[-2000:]  # another command's failed job in the folder is not this one's
+    assert "| failed |" in (sweep / "report.md").read_text()  # ...though the folder's report shows it
+    job_dir = next(p.parent for p in sweep.rglob("results.json") if "0.5" in p.parent.name)
+    (job_dir / "results.json").unlink()  # as if killed outright, and not run again:
+    (job_dir / ".lock").write_text(json.dumps({"host": "other-node", "pid": 1, "slurm": None}))
+    busy = actprune("-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS)
+    assert busy.returncode == 1 and "1 of 1 jobs not ok (1 busy)" in busy.stderr

@@ -23,6 +23,8 @@ def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear]
         for name, layer in wrappers.items():
             layer.threshold = layer.recording.quantile(target).to(layer.weight.device, layer.weight.dtype)
             thresholds[name] = float(layer.threshold)
+            if not torch.isfinite(layer.threshold):
+                raise FloatingPointError(f"{name}: the calibrated threshold is {thresholds[name]} (NaN scores on calibration text)")
     finally:
         for layer in wrappers.values():
             layer.recording = None

@@ -40,12 +40,18 @@ class Measured:
 
 
 BENCHMARKS: dict[str, type] = {}
+# Top-level keys of results.json that a benchmark's name or prepare() record must not take.
+RESERVED = {"status", "results_version", "error", "traceback", "job", "group", "config", "metrics", "sparsity",
+            "replaced_layers", "timings", "versions", "host", "model", "device", "dtype", "parameters",
+            "calibration", "learned"}
 
 
 def benchmark(name: str):
     """Register a benchmark class under `name` (its config: `benchmark.<name>`)."""
 
     def add(cls):
+        if name in RESERVED:
+            raise ValueError(f"benchmark name {name!r} is a key results.json keeps for itself: choose another")
         cls.name = name
         BENCHMARKS[name] = cls
         return cls

@@ -18,14 +18,14 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..activation import learned, wrapper
+from ..activation import learned, recipe, scores, transforms, wrapper
 from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics
 from ..activation.thresholds import calibrate_thresholds_
@@ -54,7 +54,6 @@ class Method:
     kind: str  # dense | activation | weight
     apply: Callable  # activation: wrap(linear, plan, stats); weight: prune(linear, pattern, inputs, plan)
     layerwise: str | None = None  # weight methods calibrated layer by layer: "norms" or "hessian"
-    doc: str = field(default="", compare=False)
 
     def needs(self, plan: PruningPlan) -> Needs:
         if self.kind == "activation":
@@ -82,12 +81,20 @@ def register(method: Method) -> Method:
 
 def activation_method(name: str):
     """`@activation_method("act_x")` on `wrap(linear, plan, stats) -> nn.Module`."""
-    return lambda wrap: register(Method(name, "activation", wrap, doc=wrap.__doc__ or "")) and wrap
+    def add(wrap):
+        register(Method(name, "activation", wrap))
+        return wrap
+
+    return add
 
 
 def weight_method(name: str, layerwise: str | None = None):
     """`@weight_method("weight_x", layerwise=None|"norms"|"hessian")` on `prune(linear, pattern, inputs, plan)`."""
-    return lambda prune: register(Method(name, "weight", prune, layerwise, doc=prune.__doc__ or "")) and prune
+    def add(prune):
+        register(Method(name, "weight", prune, layerwise))
+        return prune
+
+    return add
 
 
 def get_method(name: str) -> Method:
@@ -112,6 +119,11 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     for name, linear in targets.items():
         wrapped[name] = method.apply(linear, plan, stats.get(name))
         _replace(model, name, wrapped[name])
+        buffers = {key: value for key, value in wrapped[name].named_buffers(recurse=False) if value.is_floating_point()}
+        broken = [key for key, value in buffers.items() if not torch.isfinite(value).all()]
+        if broken:  # a NaN score weight would keep nothing in its groups, silently
+            raise FloatingPointError(f"{name}: pruning.score={plan.config.score}, pruning.transforms="
+                                     f"{list(plan.config.transforms)} gave non-finite {broken} (degenerate calibration statistics?)")
     report.seconds["prune"] = time.perf_counter() - tic
     if plan.config.selection == "threshold" and wrapped:
         tic = time.perf_counter()
@@ -121,7 +133,7 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     if learn is not None and wrapped:
         tic = time.perf_counter()
         dtype = str(next(model.parameters()).dtype)
-        parts = {"pruning": plan.settings(), "dtype": dtype, "code": code_digest(learned, wrapper)}
+        parts = {"pruning": plan.settings(), "dtype": dtype, "code": code_digest(learned, wrapper, recipe, transforms, scores, LayerInputs)}
         path = calibration.cache_file("learned", parts, ".safetensors")
         report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
         report.seconds["learn"] = time.perf_counter() - tic
@@ -146,15 +158,13 @@ class LayerInputStatistics:
 
 @torch.no_grad()
 def _weight_(method, model, plan, targets, calibration, report) -> dict[str, nn.Module]:
+    if method.layerwise is not None and not plan.pattern.is_dense():
+        _layerwise_(method, model, plan, targets, calibration, report)  # times its passes and pruning apart
+        return dict(targets)
     tic = time.perf_counter()
-    if plan.pattern.is_dense():  # nothing to zero
-        pass
-    elif method.layerwise is None:
+    if not plan.pattern.is_dense():
         for linear in targets.values():
             method.apply(linear, plan.pattern, None, plan)
-    else:
-        _layerwise_(method, model, plan, targets, calibration, report)
-        return dict(targets)
     report.seconds["prune"] = time.perf_counter() - tic
     return dict(targets)
 

@@ -18,8 +18,8 @@ def sparsegpt_(linear: nn.Linear, pattern: Pattern, inputs, plan=None, blocksize
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask by w² / [H⁻¹]²_jj block by block and
     update the remaining weights with the inverse Hessian of the layer's inputs (OBS). Block size and
     dampening: the arguments, else `pruning.blocksize` / `pruning.percdamp`."""
-    blocksize = blocksize or plan.config.blocksize
-    percdamp = plan.config.percdamp if percdamp is None else percdamp
+    blocksize = blocksize or (plan.config.blocksize if plan else 128)
+    percdamp = percdamp if percdamp is not None else plan.config.percdamp if plan else 0.01
     weight = linear.weight.detach().float().clone()
     columns = weight.shape[1]
     hessian = 2 * inputs.hessian / max(inputs.count, 1)

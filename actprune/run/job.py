@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import models, reuse
 from ..calibration import Calibration, check_settings, corpus_text, model_fingerprint
-from ..eval import Env, build
+from ..eval import RESERVED, Env, build
 from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
 from . import results, table, tracking
 from .lock import JobLock
@@ -42,10 +42,6 @@ class JobPlan:
     env: Env
     calibration_text: tuple[str, str] | None  # (text, corpus) where the method learns from calibration
     record: dict = field(default_factory=dict)  # what results.json says of the plan
-
-    @property
-    def model_key(self) -> tuple:
-        return self.env.model_key
 
 
 def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan:
@@ -75,8 +71,12 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
     env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key, max_positions)
     record = {}
-    for benchmark in benchmarks.values():
-        record.update(benchmark.prepare(env))
+    for name, benchmark in benchmarks.items():
+        prepared = benchmark.prepare(env)
+        taken = sorted(set(prepared) & RESERVED)
+        if taken:
+            raise ValueError(f"benchmark {name}: prepare() returned {taken}, keys results.json keeps for itself")
+        record.update(prepared)
     record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")
@@ -93,7 +93,7 @@ class Loaded:
 def load(job: JobPlan, cfg: DictConfig) -> Loaded:
     """The model and tokenizer, or those an earlier job of this process loaded with the same settings."""
     tic = time.perf_counter()
-    model, tokenizer = reuse.cached(job.model_key, lambda: models.load_model(
+    model, tokenizer = reuse.cached(job.env.model_key, lambda: models.load_model(
         job.source, job.gguf_file, job.device, job.dtype, cfg.paths.cache_dir, cfg.model.trust_remote_code,
         cfg.model.device_map))
     return Loaded(model, tokenizer, time.perf_counter() - tic)
@@ -138,6 +138,7 @@ def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport) -> Evaluation
 def new_record(cfg: DictConfig, name: str, group: str) -> dict:
     return {
         "status": "running",
+        "results_version": results.VERSION,
         "error": None,
         "job": name,
         "group": group,
@@ -174,7 +175,7 @@ def stages(cfg: DictConfig, job_dir: Path, slot: int | None, record: dict) -> No
         record["sparsity"] = report.summary()
         report.restore_(loaded.model)
     except BaseException:
-        reuse.forget(job.model_key)  # a job that failed part way may have left the model altered
+        reuse.forget(job.env.model_key)  # a job that failed part way may have left the model altered
         raise
 
 

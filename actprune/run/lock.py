@@ -62,26 +62,44 @@ class JobLock:
 
     def __enter__(self) -> JobLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_id(), "since": time.time()}
-        for _ in range(2):
+        self.me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_id(), "since": time.time()})
+        for _ in range(3):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = {}  # half-written or unreadable: judged by its age alone
-                if not _stale(self.path, holder):
-                    raise Busy(f"{self.path.parent} is being run by pid {holder.get('pid')} on {holder.get('host')} "
-                               f"(lock {self.path}): skipped here; if that process is gone, delete the lock") from None
-                self.path.unlink(missing_ok=True)
+                self._take_over_if_stale()
                 continue
             with os.fdopen(handle, "w") as file:
-                json.dump(me, file)
+                file.write(self.me)
             self._beat = threading.Thread(target=self._touch, daemon=True)
             self._beat.start()
             return self
-        raise Busy(f"{self.path}: could not take the lock")
+        raise Busy(f"{self.path}: could not take the lock (other processes kept taking it)")
+
+    def _take_over_if_stale(self) -> None:
+        """Move a stale lock out of the way (raise Busy for a live one). The move is a rename, so of
+        two processes that judged it stale only one moves it; a lock renewed meanwhile is put back."""
+        try:
+            judged = self.path.read_text()
+            holder = json.loads(judged)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            judged, holder = None, {}  # half-written or unreadable: judged by its age alone
+        if not _stale(self.path, holder):
+            raise Busy(f"{self.path.parent} is being run by pid {holder.get('pid')} on {holder.get('host')} "
+                       f"(lock {self.path}): skipped here; if that process is gone, delete the lock")
+        moved = self.path.with_name(f"{LOCK}.stale.{os.getpid()}.{time.time_ns()}")
+        try:
+            os.rename(self.path, moved)
+        except FileNotFoundError:
+            return  # another process moved it first
+        if judged is not None and moved.read_text() != judged:  # not the lock judged stale: give it back
+            try:
+                os.link(moved, self.path)
+            except FileExistsError:
+                pass
+        moved.unlink(missing_ok=True)
 
     def _touch(self) -> None:
         while not self._stop.wait(HEARTBEAT):
@@ -92,4 +110,8 @@ class JobLock:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self.path.unlink(missing_ok=True)
+        try:
+            if self.path.read_text() == self.me:  # ours still, not one a takeover put there
+                self.path.unlink()
+        except FileNotFoundError:
+            pass

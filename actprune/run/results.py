@@ -14,6 +14,11 @@ from ..files import atomic_write, set_aside
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
 REFUSED = "refused.json"  # a later command that this folder's finished job refused (other settings)
+JOBS = "jobs.json"  # in a sweep folder: the job folders of the last command that swept it
+# Raised when a fix changes what earlier records measured (2: threshold sampling, a static shift
+# before a change of basis, each layer's own inputs in layer-by-layer passes): older ok records
+# are run again instead of being resumed as done.
+VERSION = 2
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
 
 
@@ -25,10 +30,12 @@ def versions() -> dict:
         except PackageNotFoundError:
             found[package] = None
     try:
-        done = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        found["git_commit"] = done.stdout.strip() if done.returncode == 0 else None
+        found["git_commit"] = None
+        if (REPO / ".git").exists() and (REPO / "pyproject.toml").is_file():  # a checkout, not site-packages
+            done = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=10
+            )
+            found["git_commit"] = done.stdout.strip() if done.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         found["git_commit"] = None
     return found
@@ -84,14 +91,17 @@ class AlreadyDone(Exception):
 
 
 def state(record: dict | None, current: dict | None, overwrite: bool = False) -> str:
-    """What a job finds in its folder: `missing`, `overwrite`, `failed` (or unfinished), `done`
-    (ok, same settings: skip it) or `changed` (ok, other settings: refuse)."""
+    """What a job finds in its folder: `missing`, `overwrite`, `failed` (or unfinished),
+    `outdated` (ok, by a version whose numbers a fix has changed since), `done` (ok, same
+    settings: skip it) or `changed` (ok, other settings: refuse)."""
     if record is None:
         return "missing"
     if overwrite:
         return "overwrite"
     if record.get("status") != "ok":
         return "failed"
+    if record.get("results_version", 1) < VERSION:
+        return "outdated"
     return "done" if current is None or same_settings(record.get("config") or {}, current) else "changed"
 
 
@@ -130,11 +140,33 @@ def refuse(job_dir: Path, record: dict) -> None:
     write(Path(job_dir) / REFUSED, {**record, "status": "refused"})
 
 
-def read_all(folder: Path) -> list[tuple[Path, dict]]:
-    """Each job's record under `folder`, sorted by path: its results.json, or the refusal of the
-    last command that reached it. An unreadable file is a row that says so (and a warning)."""
+def read_jobs(sweep_dir: Path) -> list[tuple[str, dict]] | None:
+    """The last sweep command's jobs and what each left: its record, or a `missing` one (it did
+    not finish: killed, or it failed before it could write) or `busy` (another process runs it).
+    None where no list was written (another sweeper)."""
+    path = Path(sweep_dir) / JOBS
+    if not path.is_file():
+        return None
+    found = {job_dir.parent.relative_to(sweep_dir).as_posix(): record for job_dir, record in read_all(sweep_dir)}
+    rows = []
+    for subdir in json.loads(path.read_text()):
+        record = found.get(subdir)
+        if record is None:
+            busy = (Path(sweep_dir) / subdir / ".lock").exists()
+            record = {"status": "busy" if busy else "missing",
+                      "error": "another process holds its lock" if busy else "no results.json: the job did not finish"}
+        rows.append((subdir, record))
+    return rows
+
+
+def read_all(folder: Path, refusals: bool = True) -> list[tuple[Path, dict]]:
+    """Each job's record under `folder`, sorted by path: its results.json, or (with `refusals`) the
+    refusal of the last command that reached it. An unreadable file is a row that says so (and a
+    warning)."""
     found = []
-    paths = {p.parent: p for p in Path(folder).rglob(RESULTS)} | {p.parent: p for p in Path(folder).rglob(REFUSED)}
+    paths = {p.parent: p for p in Path(folder).rglob(RESULTS)}
+    if refusals:
+        paths |= {p.parent: p for p in Path(folder).rglob(REFUSED)}
     for job_dir, path in sorted(paths.items()):
         try:
             found.append((job_dir / RESULTS, json.loads(path.read_text())))

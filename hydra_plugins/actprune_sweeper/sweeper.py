@@ -43,19 +43,21 @@ class ResumingSweeper(BasicSweeper):
                     jobs.append(job)
         return jobs
 
-    def job_state(self, overrides: List[str]) -> str:
-        """`done` (skip it), or why it is launched: `missing`, `failed`, `overwrite`, `changed` (the
-        job refuses, naming what differs), `unknown` (the job decides)."""
+    def job_state(self, overrides: List[str]) -> tuple[str, Optional[str]]:
+        """`done` (skip it), or why it is launched: `missing`, `failed`, `outdated`, `overwrite`,
+        `changed` (the job refuses, naming what differs), `unknown` (the job decides); and the
+        job's folder within the sweep's."""
         try:
             config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+            subdir = str(config.hydra.sweep.subdir)
+            job_dir = Path(str(config.hydra.sweep.dir)) / subdir
             found = results.state(results.previous(job_dir), results.settings(config), bool(config.get("overwrite")))
         except Exception as error:  # the job itself decides; it reports what it finds
             log.debug("cannot tell whether %s is done: %s", overrides, error)
-            return "unknown"
+            return "unknown", None
         if found == "done":  # this command's job is there: a refusal of another command is void
             (job_dir / results.REFUSED).unlink(missing_ok=True)
-        return found
+        return found, subdir
 
     def batch_size(self, jobs: int) -> int:
         if self.max_batch_size:
@@ -69,16 +71,18 @@ class ResumingSweeper(BasicSweeper):
         sweep_dir = str(self.config.hydra.sweep.dir)
         pin = "hydra.sweep.dir='" + sweep_dir.replace("\\", "\\\\").replace("'", "\\'") + "'"
         jobs = [[*job, pin] for job in self.jobs(arguments)]
-        states = [self.job_state(job) for job in jobs]
+        states, subdirs = zip(*[self.job_state(job) for job in jobs]) if jobs else ((), ())
         counts = Counter(states)
         todo = [job for job, state in zip(jobs, states) if state != "done"]
         log.info(
             "Sweep %s: %d jobs; %d done before (results.json says ok, same settings) and skipped%s. "
             "overwrite=true re-runs every job.", sweep_dir, len(jobs), counts["done"],
-            "".join(f"; {counts[s]} {s}" for s in ("failed", "missing", "changed", "overwrite", "unknown") if counts[s]),
+            "".join(f"; {counts[s]} {s}" for s in ("failed", "missing", "outdated", "changed", "overwrite", "unknown") if counts[s]),
         )
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, Path(sweep_dir) / "multirun.yaml")
+        if None not in subdirs:  # the end of the sweep judges this command's jobs, records or not
+            results.write(Path(sweep_dir) / results.JOBS, sorted(subdirs))
         size = self.batch_size(len(todo))
         self.overrides = [todo[i:i + size] for i in range(0, len(todo), size)]
         returns, index = [], 0
