@@ -19,6 +19,7 @@ from .helpers import job_config
     (["pruning=act_magnitude", "pruning.layers=[]"], ["no layer is left to prune"]),
     (["+benchmark.ppl_wikitext2.windows=3"], ["benchmark.ppl_wikitext2", "windows"]),
     (["benchmark=[lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.num_fewshot=-1"], ["num_fewshot=-1"]),
+    (["imports=[no_such_module_here]"], ["imports: cannot import 'no_such_module_here'", "PYTHONPATH"]),
 ])
 def test_bad_settings_fail_in_the_plan(tiny_setup, tmp_path, overrides, words):
     with pytest.raises(ValueError) as error:
