@@ -149,11 +149,17 @@ def complete(folder: Path) -> str | None:
     return None
 
 
-def locate(model_cfg, cache_dir: str) -> tuple[str, str | None]:
-    """Where to load from: (path, gguf_file), or the dequantized cache folder once it exists. A
-    cache folder that is incomplete is set aside, with a warning, and made again."""
+def resolve_source(model_cfg) -> tuple[str, str | None]:
+    """The model's own files: (path, gguf_file), the GGUF file None where the folder has none."""
     path = resolve_path(model_cfg.path, model_cfg.gguf_file)
-    gguf_file = gguf_in(path, model_cfg.gguf_file)
+    return path, gguf_in(path, model_cfg.gguf_file)
+
+
+def locate(model_cfg, cache_dir: str, resolved: tuple[str, str | None] | None = None) -> tuple[str, str | None]:
+    """Where to load from: (path, gguf_file), or the dequantized cache folder once it exists. A
+    cache folder that is incomplete is set aside, with a warning, and made again. `resolved`: what
+    `resolve_source` already gave."""
+    path, gguf_file = resolved or resolve_source(model_cfg)
     if gguf_file:
         cached = gguf_cache_folder(path, gguf_file, cache_dir)
         if cached.exists():

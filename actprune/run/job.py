@@ -55,9 +55,9 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     dtype = models.resolve_dtype(cfg.model.dtype, device)
     models.check_device_map(cfg.model.device_map)
     benchmarks = {name: build(name, options) for name, options in cfg.benchmark.items() if options is not None}
-    source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir)
-    original = models.resolve_path(cfg.model.path, cfg.model.gguf_file)  # not the dequantized cache: one key
-    fingerprint = model_fingerprint(original, models.gguf_in(original, cfg.model.gguf_file))
+    resolved = models.resolve_source(cfg.model)
+    source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir, resolved)
+    fingerprint = model_fingerprint(*resolved)  # the model's own files, never the dequantized cache: one key
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     pruning = plan(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
