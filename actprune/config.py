@@ -32,6 +32,7 @@ class PruningConfig:
     selection: str = "topk"  # topk (exact per token) | threshold (calibrated per layer, ratios only)
     dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
     skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
+    backend: str = "emulate"  # emulate (mask, then dense matmul) | kernel (real sparse compute: actprune.kernels)
     blocksize: int = 128  # weight_sparsegpt: columns updated together
     percdamp: float = 0.01  # weight_sparsegpt: dampening, a fraction of the mean Hessian diagonal
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .activation.scores import get_score
 from .activation.transforms import parse_transforms
-from .activation.wrapper import ActSparseLinear
+from .activation.wrapper import BACKENDS, ActSparseLinear
 from .calibration import Calibration
 from .config import PruningConfig
 from .masks import Pattern, parse_sparsity
@@ -70,6 +70,10 @@ def plan(model: nn.Module, config) -> PruningPlan:
                          f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
+    if config.backend not in BACKENDS:
+        raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
+    if config.backend == "kernel" and method.kind != "dense":
+        _check_kernel_backend(method, pattern, transforms, config)
     if config.blocksize < 1 or config.percdamp < 0:
         raise ValueError(f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
                          f"values are blocksize >= 1 and percdamp >= 0")
@@ -130,6 +134,29 @@ def plan(model: nn.Module, config) -> PruningPlan:
     return PruningPlan(config, method, pattern, transforms, list(targets), sorted(skipped))
 
 
+KERNEL_SUPPORT = ("activation methods; N:M patterns with M <= 32 (selection=topk) or a float sparsity with "
+                  "selection=threshold; transforms shift, scaling, hadamard, pca (not variance, learnable)")
+
+
+def _check_kernel_backend(method: Method, pattern: Pattern, transforms: list[tuple[str, dict]], config) -> None:
+    """Refuse, before loading, what `pruning.backend=kernel` has no kernel for."""
+    from .kernels import MAX_GROUP
+
+    problems = []
+    if method.kind != "activation":
+        problems.append(f"pruning.method={method.name} prunes weights (a dense matmul of a sparse W)")
+    elif pattern.is_nm and pattern.m > MAX_GROUP:
+        problems.append(f"pruning.sparsity={pattern} has groups larger than {MAX_GROUP}")
+    elif not pattern.is_nm and not pattern.is_dense() and config.selection != "threshold":
+        problems.append(f"pruning.sparsity={pattern} with selection=topk ranks a whole token")
+    unsupported = [name for name, _ in transforms if name in ("variance", "learnable")]
+    if method.kind == "activation" and unsupported:
+        problems.append(f"pruning.transforms has {unsupported}")
+    if problems:
+        raise ValueError(f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {KERNEL_SUPPORT}; "
+                         f"pruning.backend=emulate runs everything")
+
+
 @dataclass
 class SparsityReport:
     """What `sparsify_` did; `summary()` reads the measured sparsity from the layers as they ran."""
@@ -147,6 +174,7 @@ class SparsityReport:
     calibration: dict | None = None  # the calibration used, as results.json records it
     seconds: dict[str, float] = field(default_factory=dict)  # calibration, prune, thresholds, learn
     dense: dict[str, tuple[nn.Linear, torch.Tensor]] = field(default_factory=dict)  # with keep_dense
+    hooks: list = field(default_factory=list)  # hook handles the method left on the model
 
     def restore_(self, model: nn.Module) -> None:
         """Undo `sparsify_(..., keep_dense=True)`: the original layers, with bit-identical weights."""
@@ -155,9 +183,12 @@ class SparsityReport:
         with torch.no_grad():
             for name, (linear, weight) in self.dense.items():
                 linear.weight.copy_(weight)
+                linear.weight.data = linear.weight.data.contiguous()  # the kernel backend had transposed it
                 parent_name, leaf = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent_name), leaf, linear)
-        self.layers, self.dense = {}, {}
+        for handle in self.hooks:
+            handle.remove()
+        self.layers, self.dense, self.hooks = {}, {}, []
 
     @property
     def replaced_layers(self) -> int:

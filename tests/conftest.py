@@ -19,6 +19,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # the tests run inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Without a GPU, Triton runs the kernels of pruning.backend=kernel on CPU tensors in its interpreter (read when
+# a kernel is defined, so set before anything imports actprune.kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # W&B's own service process, never one inherited: tearing it down must wait for its writes (see below).
 os.environ.pop("WANDB_SERVICE", None)
 

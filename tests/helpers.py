@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -13,6 +14,30 @@ from actprune.app import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 WINDOWS = "benchmark.ppl_wikitext2.max_windows=3"
+
+# Scores and transforms of activation pruning, alone and combined: tests run each.
+VARIANTS = [
+    {"score": "magnitude"},
+    {"score": "weight_norm"},
+    {"score": "clact"},
+    {"transforms": ["shift"]},
+    {"transforms": [{"name": "shift", "mode": "mean"}]},
+    {"transforms": [{"name": "shift", "mode": "static"}]},
+    {"transforms": ["variance"]},
+    {"score": "clact", "transforms": [{"name": "shift", "mode": "static"}, "variance"]},
+    {"score": "amber"},
+    {"transforms": ["scaling"]},
+    {"transforms": [{"name": "scaling", "alpha": 0.8}, "shift"]},
+    {"transforms": ["hadamard"]},
+    {"transforms": ["pca"]},
+    {"score": "clact", "transforms": ["scaling", "pca", {"name": "shift", "mode": "static"}]},
+    {"score": "weight_norm", "transforms": ["hadamard", "variance"]},
+]
+
+
+def random_windows():
+    """Calibration windows of random tokens: statistics come from them through the dense model."""
+    return torch.randint(0, 256, (3, 16))
 
 
 def actprune(*args, cwd=REPO):

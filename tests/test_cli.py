@@ -178,7 +178,7 @@ def test_the_command_line_explains_itself_without_tracebacks(tiny_setup, tmp_pat
     resolved = actprune(*common(tiny_setup, tmp_path), "benchmark=[lm_eval]", "--cfg", "job", "--resolve")
     assert resolved.returncode == 0 and "output_dir: null" in resolved.stdout, resolved.stderr[-2000:]
     unknown = actprune(*common(tiny_setup, tmp_path), "benchmark=[ppl_wikitxt2]")
-    assert unknown.returncode != 0 and "available benchmarks are ['lm_eval', 'ppl_wikitext2']" in unknown.stderr
+    assert unknown.returncode != 0 and "available benchmarks are ['generate', 'lm_eval', 'ppl_wikitext2']" in unknown.stderr
     helped = actprune("--help")
     assert helped.returncode == 0 and "post-training activation sparsity" in helped.stdout
     assert "pruning: act_magnitude, dense" in helped.stdout and "exits non-zero" in helped.stdout

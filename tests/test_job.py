@@ -40,7 +40,7 @@ def test_a_plan_records_where_its_data_and_model_come_from(tiny_setup, tmp_path)
 def test_an_unknown_benchmark_names_those_there_are(arguments):
     from actprune.app import check_benchmarks
 
-    with pytest.raises(SystemExit, match=r"unknown \['nope'\]; available benchmarks are \['lm_eval', 'ppl_wikitext2'\]"):
+    with pytest.raises(SystemExit, match=r"unknown \['nope'\]; available benchmarks are \['generate', 'lm_eval', 'ppl_wikitext2'\]"):
         check_benchmarks(arguments)
     check_benchmarks(["benchmark=[ppl_wikitext2,lm_eval]", "pruning=dense"])
 

@@ -14,31 +14,8 @@ from actprune.calibration import Calibration
 from actprune.masks import parse_sparsity
 
 from .conftest import SHARED_DATA, needs_shared
+from .helpers import VARIANTS, random_windows
 from .tiny import llama, qwen2
-
-VARIANTS = [
-    {"score": "magnitude"},
-    {"score": "weight_norm"},
-    {"score": "clact"},
-    {"transforms": ["shift"]},
-    {"transforms": [{"name": "shift", "mode": "mean"}]},
-    {"transforms": [{"name": "shift", "mode": "static"}]},
-    {"transforms": ["variance"]},
-    {"score": "clact", "transforms": [{"name": "shift", "mode": "static"}, "variance"]},
-    {"score": "amber"},
-    {"transforms": ["scaling"]},
-    {"transforms": [{"name": "scaling", "alpha": 0.8}, "shift"]},
-    {"transforms": ["hadamard"]},
-    {"transforms": ["pca"]},
-    {"score": "clact", "transforms": ["scaling", "pca", {"name": "shift", "mode": "static"}]},
-    {"score": "weight_norm", "transforms": ["hadamard", "variance"]},
-]
-
-
-def random_windows():
-    """Calibration windows of random tokens: statistics come from them through the dense model."""
-    return torch.randint(0, 256, (3, 16))
-
 
 def targets_of(model, config):
     return {name: model.get_submodule(name) for name in plan(model, config).targets}

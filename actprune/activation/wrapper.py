@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 from ..masks import Pattern, pattern_keep_mask
 
 Score = Callable[[torch.Tensor], torch.Tensor]
+BACKENDS = ("emulate", "kernel")
+log = logging.getLogger(__name__)
 
 
 def magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +94,35 @@ class ScoreSample:
 SHIFTS = ("mean", "median", "static")
 
 
+class TokenPositions:
+    """The absolute positions of the tokens a decoder layer is running (its `position_ids`), set by a
+    hook on the layer: a decode step's one token sits at index 0 of its chunk but may be token 40."""
+
+    def __init__(self):
+        self.ids: torch.Tensor | None = None
+
+    def hook(self, module, args, kwargs) -> None:
+        self.ids = kwargs.get("position_ids")
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """Positions shaped to broadcast over `x` (batch, tokens, features) as (batch or 1, tokens, 1);
+        a chunk's own indices where the layer was given none (a full forward from position 0)."""
+        ids = self.ids
+        if ids is None or ids.shape[-1] != x.shape[-2]:
+            ids = torch.arange(x.shape[-2], device=x.device)
+        return ids.reshape(-1, x.shape[-2], 1)
+
+
+_fallbacks_logged: set[str] = set()
+
+
+def _fall_back(reason: str) -> None:
+    """Say once per reason why a call of the kernel backend runs the emulation instead."""
+    if reason not in _fallbacks_logged:
+        _fallbacks_logged.add(reason)
+        log.info("pruning.backend=kernel emulates some calls: %s", reason)
+
+
 class ActSparseLinear(nn.Module):
     """`y = (x * keep(score(x))) Wᵀ + b` with the wrapped layer's own weight and bias.
 
@@ -101,13 +134,18 @@ class ActSparseLinear(nn.Module):
       with η the token's mean or median (rank-1 add-back), or `static`: η = `shift_vector`
       (the calibration mean per channel) and the add-back `η Wᵀ` is precomputed;
     - `variance`: rescale the pruned input so its per-token variance matches the unpruned one;
-    - `dense_tokens`: the first k tokens of each sequence stay dense (attention sinks);
+    - `dense_tokens`: the first k tokens of each sequence stay dense (attention sinks), counted in
+      absolute positions where `positions` (a `TokenPositions` fed by the decoder layer) knows them;
     - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
       per-layer threshold instead of a per-token top-k; the sparsity reached then varies;
     - `correction`: learned terms (output affine, input shift, score scale, low-rank residual on the
       dropped entries), see `actprune.activation.learned`.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
+    `backend="kernel"` computes what the emulation computes with real sparse compute where one
+    applies (`actprune.kernels`): decode calls of at most `kernels.MAX_ROWS` tokens through a GEMV
+    that reads only the weight columns of kept inputs (selection fused), 2:4 prefill through
+    PyTorch's semi-structured sparse matmul; elsewhere it emulates and logs why once.
     """
 
     def __init__(self, linear: nn.Linear, pattern: Pattern, score: Score = magnitude, *,
@@ -115,8 +153,13 @@ class ActSparseLinear(nn.Module):
                  shift_vector: torch.Tensor | None = None, variance: bool = False,
                  input_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
                  absorbed_weight: torch.Tensor | None = None, dense_tokens: int = 0,
-                 correction: nn.Module | None = None):
+                 correction: nn.Module | None = None, backend: str = "emulate"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"pruning.backend={backend!r}: allowed values are {list(BACKENDS)}")
+        if backend == "kernel" and (variance or correction is not None):
+            raise ValueError("pruning.backend=kernel computes N:M or thresholded masks with shifts and changes of "
+                             "basis; not variance or learned corrections")
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
         if (shift == "static") != (shift_vector is not None):
@@ -127,6 +170,8 @@ class ActSparseLinear(nn.Module):
         self.shift = shift
         self.variance = variance
         self.dense_tokens = dense_tokens
+        self.positions: TokenPositions | None = None  # set where dense_tokens counts absolute positions
+        self.backend = backend
         self.recording = None  # a ScoreSample while a threshold is being calibrated
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
         self.bypass = False  # True: the dense output (a learned correction's training target)
@@ -147,6 +192,10 @@ class ActSparseLinear(nn.Module):
             self.register_buffer("shift_output", F.linear(shift_vector, weight).detach())
         elif shift is not None:
             self.register_buffer("weight_rowsum", weight.detach().sum(1))
+        if backend == "kernel":  # laid out once: W stays a (transposed) view of the kernel's copy, no second copy
+            from ..kernels import layout_weight
+
+            linear.weight.data = layout_weight(weight.data).t()
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
@@ -190,16 +239,18 @@ class ActSparseLinear(nn.Module):
         scale = None if correction is None else correction.channel_scale()
         if scale is not None:
             channel_weight = scale.to(x.dtype) if channel_weight is None else channel_weight * scale.to(x.dtype)
-        keep, dropped = self._keep(centred, channel_weight)
-        self.zeroed += dropped
-        if scale is not None and torch.is_grad_enabled() and self.threshold is None:  # a gradient for the learned scale
-            pruned = centred * straight_through(keep, _scores(centred, self.score, channel_weight), self.pattern)
-        else:
-            pruned = centred * keep
-        if self.variance:
-            ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
-            pruned = pruned * ratio.sqrt().to(pruned.dtype)
-        y = F.linear(pruned, self.linear.weight, self.linear.bias)
+        y = self._kernel(centred, channel_weight) if self.backend == "kernel" else None
+        if y is None:
+            keep, dropped = self._keep(centred, channel_weight)
+            self.zeroed += dropped
+            if scale is not None and torch.is_grad_enabled() and self.threshold is None:  # a gradient for the learned scale
+                pruned = centred * straight_through(keep, _scores(centred, self.score, channel_weight), self.pattern)
+            else:
+                pruned = centred * keep
+            if self.variance:
+                ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
+                pruned = pruned * ratio.sqrt().to(pruned.dtype)
+            y = self._matmul(pruned)
         if self.shift == "static":
             y = y + self.shift_output
         elif eta is not None:
@@ -207,6 +258,50 @@ class ActSparseLinear(nn.Module):
         if correction is not None:
             y = correction.output(y, centred * ~keep, self.linear.weight)
         return y
+
+    def _kernel(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> torch.Tensor | None:
+        """The decode kernel's output for `x`, or None where this call is emulated."""
+        from ..kernels import MAX_ROWS, sparse_linear
+
+        rows = x.numel() // x.shape[-1]
+        if self.recording is not None or rows > MAX_ROWS:
+            return None
+        if self.score is not magnitude:
+            _fall_back("a layer ranks by a score function of its own (the kernels rank |x|·channel_weight)")
+            return None
+        if self.threshold is None and not self.pattern.is_nm and not self.pattern.is_dense():
+            _fall_back("a ratio is kept per token by top-k (the kernels take N:M or a calibrated threshold)")
+            return None
+        if self.dense_tokens and x.dim() >= 3 and bool((self.positions_of(x) < self.dense_tokens).any()):
+            return None  # a sequence's first tokens stay dense: the emulation keeps them (one host sync)
+        flat = x.reshape(rows, x.shape[-1])
+        if self.threshold is not None:
+            y = sparse_linear(flat, self.linear.weight.t(), threshold=self.threshold,
+                                      channel_weight=channel_weight, bias=self.linear.bias)
+            self.zeroed += (_scores(flat, self.score, channel_weight) < self.threshold).sum()
+        else:
+            n, m = (self.pattern.n, self.pattern.m) if self.pattern.is_nm else (None, None)
+            y = sparse_linear(flat, self.linear.weight.t(), n=n, m=m, channel_weight=channel_weight,
+                                      bias=self.linear.bias)
+            self.zeroed += flat.numel() - flat.numel() // m * n if m else 0
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def _matmul(self, pruned: torch.Tensor) -> torch.Tensor:
+        """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill through semi-structured sparsity."""
+        if self.backend == "kernel" and self.pattern.is_nm and (self.pattern.n, self.pattern.m) == (2, 4) \
+                and self.recording is None and not self.dense_tokens:
+            from ..kernels.prefill import semi_structured_linear, semi_structured_unavailable
+
+            rows = pruned.numel() // pruned.shape[-1]
+            reason = semi_structured_unavailable(rows, self.in_features, self.out_features, pruned.dtype, pruned.device)
+            if reason is None:
+                y = semi_structured_linear(pruned.reshape(rows, -1), self.linear.weight, self.linear.bias)
+                return y.reshape(*pruned.shape[:-1], y.shape[-1])
+            _fall_back(reason)
+        return F.linear(pruned, self.linear.weight, self.linear.bias)
+
+    def positions_of(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.positions or TokenPositions()).of(x)
 
     def _keep(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.recording is not None:  # calibrating a threshold: stay dense, remember some scores
@@ -222,8 +317,7 @@ class ActSparseLinear(nn.Module):
             raise ValueError(f"pruning.dense_tokens={self.dense_tokens} needs inputs shaped (batch, tokens, features): "
                              f"this layer got one of shape {tuple(x.shape)}, whose first tokens cannot be told")
         if self.dense_tokens:  # attention sinks: a sequence's first tokens stay dense
-            keep = keep.clone()
-            keep[..., : self.dense_tokens, :] = True
+            keep = keep | (self.positions_of(x) < self.dense_tokens)
         return keep, keep.numel() - keep.sum()
 
     def measured_sparsity(self) -> float | None:
@@ -233,4 +327,21 @@ class ActSparseLinear(nn.Module):
     def extra_repr(self) -> str:
         options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
         options += ["scaled"] * (self.input_scale is not None) + ["rotated"] * (self.rotation is not None)
+        options += [f"backend={self.backend}"] * (self.backend != "emulate")
         return ", ".join([f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options])
+
+
+@contextmanager
+def unwrapped(model: nn.Module):
+    """`model` with each ActSparseLinear's own `nn.Linear` in its place: the dense model's compute,
+    same shapes and device (its outputs are the dense model's only where no change of basis was
+    absorbed into the weight); the wrappers return on exit."""
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, ActSparseLinear)]
+    for parent, name, wrapper in swapped:
+        setattr(parent, name, wrapper.linear)
+    try:
+        yield
+    finally:
+        for parent, name, wrapper in swapped:
+            setattr(parent, name, wrapper)

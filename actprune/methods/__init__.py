@@ -30,7 +30,7 @@ from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics
 from ..activation.thresholds import calibrate_thresholds_
 from ..calibration import code_digest
-from ..walk import LayerInputs
+from ..walk import LayerInputs, decoder_layers
 
 if TYPE_CHECKING:
     from ..calibration import Calibration
@@ -118,6 +118,9 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     wrapped = {}
     for name, linear in targets.items():
         wrapped[name] = method.apply(linear, plan, stats.get(name))
+        if plan.config.backend != getattr(wrapped[name], "backend", "emulate"):
+            raise ValueError(f"pruning.backend={plan.config.backend}: pruning.method={method.name} builds "
+                             f"{type(wrapped[name]).__name__} layers, which do not run it")
         _replace(model, name, wrapped[name])
         buffers = {key: value for key, value in wrapped[name].named_buffers(recurse=False) if value.is_floating_point()}
         broken = [key for key, value in buffers.items() if not torch.isfinite(value).all()]
@@ -125,6 +128,8 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
             raise FloatingPointError(f"{name}: pruning.score={plan.config.score}, pruning.transforms="
                                      f"{list(plan.config.transforms)} gave non-finite {broken} (degenerate calibration statistics?)")
     report.seconds["prune"] = time.perf_counter() - tic
+    if plan.config.dense_tokens:
+        report.hooks += _track_positions(model, wrapped)
     if plan.config.selection == "threshold" and wrapped:
         tic = time.perf_counter()
         report.thresholds = calibrate_thresholds_(model, wrapped, plan.pattern.target(), calibration.windows)
@@ -138,6 +143,21 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
         report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
         report.seconds["learn"] = time.perf_counter() - tic
     return wrapped
+
+
+def _track_positions(model, wrapped: dict[str, nn.Module]) -> list:
+    """Each decoder layer tells its wrappers the absolute positions of the tokens it runs, so that
+    `dense_tokens` keeps a sequence's first tokens dense in cached decoding too."""
+    prefix, layers = decoder_layers(model)
+    handles = []
+    for index, layer in enumerate(layers):
+        mine = [w for name, w in wrapped.items() if name.startswith(f"{prefix}.{index}.") and hasattr(w, "positions")]
+        if mine:
+            positions = wrapper.TokenPositions()
+            handles.append(layer.register_forward_pre_hook(positions.hook, with_kwargs=True))
+            for layer_wrapper in mine:
+                layer_wrapper.positions = positions
+    return handles
 
 
 class LayerInputStatistics:

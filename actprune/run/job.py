@@ -61,6 +61,13 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     pruning = plan(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
+    if pruning.config.backend == "kernel" and pruning.targets:
+        from ..kernels import decode_unavailable
+
+        reason = decode_unavailable(device, dtype)
+        if reason is not None:
+            raise ValueError(f"pruning.backend=kernel on {device} in {str(dtype).removeprefix('torch.')}: {reason}; "
+                             f"pruning.backend=emulate runs everywhere")
     text = None
     if pruning.needs:
         check_settings(cfg.calibration.windows, cfg.calibration.seqlen, max_positions)

@@ -2,7 +2,9 @@
 
 Writes `report.md` (a Markdown table as in a paper's README), `report.csv`, and PNG plots of
 perplexity and mean accuracy against sparsity (one line per method, dense as a reference line)
-into `--out`; with `--wandb` it also logs them to a summary run grouped with the sweep's jobs.
+and, where jobs ran the generate benchmark, `speed.png`: perplexity against decode speed-up over
+dense (a panel per model, backend and device) into `--out`; with `--wandb` it also logs them to a
+summary run grouped with the sweep's jobs.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ def plot(table: list[dict], metric: str, ylabel: str, path: Path, log_scale: boo
     for ax, model in zip(axes[0], models):
         mine = [r for r in measured if r["model"] == model]
         for row in mine:
-            if row["sparsity"] == "dense" or row["method"] == "dense":
+            if is_dense(row):
                 ax.axhline(row[metric], linestyle="--", color="gray", linewidth=1, label="dense")
                 break
         lines: dict[tuple, list] = {}
         for row in mine:
-            if row["sparsity"] == "dense" or row["method"] == "dense":
+            if is_dense(row):
                 continue
             kind = "N:M" if ":" in row["sparsity"] else "per token" if row["method"].startswith("act_") else "ratio"
             key = (row["method"], row["transforms"], kind)
@@ -63,6 +65,63 @@ def plot(table: list[dict], metric: str, ylabel: str, path: Path, log_scale: boo
     return True
 
 
+def is_dense(row: dict) -> bool:
+    return row["sparsity"] == "dense" or row["method"] == "dense"
+
+
+def speed_points(table: list[dict]) -> dict[tuple, dict[str, list[tuple[float, float, str]]]]:
+    """What `speed.png` shows: {(model, backend, device): {line label: [(speed-up, perplexity,
+    pattern)]}}, a panel per model, backend and device, so that emulated and kernel speeds (or two
+    devices') are never on one line. Empty when no ok job has both perplexity and speed-up."""
+    measured = [r for r in table if r["status"] == "ok" and isinstance(r.get("perplexity"), (int, float))]
+    timed = [r for r in measured if isinstance(r.get("speedup"), (int, float))]
+    panels: dict[tuple, dict[str, list]] = {(r["model"], r["backend"], r["_device"]): {} for r in timed}
+    for row in timed:
+        if not is_dense(row):
+            method = " ".join(filter(None, (row["method"], row["transforms"])))
+            panels[(row["model"], row["backend"], row["_device"])].setdefault(method, []).append(
+                (row["speedup"], row["perplexity"], row["sparsity"]))
+    for (model, _, device), lines in panels.items():
+        for row in measured:
+            # Dense runs no pruning backend, so it is every backend's reference; its measured ratio is
+            # timing noise around 1 (the same model timed twice), so it sits at exactly 1.0.
+            if is_dense(row) and row["model"] == model and row["_device"] in (device, None):
+                lines.setdefault("dense", []).append((1.0, row["perplexity"], "dense"))
+    return {key: {method: sorted(points) for method, points in sorted(panels[key].items())}
+            for key in sorted(panels, key=lambda key: [str(part) for part in key])}  # None (not recorded) sorts too
+
+
+def speed_plot(table: list[dict], path: Path) -> bool:
+    """WikiText-2 perplexity (log) against decode speed-up over dense: a line per method, its points
+    named by sparsity pattern. False when no job measured both."""
+    panels = speed_points(table)
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.5), squeeze=False)
+    for ax, ((model, backend, device), lines) in zip(axes[0], panels.items()):
+        ax.axvline(1.0, linestyle="--", color="gray", linewidth=1)
+        for method, points in lines.items():
+            style = {"color": "black", "marker": "*", "markersize": 10} if method == "dense" else {"marker": "o"}
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
+            for x, y, pattern in points:
+                ax.annotate(pattern, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 0))
+        ax.set_title(" ".join(filter(None, (model, backend, device and f"on {device}"))), fontsize=9)
+        ax.set_xlabel("decode speed-up over dense (batch 1, > 1 is faster)")
+        ax.set_ylabel("WikiText-2 perplexity (log)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def report(folders: list[Path], out: Path) -> dict[str, Path]:
     """Write the table (Markdown, CSV) and plots of every job below `folders` into `out`."""
     table = rows(folders)
@@ -76,6 +135,8 @@ def report(folders: list[Path], out: Path) -> dict[str, Path]:
         written["perplexity_plot"] = out / "perplexity.png"
     if plot(table, "mean_acc", "mean zero-shot accuracy", out / "accuracy.png"):
         written["accuracy_plot"] = out / "accuracy.png"
+    if speed_plot(table, out / "speed.png"):
+        written["speed_plot"] = out / "speed.png"
     return written
 
 

@@ -12,6 +12,7 @@ from ..masks import parse_sparsity
 from .results import read_all
 
 FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text", "seqlen", "windows", "calibration"]
+SPEED = ["decode_tok_s", "speedup", "backend"]  # the generate benchmark's; shown where a job has them
 TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
 
 
@@ -50,12 +51,15 @@ def label(result: dict, transforms: bool = True) -> str:
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), status."""
-    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", "measured", "layers", "status")
+    """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), decode
+    speed where a job measured it, status."""
+    found = [(name, result, row(result)) for name, result in rows]
+    speed = any(cells["decode_tok_s"] is not None or cells["speedup"] is not None for _, _, cells in found)
+    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc",
+              *(("tok/s", "speedup", "backend") if speed else ()), "measured", "layers", "status")
+    number = lambda value, spec=".4f": format(value, spec) if isinstance(value, float) else "-"  # noqa: E731
     lines = [header]
-    for name, result in rows:
-        cells = row(result)
-        number = lambda value: f"{value:.4f}" if isinstance(value, float) else "-"  # noqa: E731
+    for name, result, cells in found:
         lines.append((
             name,
             label(result),
@@ -63,6 +67,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
             number(cells["perplexity"]),
             cells["text"] or "-",
             number(cells["mean_acc"]),
+            *((number(cells["decode_tok_s"], ".1f"), number(cells["speedup"], ".2f"), cells["backend"] or "-")
+              if speed else ()),
             number(cells["measured_sparsity"]),
             str(result.get("replaced_layers", "-")),
             cells["status"],
@@ -76,6 +82,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
 def row(result: dict, folder: str | None = None) -> dict:
     """One job as a row of the report: model, method, sparsity, transforms, the metrics, status."""
     metrics = result.get("metrics") or {}
+    generate = result.get("generate") or {}
     config = result.get("config") or {}
     pruning = config.get("pruning") or {}
     ppl_key = next((key for key in metrics if key.startswith("ppl/")), None)
@@ -92,12 +99,17 @@ def row(result: dict, folder: str | None = None) -> dict:
         "windows": (result.get("ppl_wikitext2") or {}).get("windows"),
         "calibration": f"{calibration['corpus']} {calibration['windows']}x{calibration['seqlen']}" if calibration else None,
         "mean_acc": metrics.get("lm_eval/mean_acc"),
+        "decode_tok_s": metrics.get("generate/decode_tokens_per_s"),
+        "speedup": metrics.get("generate/decode_speedup"),  # pruned over dense: > 1 is faster
+        "backend": generate.get("backend") or pruning.get("backend"),
         "measured_sparsity": (result.get("sparsity") or {}).get("measured"),
         "runtime_s": (result.get("timings") or {}).get("total"),
         "replaced_layers": result.get("replaced_layers"),
         "status": result.get("status", "?"),
         "folder": folder,
         "_model_files": f"{model.get('path')}/{model.get('gguf_file') or ''}",  # told apart from the name alone
+        # Where decode speed was measured (the GPU's name where recorded): two devices' speeds differ.
+        "_device": generate.get("device_name") or generate.get("device"),
     }
     for key, value in metrics.items():
         if key.startswith("lm_eval/") and key.endswith("/acc"):
@@ -118,8 +130,11 @@ def rows(folders: list[Path]) -> list[dict]:
 
 
 def columns(table: list[dict]) -> list[str]:
-    tasks = sorted({key for row in table for key in row if not key.startswith("_")} - set(FIXED) - set(TAIL))
-    return FIXED + tasks + TAIL
+    named = {key for row in table for key in row if not key.startswith("_")}
+    tasks = sorted(named - set(FIXED) - set(SPEED) - set(TAIL))
+    # The speed columns only where some job has them: reports of sweeps without the benchmark stay as they were.
+    speed = [key for key in SPEED if any(row.get(key) is not None for row in table)]
+    return FIXED + tasks + speed + TAIL
 
 
 def zeroed_fraction(sparsity: str) -> float:

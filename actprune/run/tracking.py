@@ -62,6 +62,10 @@ class Tracker:
             artifact = wandb.Artifact(f"correction-{Path(learned_file).stem}", type="learned-correction")
             artifact.add_file(learned_file)
             self.run.log_artifact(artifact)
+        samples = (results.get("generate") or {}).get("samples") or []
+        if samples:  # what the pruning does to the text, prompt by prompt
+            table = wandb.Table(columns=["prompt", "completion"], data=[[s["prompt"], s["completion"]] for s in samples])
+            self.run.log({"generate/samples": table})
         per_task = (results.get("lm_eval") or {}).get("per_task") or []
         if per_task:
             columns = ["task", "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "samples"]

@@ -1,0 +1,244 @@
+"""Speed of activation sparsity per layer: dense F.linear vs the sparse kernels, side by side in one run.
+
+Decode: for each projection of SmolLM2-135M, Llama-2-7B and Llama-3-8B (random weights) × pattern × batch
+of rows, one JSON line with dense_ms (F.linear, cuBLAS), sparse_ms (`actprune.kernels.sparse_linear`,
+selection included), the speed-up, and the fraction of the device's memory bandwidth each reached: the
+bytes it must read (the weight columns some row keeps, and x) over its time, against the bandwidth of a
+large device-to-device copy measured in the same run. The weights rotate through copies larger than the
+L2 cache, so every call reads them from memory as a decode step does. Prefill: 2:4 at 2048 tokens per
+shape, dense F.linear vs mask + `semi_structured_linear` (compression included), or why it cannot run.
+
+Without CUDA the kernels cannot run: the decode lines time the emulation instead (`ActSparseLinear` vs
+F.linear, "backend": "emulate"), and a line says that kernel times need a GPU. Nothing is estimated.
+
+    python scripts/bench_speed.py --quick                   # SmolLM2-135M shapes only
+    python scripts/bench_speed.py --shapes llama-3-8b --patterns dense,2:4 --batches 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actprune.activation import ActSparseLinear
+from actprune.kernels import decode_unavailable, layout_weight, sparse_linear
+from actprune.kernels.prefill import semi_structured_linear, semi_structured_unavailable
+from actprune.masks import parse_sparsity, topk_keep_mask
+
+MODELS = {  # hidden, intermediate, key/value width (grouped-query attention)
+    "smollm2-135m": (576, 1536, 192),
+    "llama-2-7b": (4096, 11008, 4096),
+    "llama-3-8b": (4096, 14336, 1024),
+}
+PATTERNS = "dense,0.5,2:4,8:16,16:32"  # 0.5: a threshold at the median score (TEAL-like), not a per-token top-k
+MAX_COPIES = 512
+
+
+def projections(hidden: int, intermediate: int, kv: int) -> dict[str, tuple[int, int]]:
+    """(in, out) of the seven projections of a decoder layer."""
+    return {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+
+
+def selection(pattern: str, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """sparse_linear's arguments for `pattern` on x, and the keep mask they give."""
+    scores = x.abs()
+    if pattern == "dense":
+        return {}, torch.ones_like(x, dtype=torch.bool)
+    if ":" in pattern:
+        n, m = map(int, pattern.split(":"))
+        return {"n": n, "m": m}, topk_keep_mask(scores, n, m)
+    threshold = scores.float().flatten().quantile(float(pattern)).to(x.dtype)
+    return {"threshold": threshold}, scores >= threshold
+
+
+class GraphTimer:
+    """Per-call GPU time of `calls` run back to back: replayed as one CUDA graph (no Python launch cost, as in
+    a graph-captured decode step) when capture works, else launched eagerly; `mode` says which."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        for call in calls:  # warm-up: compiles the Triton kernels before any capture
+            call()
+        torch.cuda.synchronize()
+        try:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for call in calls:
+                    call()
+            self.mode = "cuda_graph"
+        except RuntimeError:
+            self.graph, self.mode = None, "eager"
+
+    def __call__(self) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for call in self.calls:
+                call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / len(self.calls)
+
+
+class Eager:
+    """GPU time of one eager call: prefill calls are long enough that launching costs little."""
+
+    def __init__(self, call):
+        self.call = call
+        call()
+
+    def __call__(self) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def cpu_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def interleaved(timers, repeats: int) -> list[float]:
+    """Median of each timer over `repeats` rounds that run them in turn, so clock drifts hit all alike."""
+    times = [[] for _ in timers]
+    for _ in range(repeats):
+        for timer, series in zip(timers, times):
+            series.append(timer())
+    return [statistics.median(series) for series in times]
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (each byte read once and written once)."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    timer = GraphTimer([lambda: target.copy_(source)])
+    seconds = interleaved([timer], 10)[0] / 1000
+    return 2 * source.numel() / seconds
+
+
+def emit(**line) -> None:
+    print(json.dumps(line), flush=True)
+
+
+def bench_decode_cuda(args, device, dtype, base: dict) -> None:
+    bandwidth = copy_bandwidth(device)
+    emit(**base, part="bandwidth", reference="device-to-device copy of 1 GiB", gb_per_s=round(bandwidth / 1e9, 1))
+    reason = decode_unavailable(device, dtype)
+    if reason is not None:
+        emit(**base, part="decode", unavailable=reason)
+        return
+    flush_bytes = 4 * torch.cuda.get_device_properties(device).L2_cache_size
+    size = torch.finfo(dtype).bits // 8
+    for model in args.shapes:
+        for projection, (width, out) in projections(*MODELS[model]).items():
+            copies = min(MAX_COPIES, max(2, math.ceil(flush_bytes / (width * out * size))))
+            weights = [torch.randn(out, width, device=device, dtype=dtype) / width ** 0.5 for _ in range(copies)]
+            laid_out = [layout_weight(weight) for weight in weights]
+            for pattern in args.patterns:
+                for batch in args.batches:
+                    x = torch.randn(batch, width, device=device, dtype=dtype)
+                    kwargs, keep = selection(pattern, x)
+                    dense = GraphTimer([lambda w=w: F.linear(x, w) for w in weights])
+                    sparse = GraphTimer([lambda w=w: sparse_linear(x, w, **kwargs) for w in laid_out])
+                    dense_ms, sparse_ms = interleaved([dense, sparse], args.repeats)
+                    x_bytes = x.numel() * size
+                    sparse_bytes = int(keep.any(0).sum()) * out * size + x_bytes
+                    dense_bytes = width * out * size + x_bytes
+                    emit(**base, part="decode", backend="triton", model=model, projection=projection,
+                         shape={"in": width, "out": out}, pattern=pattern, batch=batch,
+                         kept_columns=round(float(keep.any(0).float().mean()), 4),
+                         dense_ms=round(dense_ms, 5), sparse_ms=round(sparse_ms, 5),
+                         speedup=round(dense_ms / sparse_ms, 3),
+                         bandwidth_fraction=round(sparse_bytes / (sparse_ms / 1000) / bandwidth, 3),
+                         dense_bandwidth_fraction=round(dense_bytes / (dense_ms / 1000) / bandwidth, 3),
+                         timing=dense.mode if dense.mode == sparse.mode else f"{dense.mode}/{sparse.mode}")
+            del weights, laid_out
+
+
+def bench_decode_emulated(args, device, dtype, base: dict) -> None:
+    emit(**base, part="decode", note="kernel times need a CUDA GPU: these lines time the emulation "
+                                     "(ActSparseLinear) against F.linear on this device, not the Triton kernels")
+    for model in args.shapes:
+        for projection, (width, out) in projections(*MODELS[model]).items():
+            linear = nn.Linear(width, out, bias=False, device=device, dtype=dtype)
+            for pattern in args.patterns:
+                wrapped = ActSparseLinear(linear, parse_sparsity(0.0 if pattern == "dense" else pattern))
+                for batch in args.batches:
+                    x = torch.randn(batch, width, device=device, dtype=dtype)  # an inference tensor: no mask reuse
+                    kwargs, keep = selection(pattern, x)
+                    wrapped.threshold = kwargs.get("threshold")
+                    wrapped(x)  # warm-up
+                    dense_ms, sparse_ms = interleaved([lambda: cpu_ms(lambda: F.linear(x, linear.weight)),
+                                                       lambda: cpu_ms(lambda: wrapped(x))], args.repeats)
+                    emit(**base, part="decode", backend="emulate", model=model, projection=projection,
+                         shape={"in": width, "out": out}, pattern=pattern, batch=batch,
+                         kept_columns=round(float(keep.any(0).float().mean()), 4),
+                         dense_ms=round(dense_ms, 4), sparse_ms=round(sparse_ms, 4),
+                         speedup=round(dense_ms / sparse_ms, 3))
+
+
+def bench_prefill(args, device, dtype, base: dict) -> None:
+    tokens = args.prefill_tokens
+    for model in args.shapes:
+        for projection, (width, out) in projections(*MODELS[model]).items():
+            line = dict(base, part="prefill", pattern="2:4", model=model, projection=projection,
+                        shape={"in": width, "out": out}, tokens=tokens)
+            reason = semi_structured_unavailable(tokens, width, out, dtype, device)
+            if reason is not None:
+                emit(**line, unavailable=reason)
+                continue
+            x = torch.randn(tokens, width, device=device, dtype=dtype)
+            weight = torch.randn(out, width, device=device, dtype=dtype) / width ** 0.5
+            pruned = x * topk_keep_mask(x.abs(), 2, 4)
+            timers = [Eager(lambda: F.linear(x, weight)),
+                      Eager(lambda: semi_structured_linear(x * topk_keep_mask(x.abs(), 2, 4), weight)),
+                      Eager(lambda: semi_structured_linear(pruned, weight))]
+            dense_ms, sparse_ms, compressed_mm_ms = interleaved(timers, args.repeats)
+            emit(**line, dense_ms=round(dense_ms, 4), sparse_ms=round(sparse_ms, 4),
+                 compressed_mm_ms=round(compressed_mm_ms, 4), speedup=round(dense_ms / sparse_ms, 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--shapes", default=",".join(MODELS), help=f"models among {', '.join(MODELS)}")
+    parser.add_argument("--patterns", default=PATTERNS, help="dense, N:M, or a fraction (threshold at that quantile)")
+    parser.add_argument("--batches", default="1,4,8", help="rows per decode call, 1 to 8")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 30 on CUDA, 10 on CPU")
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M shapes only")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    args.shapes = ["smollm2-135m"] if args.quick else args.shapes.split(",")
+    args.patterns = args.patterns.split(",")
+    args.batches = [int(batch) for batch in args.batches.split(",")]
+    args.repeats = args.repeats or (30 if cuda else 10)
+    base = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).removeprefix("torch.")}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        if cuda:
+            bench_decode_cuda(args, device, dtype, base)
+        else:
+            bench_decode_emulated(args, device, dtype, base)
+        bench_prefill(args, device, dtype, base)
+
+
+if __name__ == "__main__":
+    main()

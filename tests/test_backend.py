@@ -1,0 +1,128 @@
+"""`pruning.backend=kernel` inside a model: decode calls through the Triton kernels compute what the
+emulation computes (on CPU under TRITON_INTERPRET=1, set by conftest), and what has no kernel is
+refused before loading."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from actprune import kernels, plan, sparsify_
+from actprune.activation import ActSparseLinear, wrapper
+from actprune.masks import parse_sparsity
+from actprune.run.job import plan_job
+
+from .helpers import job_config, random_windows
+from .test_generate import cached_logits
+from .tiny import llama, qwen2
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times a wrapper called the decode kernel, and with how many rows."""
+    calls = []
+    real = kernels.sparse_linear
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "sparse_linear", spy)
+    return calls
+
+
+@pytest.mark.parametrize("config", [
+    {"sparsity": "2:4"},
+    {"sparsity": "8:16", "score": "weight_norm", "transforms": [{"name": "shift", "mode": "static"}]},
+    {"sparsity": "16:32", "transforms": ["hadamard", "shift"]},
+    {"sparsity": 0.5, "selection": "threshold", "score": "amber"},
+    {"sparsity": "2:4", "dense_tokens": 2},
+])
+def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls):
+    base = qwen2(num_hidden_layers=1)  # q/k/v biases
+    emulated, kernel = copy.deepcopy(base), copy.deepcopy(base)
+    windows = random_windows()
+    sparsify_(emulated, {"method": "act_magnitude", **config}, windows)
+    report = sparsify_(kernel, {"method": "act_magnitude", "backend": "kernel", **config}, windows)
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        expected = cached_logits(emulated, ids, 5)
+        report.reset()
+        got = cached_logits(kernel, ids, 5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # The prefill (2 x 5 rows) is emulated; each of the 3 decode steps (2 sequences, one token each) runs
+    # the kernel in each of the 7 projections.
+    assert kernel_calls == [2] * 3 * 7
+    if config.get("selection") != "threshold":
+        dense_share = config.get("dense_tokens", 0) / 8
+        assert report.summary()["measured"] == pytest.approx(parse_sparsity(config["sparsity"]).target() * (1 - dense_share))
+
+
+def test_a_decode_step_of_the_dense_tokens_stays_dense_under_the_kernel(kernel_calls):
+    model = llama(num_hidden_layers=1)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "dense_tokens": 3, "backend": "kernel"})
+    with torch.no_grad():
+        cached_logits(model, torch.randint(0, 256, (1, 5)), 1)  # positions 1, 2 dense; 3, 4 pruned
+    assert kernel_calls == [1] * 14
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_wrapped_layer_matches_the_emulation_in_half_precision(dtype):
+    linear = torch.nn.Linear(96, 40, dtype=dtype)
+    pattern = parse_sparsity("8:16")
+    rotation = torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0]
+    absorbed = (linear.weight.double() @ rotation).to(dtype)
+    options = dict(rotation=rotation, absorbed_weight=absorbed, shift="median")
+    emulated = ActSparseLinear(copy.deepcopy(linear), pattern, **options)
+    kernel = ActSparseLinear(copy.deepcopy(linear), pattern, backend="kernel", **options)
+    x = torch.randn(3, 1, 96, dtype=dtype)
+    torch.testing.assert_close(kernel(x), emulated(x), rtol=2e-2, atol=2e-2)
+
+
+def test_the_weight_is_laid_out_once_and_restored_exactly():
+    model = llama()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel"}, keep_dense=True)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.weight.t().is_contiguous() and not layer.weight.is_contiguous()  # one copy, the kernel's layout
+    report.restore_(model)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+def test_prefill_without_a_semi_structured_kernel_is_emulated_and_says_why(caplog, monkeypatch):
+    monkeypatch.setattr(wrapper, "_fallbacks_logged", set())  # said once per process: earlier tests may have
+    model = llama(num_hidden_layers=1)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel"})
+    with caplog.at_level(logging.INFO, logger="actprune.activation.wrapper"), torch.no_grad():
+        model(torch.randint(0, 256, (1, 12)))
+    assert "pruning.backend=kernel emulates some calls: 2:4 semi-structured" in caplog.text
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"method": "act_magnitude", "backend": "gpu"}, "pruning.backend='gpu': allowed values are \\['emulate', 'kernel'\\]"),
+    ({"method": "weight_magnitude", "sparsity": "2:4", "backend": "kernel"}, "pruning.method=weight_magnitude prunes weights"),
+    ({"method": "act_magnitude", "sparsity": 0.5, "backend": "kernel"}, "with selection=topk ranks a whole token"),
+    ({"method": "act_magnitude", "sparsity": "8:64", "backend": "kernel"}, "groups larger than 32"),
+    ({"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel", "transforms": ["variance"]},
+     "pruning.transforms has \\['variance'\\]"),
+])
+def test_what_has_no_kernel_is_refused_naming_what_is_supported(config, words):
+    with pytest.raises(ValueError, match=words) as error:
+        plan(llama(), config)
+    if config["backend"] == "kernel":
+        assert "Supported: activation methods; N:M patterns with M <= 32" in str(error.value)
+
+
+def test_a_kernel_job_on_a_cpu_without_the_interpreter_fails_before_loading(tiny_setup, tmp_path, monkeypatch):
+    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.backend=kernel")
+    assert plan_job(cfg, tmp_path).pruning.config.backend == "kernel"  # the interpreter is on in the tests
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="pruning.backend=kernel on cpu in float32: CPU tensors run the Triton kernels "
+                                         "only under TRITON_INTERPRET=1.*pruning.backend=emulate runs everywhere"):
+        plan_job(cfg, tmp_path)
+    dense = job_config(tiny_setup, tmp_path, "pruning=dense", "pruning.backend=kernel")
+    assert plan_job(dense, tmp_path).pruning.targets == []  # nothing to compute: a sweep may cross it with dense
