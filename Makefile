@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARED_DATA := ../shared/data
 DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),paths.data_dir=$(abspath $(SHARED_DATA)),)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-speed clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_forward.py $(ARGS)
+
+# Decode and prefill per layer, and SmolLM2 end to end: the kernels on a GPU, the emulation on CPU.
+bench-speed: $(STAMP)
+	$(BIN)/python scripts/bench_speed.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

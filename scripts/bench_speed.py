@@ -7,12 +7,17 @@ bytes it must read (the weight columns some row keeps, and x) over its time, aga
 large device-to-device copy measured in the same run. The weights rotate through copies larger than the
 L2 cache, so every call reads them from memory as a decode step does. Prefill: 2:4 at 2048 tokens per
 shape, dense F.linear vs mask + `semi_structured_linear` (compression included), or why it cannot run.
+End to end: SmolLM2-135M-Instruct greedy decoding with the KV cache (the `generate` benchmark's `measure`:
+the built-in prompts, the pruned model and its dense layers interleaved), pruned by activation magnitude
+at each N:M pattern and, where calibration text is at hand (`--data-dir`), a 50% threshold; through the
+kernels on CUDA, emulated on CPU.
 
 Without CUDA the kernels cannot run: the decode lines time the emulation instead (`ActSparseLinear` vs
 F.linear, "backend": "emulate"), and a line says that kernel times need a GPU. Nothing is estimated.
 
     python scripts/bench_speed.py --quick                   # SmolLM2-135M shapes only
     python scripts/bench_speed.py --shapes llama-3-8b --patterns dense,2:4 --batches 1
+    python scripts/bench_speed.py --parts end_to_end --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +218,39 @@ def bench_prefill(args, device, dtype, base: dict) -> None:
                  compressed_mm_ms=round(compressed_mm_ms, 4), speedup=round(dense_ms / sparse_ms, 3))
 
 
+def bench_end_to_end(args, device, dtype, base: dict) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from actprune.app import CONF_DIR
+    from actprune.eval.generate import PROMPTS, measure
+    from actprune.run.job import calibrate, load, plan_job, prune
+
+    backend = "kernel" if device.type == "cuda" else "emulate"  # the interpreter would time Python, not a kernel
+    settings = [{"sparsity": p} for p in args.patterns if ":" in p]
+    if args.data_dir:
+        settings += [{"sparsity": float(p), "selection": "threshold"} for p in args.patterns if p[0].isdigit() and ":" not in p]
+    for setting in settings:
+        overrides = [f"device={device}", f"model.dtype={str(dtype).removeprefix('torch.')}", "logger=none",
+                     "pruning=act_magnitude", f"pruning.backend={backend}", *[f"pruning.{k}={v}" for k, v in setting.items()],
+                     *([f"paths.data_dir={args.data_dir}", "calibration.corpus=wikitext2_validation"] if args.data_dir else [])]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = None  # no job folder: nothing is written
+        job = plan_job(cfg, Path.cwd())
+        loaded = load(job, cfg)  # loaded once: later settings reuse it
+        report = prune(job, loaded, calibrate(job, loaded, cfg))
+        try:
+            result = measure(loaded.model, loaded.tokenizer, PROMPTS, args.new_tokens, args.e2e_repeats)
+        finally:
+            report.restore_(loaded.model)
+        emit(**base, part="end_to_end", backend=backend, model="SmolLM2-135M-Instruct", pattern=str(setting["sparsity"]),
+             selection=setting.get("selection", "topk"), prompts=len(PROMPTS), new_tokens=args.new_tokens,
+             dense_tokens_per_s=round(result["dense"]["decode_tokens_per_s"], 2),
+             pruned_tokens_per_s=round(result["decode_tokens_per_s"], 2), speedup=round(result["decode_speedup"], 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -222,6 +261,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default: 30 on CUDA, 10 on CPU")
     parser.add_argument("--prefill-tokens", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="SmolLM2-135M shapes only")
+    parser.add_argument("--parts", default="decode,prefill,end_to_end", help="which parts to run")
+    parser.add_argument("--data-dir", default=None, help="laid out like ../shared/data: calibration for the threshold")
+    parser.add_argument("--new-tokens", type=int, default=32, help="end to end: tokens generated per prompt")
+    parser.add_argument("--e2e-repeats", type=int, default=2, help="end to end: timed runs of every prompt")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -232,12 +275,14 @@ def main() -> None:
     args.repeats = args.repeats or (30 if cuda else 10)
     base = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).removeprefix("torch.")}
     torch.manual_seed(0)
+    parts = args.parts.split(",")
     with torch.inference_mode():
-        if cuda:
-            bench_decode_cuda(args, device, dtype, base)
-        else:
-            bench_decode_emulated(args, device, dtype, base)
-        bench_prefill(args, device, dtype, base)
+        if "decode" in parts:
+            (bench_decode_cuda if cuda else bench_decode_emulated)(args, device, dtype, base)
+        if "prefill" in parts:
+            bench_prefill(args, device, dtype, base)
+    if "end_to_end" in parts:
+        bench_end_to_end(args, device, dtype, base)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Cached decoding and the `generate` benchmark: a decode step prunes as a full forward does."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from actprune.eval import build
 from actprune.eval.generate import PROMPTS, _cache_of, greedy, measure
 from actprune.run.job import run_job
 
-from .helpers import VARIANTS, job_config, random_windows
+from .conftest import SHARED_DATA, STORIES, needs_shared
+from .helpers import VARIANTS, actprune, job_config, random_windows
 from .tiny import gemma3_text, llama
 
 LEARNABLE = {"transforms": [{"name": "shift", "mode": "static"}, {"name": "learnable", "forms": ["affine", "scale", "lowrank"],
@@ -170,3 +172,21 @@ def test_the_dense_model_is_nn_linear_again_after_unwrapped_errors():
             raise RuntimeError("inside")
     assert isinstance(model.model.layers[0].self_attn.q_proj, ActSparseLinear)
     assert isinstance(model.model.layers[0].self_attn.q_proj.linear, nn.Linear)
+
+
+@needs_shared
+@pytest.mark.cli
+def test_stories260k_generates_text_and_logs_speed_and_samples_to_wandb(tmp_path):
+    done = actprune(f"model.path={STORIES}", "model.seqlen=256", f"paths.data_dir={SHARED_DATA}", "logger=wandb",
+                    "benchmark=[ppl_wikitext2,generate]", "benchmark.ppl_wikitext2.max_windows=2",
+                    "benchmark.generate.max_new_tokens=12", "pruning=act_magnitude", "pruning.sparsity=2:4",
+                    f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "ok" and record["metrics"]["generate/decode_speedup"] > 0
+    samples = record["generate"]["samples"]
+    assert [s["prompt"] for s in samples] == PROMPTS and all(s["completion"].strip() for s in samples)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    table = json.loads(next(run.rglob("generate/samples*.table.json")).read_text())
+    assert table["columns"] == ["prompt", "completion"] and table["data"] == [[s["prompt"], s["completion"]] for s in samples]
+    assert b"generate/decode_tokens_per_s" in next(run.glob("*.wandb")).read_bytes()

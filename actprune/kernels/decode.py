@@ -16,11 +16,16 @@ casts truncate instead of rounding to nearest even (see `_round_to`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED = triton.knobs.runtime.interpret  # as triton.jit saw it: the kernels below are then interpreted
+try:  # as triton.jit saw it: the kernels below are then interpreted
+    INTERPRETED = triton.knobs.runtime.interpret
+except AttributeError:  # Triton < 3.4 reads the environment directly
+    INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 K_LANES = 32  # input lanes a program handles per step: one group of up to 32, or several small ones
 PRODUCT_ELEMENTS = 8192  # rows x lanes x outputs per step: 64 float32 registers a thread at 4 warps
 MAX_BLOCK_N = 256
