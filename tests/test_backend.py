@@ -10,7 +10,8 @@ import torch
 
 from actprune import kernels, plan, sparsify_
 from actprune.activation import ActSparseLinear, wrapper
-from actprune.masks import parse_sparsity
+from actprune.activation.wrapper import unwrapped
+from actprune.masks import parse_sparsity, topk_keep_mask
 from actprune.run.job import plan_job
 
 from .helpers import job_config, random_windows
@@ -62,11 +63,35 @@ def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls)
 
 
 def test_a_decode_step_of_the_dense_tokens_stays_dense_under_the_kernel(kernel_calls):
-    model = llama(num_hidden_layers=1)
-    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "dense_tokens": 3, "backend": "kernel"})
+    """Positions 1 and 2 are decoded one at a time and stay dense, 3 and 4 are pruned: all four through the
+    kernel (the one-token prefill too), which is told on the device which rows are dense (no host sync)."""
+    base = llama(num_hidden_layers=1)
+    emulated, kernel = copy.deepcopy(base), copy.deepcopy(base)
+    config = {"method": "act_magnitude", "sparsity": "2:4", "dense_tokens": 3}
+    sparsify_(emulated, config)
+    report = sparsify_(kernel, {**config, "backend": "kernel"})
+    ids = torch.randint(0, 256, (1, 5))
     with torch.no_grad():
-        cached_logits(model, torch.randint(0, 256, (1, 5)), 1)  # positions 1, 2 dense; 3, 4 pruned
-    assert kernel_calls == [1] * 14
+        expected, got = cached_logits(emulated, ids, 1), cached_logits(kernel, ids, 1)
+        torch.testing.assert_close(got[:, :3], base(ids).logits[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert kernel_calls == [1] * 5 * 7  # the one-token prefill too
+    assert report.summary()["measured"] == pytest.approx(0.5 * 2 / 5)
+
+
+@pytest.mark.parametrize("selection", [{"n": 2, "m": 4}, {"threshold": 0.5}])
+def test_rows_flagged_dense_keep_every_input(selection):
+    x, weight = torch.randn(3, 48), torch.randn(40, 48)
+    dense_rows = torch.tensor([False, True, False])
+    y = kernels.sparse_linear(x, kernels.layout_weight(weight), dense_rows=dense_rows, **selection)
+    if "n" in selection:
+        keep = topk_keep_mask(x.abs(), 2, 4)
+    else:
+        keep = x.abs() >= 0.5
+    keep[1] = True
+    torch.testing.assert_close(y, (x * keep) @ weight.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_rows must be \\(3,\\)"):
+        kernels.sparse_linear(x, kernels.layout_weight(weight), dense_rows=dense_rows[:2], **selection)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -126,3 +151,16 @@ def test_a_kernel_job_on_a_cpu_without_the_interpreter_fails_before_loading(tiny
         plan_job(cfg, tmp_path)
     dense = job_config(tiny_setup, tmp_path, "pruning=dense", "pruning.backend=kernel")
     assert plan_job(dense, tmp_path).pruning.targets == []  # nothing to compute: a sweep may cross it with dense
+
+
+def test_the_dense_baseline_reads_row_major_weights_as_the_dense_model_does():
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel"})
+    layer = model.model.layers[0].self_attn.q_proj
+    laid_out = layer.linear.weight.data
+    with unwrapped(model):
+        linear = model.model.layers[0].self_attn.q_proj
+        assert isinstance(linear, torch.nn.Linear) and linear.weight.is_contiguous()
+        assert torch.equal(linear.weight, laid_out)
+    assert model.model.layers[0].self_attn.q_proj is layer
+    assert layer.linear.weight.data_ptr() == laid_out.data_ptr() and not layer.linear.weight.is_contiguous()

@@ -110,7 +110,7 @@ class TokenPositions:
         ids = self.ids
         if ids is None or ids.shape[-1] != x.shape[-2]:
             ids = torch.arange(x.shape[-2], device=x.device)
-        return ids.reshape(-1, x.shape[-2], 1)
+        return ids.to(x.device).reshape(-1, x.shape[-2], 1)  # a layer of a model split over devices
 
 
 _fallbacks_logged: set[str] = set()
@@ -272,28 +272,36 @@ class ActSparseLinear(nn.Module):
         if self.threshold is None and not self.pattern.is_nm and not self.pattern.is_dense():
             _fall_back("a ratio is kept per token by top-k (the kernels take N:M or a calibrated threshold)")
             return None
-        if self.dense_tokens and x.dim() >= 3 and bool((self.positions_of(x) < self.dense_tokens).any()):
-            return None  # a sequence's first tokens stay dense: the emulation keeps them (one host sync)
+        if self.dense_tokens and x.dim() < 3:
+            return None  # the emulation says why it cannot tell a sequence's first tokens
         flat = x.reshape(rows, x.shape[-1])
+        dense_rows = None
+        if self.dense_tokens:  # a sequence's first tokens stay dense, flagged to the kernel on the device
+            dense_rows = (self.positions_of(x) < self.dense_tokens).expand(*x.shape[:-1], 1).reshape(rows)
         if self.threshold is not None:
-            y = sparse_linear(flat, self.linear.weight.t(), threshold=self.threshold,
-                                      channel_weight=channel_weight, bias=self.linear.bias)
-            self.zeroed += (_scores(flat, self.score, channel_weight) < self.threshold).sum()
+            y = sparse_linear(flat, self.linear.weight.t(), threshold=self.threshold, channel_weight=channel_weight,
+                              bias=self.linear.bias, dense_rows=dense_rows)
+            dropped = _scores(flat, self.score, channel_weight) < self.threshold
+            self.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
         else:
             n, m = (self.pattern.n, self.pattern.m) if self.pattern.is_nm else (None, None)
             y = sparse_linear(flat, self.linear.weight.t(), n=n, m=m, channel_weight=channel_weight,
-                                      bias=self.linear.bias)
-            self.zeroed += flat.numel() - flat.numel() // m * n if m else 0
+                              bias=self.linear.bias, dense_rows=dense_rows)
+            if m:  # exactly n of every m kept: the count needs no look at the mask
+                pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
+                self.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def _matmul(self, pruned: torch.Tensor) -> torch.Tensor:
         """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill through semi-structured sparsity."""
         if self.backend == "kernel" and self.pattern.is_nm and (self.pattern.n, self.pattern.m) == (2, 4) \
-                and self.recording is None and not self.dense_tokens:
+                and self.recording is None:
             from ..kernels.prefill import semi_structured_linear, semi_structured_unavailable
 
             rows = pruned.numel() // pruned.shape[-1]
             reason = semi_structured_unavailable(rows, self.in_features, self.out_features, pruned.dtype, pruned.device)
+            if self.dense_tokens:
+                reason = "pruning.dense_tokens keeps rows dense, which a 2:4 semi-structured operand cannot hold"
             if reason is None:
                 y = semi_structured_linear(pruned.reshape(rows, -1), self.linear.weight, self.linear.bias)
                 return y.reshape(*pruned.shape[:-1], y.shape[-1])
@@ -334,14 +342,21 @@ class ActSparseLinear(nn.Module):
 @contextmanager
 def unwrapped(model: nn.Module):
     """`model` with each ActSparseLinear's own `nn.Linear` in its place: the dense model's compute,
-    same shapes and device (its outputs are the dense model's only where no change of basis was
-    absorbed into the weight); the wrappers return on exit."""
+    same shapes, layout and device (its outputs are the dense model's only where no change of basis
+    was absorbed into the weight); the wrappers return on exit. A weight the kernel backend laid out
+    (in, out) gets a row-major copy meanwhile, as the dense model has it: the matmul libraries take
+    other paths for the two layouts."""
     swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, ActSparseLinear)]
+    laid_out = {wrapper: wrapper.linear.weight.data for _, _, wrapper in swapped if wrapper.backend == "kernel"}
     for parent, name, wrapper in swapped:
         setattr(parent, name, wrapper.linear)
+    for wrapper, weight in laid_out.items():
+        wrapper.linear.weight.data = weight.contiguous()
     try:
         yield
     finally:
+        for wrapper, weight in laid_out.items():
+            wrapper.linear.weight.data = weight
         for parent, name, wrapper in swapped:
             setattr(parent, name, wrapper)

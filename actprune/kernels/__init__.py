@@ -10,6 +10,7 @@ lives in `actprune.kernels.prefill`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -29,7 +30,8 @@ def decode_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in DTYPES:
         return f"the decode kernels take float16, bfloat16 or float32, not {dtype}"
     if device.type == "cpu":
-        if not triton.knobs.runtime.interpret:
+        knobs = getattr(triton, "knobs", None)  # Triton < 3.4 has none and reads the variable itself
+        if not (knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"):
             return "CPU tensors run the Triton kernels only under TRITON_INTERPRET=1 (tests)"
         decode = sys.modules.get(f"{__name__}.decode")
         if decode is not None and not decode.INTERPRETED:  # triton.jit chose compiled kernels at import
@@ -51,14 +53,17 @@ def layout_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None = None, m: int | None = None,
                   threshold: float | torch.Tensor | None = None, channel_weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
     """`(x * keep) @ W^T + bias` for x (rows, in), 1 <= rows <= MAX_ROWS, weight_t = layout_weight(W).
 
     The score is `|x| * channel_weight` rounded to x's dtype (`|x|` without channel_weight), per row:
     keep is its top `n` of every `m` consecutive channels (ties to the lower index), or `score >= threshold`,
-    or everything when neither is given. Accumulated in float32, returned (rows, out) in x's dtype.
+    or everything when neither is given; a row flagged in `dense_rows` (bool, (rows,)) keeps everything
+    (decided on the device: no host sync). Accumulated in float32, returned (rows, out) in x's dtype.
     """
     _check(x, weight_t, n, m, threshold, channel_weight, bias)
+    if dense_rows is not None and (dense_rows.shape != (x.shape[0],) or dense_rows.device != x.device):
+        raise ValueError(f"dense_rows must be ({x.shape[0]},) on {x.device}, got {tuple(dense_rows.shape)} on {dense_rows.device}")
     reason = decode_unavailable(x.device, x.dtype)
     if reason is not None:
         raise RuntimeError(f"sparse_linear cannot run here: {reason}")
@@ -68,7 +73,8 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None = No
 
     return sparse_gemv(x.contiguous(), weight_t, n=n, m=m, threshold=threshold,
                        channel_weight=None if channel_weight is None else channel_weight.contiguous(),
-                       bias=None if bias is None else bias.contiguous())
+                       bias=None if bias is None else bias.contiguous(),
+                       dense_rows=None if dense_rows is None else dense_rows.to(torch.int8).contiguous())
 
 
 def _check(x, weight_t, n, m, threshold, channel_weight, bias) -> None:

@@ -63,14 +63,15 @@ def _load_scores(x_ptr, channel_weight_ptr, rows, k, row_ok, k_ok, K, HAS_CHANNE
 
 
 @triton.jit
-def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, threshold_ptr, out_ptr,
+def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, threshold_ptr, dense_rows_ptr, out_ptr,
                        n_rows, K, N, n_blocks, blocks_per_program,
-                       N_KEEP: tl.constexpr, GROUP: tl.constexpr, USE_THRESHOLD: tl.constexpr,
+                       N_KEEP: tl.constexpr, GROUP: tl.constexpr, USE_THRESHOLD: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
                        HAS_CHANNEL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                        ROWS: tl.constexpr, K_LANES: tl.constexpr, GROUP_LANES: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """One (BLOCK_N outputs, K range) tile. The keep mask: top N_KEEP of every GROUP inputs when N_KEEP > 0,
-    else `score >= *threshold_ptr` when USE_THRESHOLD, else every input (dense)."""
+    else `score >= *threshold_ptr` when USE_THRESHOLD, else every input (dense); rows flagged in
+    dense_rows_ptr (HAS_DENSE_ROWS) keep every input (a sequence's first tokens, `dense_tokens`)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -82,6 +83,8 @@ def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, thresh
     group_start = (lane // GROUP_LANES) * GROUP
     if USE_THRESHOLD:
         threshold = tl.load(threshold_ptr).to(tl.float32)
+    if HAS_DENSE_ROWS:
+        dense_row = tl.load(dense_rows_ptr + rows, mask=row_ok, other=0) != 0
     acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
     first = pid_k * blocks_per_program
     for block in range(first, tl.minimum(first + blocks_per_program, n_blocks)):
@@ -99,6 +102,8 @@ def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, thresh
             keep = keep & (beaten < N_KEEP)
         elif USE_THRESHOLD:
             keep = keep & (score >= threshold)
+        if HAS_DENSE_ROWS:
+            keep = keep | (dense_row[:, None] & row_ok[:, None] & k_ok[None, :])
         # A weight row is read only when some row keeps its channel: at batch 1, only the kept columns.
         needed = tl.max(keep.to(tl.int32), axis=0) > 0
         weight = tl.load(weight_t_ptr + k.to(tl.int64)[:, None] * N + cols[None, :],
@@ -135,7 +140,7 @@ def _target_programs(device: torch.device) -> int:
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None, m: int | None,
                 threshold: torch.Tensor | None, channel_weight: torch.Tensor | None,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on arguments already checked by `actprune.kernels.sparse_linear`."""
     rows, K = x.shape
     N = weight_t.shape[1]
@@ -153,8 +158,9 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None, m: in
     target = out if splits == 1 else torch.empty(splits, rows, N, device=x.device, dtype=torch.float32)
     absent = x  # any pointer stands for an optional tensor the kernel is compiled not to read
     sparse_gemv_kernel[(grid_n, splits)](
-        x, weight_t, *(absent if t is None else t for t in (channel_weight, bias, threshold)), target,
+        x, weight_t, *(absent if t is None else t for t in (channel_weight, bias, threshold, dense_rows)), target,
         rows, K, N, n_blocks, blocks_per_program, N_KEEP=n or 0, GROUP=group, USE_THRESHOLD=threshold is not None,
+        HAS_DENSE_ROWS=dense_rows is not None,
         HAS_CHANNEL_WEIGHT=channel_weight is not None, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
         ROWS=rows_p2, K_LANES=K_LANES, GROUP_LANES=group_lanes, BLOCK_K=block_k, BLOCK_N=block_n)
     if splits > 1:

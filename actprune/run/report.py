@@ -75,7 +75,9 @@ def speed_points(table: list[dict]) -> dict[tuple, dict[str, list[tuple[float, f
     devices') are never on one line. Empty when no ok job has both perplexity and speed-up."""
     measured = [r for r in table if r["status"] == "ok" and isinstance(r.get("perplexity"), (int, float))]
     timed = [r for r in measured if isinstance(r.get("speedup"), (int, float))]
-    panels: dict[tuple, dict[str, list]] = {(r["model"], r["backend"], r["_device"]): {} for r in timed}
+    # Panels come from pruned jobs: dense runs no pruning backend, and joins every panel of its model below.
+    pruned = [r for r in timed if not is_dense(r)] or timed
+    panels: dict[tuple, dict[str, list]] = {(r["model"], r["backend"], r["_device"]): {} for r in pruned}
     for row in timed:
         if not is_dense(row):
             method = " ".join(filter(None, (row["method"], row["transforms"])))

@@ -132,8 +132,10 @@ def rows(folders: list[Path]) -> list[dict]:
 def columns(table: list[dict]) -> list[str]:
     named = {key for row in table for key in row if not key.startswith("_")}
     tasks = sorted(named - set(FIXED) - set(SPEED) - set(TAIL))
-    # The speed columns only where some job has them: reports of sweeps without the benchmark stay as they were.
-    speed = [key for key in SPEED if any(row.get(key) is not None for row in table)]
+    # The speed columns only where some job measured speed: reports of sweeps without the benchmark stay
+    # as they were (every job's config names a backend, so it alone does not count).
+    timed = any(row.get("decode_tok_s") is not None or row.get("speedup") is not None for row in table)
+    speed = SPEED if timed else []
     return FIXED + tasks + speed + TAIL
 
 
