@@ -170,6 +170,7 @@ class SparsityReport:
     dense_tokens: int = 0
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
+    refit: dict | None = None  # closed-form weights: per layer the held-out errors and the ridge chosen
     learned: dict | None = None  # learned corrections: trained (with their losses) or loaded, and where
     calibration: dict | None = None  # the calibration used, as results.json records it
     seconds: dict[str, float] = field(default_factory=dict)  # calibration, prune, thresholds, learn

@@ -164,3 +164,17 @@ def test_the_dense_baseline_reads_row_major_weights_as_the_dense_model_does():
         assert torch.equal(linear.weight, laid_out)
     assert model.model.layers[0].self_attn.q_proj is layer
     assert layer.linear.weight.data_ptr() == laid_out.data_ptr() and not layer.linear.weight.is_contiguous()
+
+
+def test_refit_weights_go_through_the_kernel_too(kernel_calls):
+    base = llama(num_hidden_layers=1)
+    emulated, kernel = copy.deepcopy(base), copy.deepcopy(base)
+    config = {"method": "act_magnitude", "sparsity": "8:16", "transforms": [{"name": "refit", "min_tokens_per_dim": 0}]}
+    windows = torch.randint(0, 256, (8, 32))
+    sparsify_(emulated, config, windows)
+    sparsify_(kernel, {**config, "backend": "kernel"}, windows)
+    assert any(m.refit_weight is not None for m in kernel.modules() if isinstance(m, ActSparseLinear))
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(cached_logits(kernel, ids, 3), cached_logits(emulated, ids, 3), rtol=1e-4, atol=1e-4)
+    assert kernel_calls  # the decode steps ran the kernel, with W′

@@ -26,6 +26,11 @@ def learnable_options(transforms: list[tuple[str, dict]]) -> dict | None:
     return next((options for name, options in transforms if name == "learnable"), None)
 
 
+def refit_options(transforms: list[tuple[str, dict]]) -> dict | None:
+    """The options of the `refit` transform, None where there is none."""
+    return next((options for name, options in transforms if name == "refit"), None)
+
+
 def wrapper_options(linear: nn.Linear, score: str, transforms: list[tuple[str, dict]], stats: dict | None) -> dict:
     """Keyword arguments of ActSparseLinear for this layer: score weight, basis, shift, correction."""
     weight = linear.weight.detach().double()
@@ -40,6 +45,7 @@ def wrapper_options(linear: nn.Linear, score: str, transforms: list[tuple[str, d
     if options.get("shift") == "static":  # the mean where the mask is taken: in the final basis
         options["shift_vector"] = basis.row(stats["mean"])
     options["channel_weight"] = get_score(score).build(absorbed, basis, stats)
+    options.pop("refit", None)  # fitted after wrapping (actprune.activation.refit)
     if "learn" in options:
         learn = options.pop("learn")
         shape = {key: learn[key] for key in ("forms", "rank") if key in learn}  # Correction's defaults otherwise

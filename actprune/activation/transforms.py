@@ -3,7 +3,9 @@
 Transforms run in the order listed. Basis transforms (`scaling`, `hadamard`, `pca`) change the
 basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
 `W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken;
-`learnable` adds a trained correction in that final basis (actprune.activation.learned).
+`refit` fits, in closed form, the weights that map the pruned input back to the dense output
+(actprune.activation.refit); `learnable` adds a trained correction in that final basis
+(actprune.activation.learned), after `refit` where both are listed.
 Statistics come from calibration (never from the evaluated batch), so every token is pruned on
 its own.
 """
@@ -17,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .learned import check_options
+from .refit import options_of as refit_options
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,12 @@ def variance_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -
     return {"variance": True}
 
 
+@register_transform("refit")
+def refit_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
+    """Closed-form weights for the pruned input (actprune.activation.refit), fitted by the activation method."""
+    return {"refit": options}
+
+
 @register_transform("learnable")
 def learnable_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
     """Learned corrections (actprune.activation.learned), built on the layer's final weight, trained by the activation method."""
@@ -140,6 +149,10 @@ def parse_transforms(transforms) -> list[tuple[str, dict]]:
             raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
         if name == "learnable":
             check_options(options)
+            parsed.append((name, dict(options)))
+            continue
+        if name == "refit":
+            refit_options(options)
             parsed.append((name, dict(options)))
             continue
         allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())

@@ -138,6 +138,8 @@ class ActSparseLinear(nn.Module):
       absolute positions where `positions` (a `TokenPositions` fed by the decoder layer) knows them;
     - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
       per-layer threshold instead of a per-token top-k; the sparsity reached then varies;
+    - `refit` (set by `actprune.activation.refit`): the pruned input is multiplied by weights W′, b′
+      fitted to give back the dense output, the mask unchanged;
     - `correction`: learned terms (output affine, input shift, score scale, low-rank residual on the
       dropped entries), see `actprune.activation.learned`.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
@@ -176,6 +178,7 @@ class ActSparseLinear(nn.Module):
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
         self.bypass = False  # True: the dense output (a learned correction's training target)
         self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
+        self.moments = None  # a refit.Moments while `refit` gathers this layer's (pruned input, target) moments
         weight = linear.weight
         device = weight.device
         if (input_scale is not None or rotation is not None) != (absorbed_weight is not None):
@@ -196,8 +199,29 @@ class ActSparseLinear(nn.Module):
             from ..kernels import layout_weight
 
             linear.weight.data = layout_weight(weight.data).t()
+        self.register_buffer("refit_weight", None)  # W′ and b′ of `refit`, used on the pruned input only
+        self.register_buffer("refit_bias", None)
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    def set_refit(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Multiply the pruned input by `weight` (and add `bias`) instead of the layer's own W and b."""
+        like = self.linear.weight
+        weight = weight.to(like.device, like.dtype)
+        if self.backend == "kernel":  # in the kernel's layout, as W is
+            from ..kernels import layout_weight
+
+            weight = layout_weight(weight).t()
+        self.refit_weight = weight
+        self.refit_bias = None if bias is None else bias.to(like.device, like.dtype)
+
+    @property
+    def pruned_weight(self) -> torch.Tensor:
+        return self.linear.weight if self.refit_weight is None else self.refit_weight
+
+    @property
+    def pruned_bias(self) -> torch.Tensor | None:
+        return self.linear.bias if self.refit_weight is None else self.refit_bias
 
     @property
     def in_features(self) -> int:
@@ -251,10 +275,12 @@ class ActSparseLinear(nn.Module):
                 ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
                 pruned = pruned * ratio.sqrt().to(pruned.dtype)
             y = self._matmul(pruned)
-        if self.shift == "static":
-            y = y + self.shift_output
-        elif eta is not None:
-            y = y + eta * self.weight_rowsum
+        back = self.shift_output if self.shift == "static" else None if eta is None else eta * self.weight_rowsum
+        if back is not None:
+            y = y + back
+        if self.moments is not None:  # refit: the dense output this pruned input should give, less the add-back
+            target = F.linear(x, self.linear.weight, self.linear.bias)
+            self.moments.add(pruned, target if back is None else target - back)
         if correction is not None:
             y = correction.output(y, centred * ~keep, self.linear.weight)
         return y
@@ -264,7 +290,7 @@ class ActSparseLinear(nn.Module):
         from ..kernels import MAX_ROWS, sparse_linear
 
         rows = x.numel() // x.shape[-1]
-        if self.recording is not None or rows > MAX_ROWS:
+        if self.recording is not None or self.moments is not None or rows > MAX_ROWS:
             return None
         if self.score is not magnitude:
             _fall_back("a layer ranks by a score function of its own (the kernels rank |x|·channel_weight)")
@@ -279,14 +305,14 @@ class ActSparseLinear(nn.Module):
         if self.dense_tokens:  # a sequence's first tokens stay dense, flagged to the kernel on the device
             dense_rows = (self.positions_of(x) < self.dense_tokens).expand(*x.shape[:-1], 1).reshape(rows)
         if self.threshold is not None:
-            y = sparse_linear(flat, self.linear.weight.t(), threshold=self.threshold, channel_weight=channel_weight,
-                              bias=self.linear.bias, dense_rows=dense_rows)
+            y = sparse_linear(flat, self.pruned_weight.t(), threshold=self.threshold, channel_weight=channel_weight,
+                              bias=self.pruned_bias, dense_rows=dense_rows)
             dropped = _scores(flat, self.score, channel_weight) < self.threshold
             self.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
         else:
             n, m = (self.pattern.n, self.pattern.m) if self.pattern.is_nm else (None, None)
-            y = sparse_linear(flat, self.linear.weight.t(), n=n, m=m, channel_weight=channel_weight,
-                              bias=self.linear.bias, dense_rows=dense_rows)
+            y = sparse_linear(flat, self.pruned_weight.t(), n=n, m=m, channel_weight=channel_weight,
+                              bias=self.pruned_bias, dense_rows=dense_rows)
             if m:  # exactly n of every m kept: the count needs no look at the mask
                 pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
                 self.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)
@@ -303,10 +329,10 @@ class ActSparseLinear(nn.Module):
             if self.dense_tokens:
                 reason = "pruning.dense_tokens keeps rows dense, which a 2:4 semi-structured operand cannot hold"
             if reason is None:
-                y = semi_structured_linear(pruned.reshape(rows, -1), self.linear.weight, self.linear.bias)
+                y = semi_structured_linear(pruned.reshape(rows, -1), self.pruned_weight, self.pruned_bias)
                 return y.reshape(*pruned.shape[:-1], y.shape[-1])
             _fall_back(reason)
-        return F.linear(pruned, self.linear.weight, self.linear.bias)
+        return F.linear(pruned, self.pruned_weight, self.pruned_bias)
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
         return (self.positions or TokenPositions()).of(x)

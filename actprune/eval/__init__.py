@@ -43,7 +43,7 @@ BENCHMARKS: dict[str, type] = {}
 # Top-level keys of results.json that a benchmark's name or prepare() record must not take.
 RESERVED = {"status", "results_version", "error", "traceback", "job", "group", "config", "metrics", "sparsity",
             "replaced_layers", "timings", "versions", "host", "model", "device", "dtype", "parameters",
-            "calibration", "learned"}
+            "calibration", "learned", "refit"}
 
 
 def benchmark(name: str):

@@ -4,7 +4,8 @@ A method says what it needs from calibration (`needs`) and applies itself to the
 of a model (`apply_`). Three kinds:
 - `activation`: each target `nn.Linear` is replaced by a wrapper that masks its input per token
   (`wrap(linear, plan, stats)` builds it); the steps the plan asks for follow: calibrated
-  thresholds (`pruning.selection=threshold`), learned corrections (`learnable`);
+  thresholds (`pruning.selection=threshold`), closed-form weights (`refit`), learned corrections
+  (`learnable`);
 - `weight`: W is zeroed once, layer by layer (`prune(linear, pattern, inputs, plan)`), where
   `inputs` (for `layerwise` methods) holds what the layer's calibration inputs told;
 - `dense`: nothing changes.
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 
 from ..activation import learned, recipe, scores, transforms, wrapper
 from ..activation.learned import fit_or_load_
-from ..activation.recipe import learnable_options, needed_statistics
+from ..activation.recipe import learnable_options, needed_statistics, refit_options
+from ..activation.refit import refit_
 from ..activation.thresholds import calibrate_thresholds_
 from ..calibration import code_digest
 from ..walk import LayerInputs, decoder_layers
@@ -57,7 +59,8 @@ class Method:
 
     def needs(self, plan: PruningPlan) -> Needs:
         if self.kind == "activation":
-            steps = plan.config.selection == "threshold" or learnable_options(plan.transforms) is not None
+            steps = (plan.config.selection == "threshold" or learnable_options(plan.transforms) is not None
+                     or refit_options(plan.transforms) is not None)
             return Needs(frozenset(needed_statistics(plan.config.score, plan.transforms)), steps)
         return Needs(windows=self.layerwise is not None and not plan.pattern.is_dense())
 
@@ -134,6 +137,11 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
         tic = time.perf_counter()
         report.thresholds = calibrate_thresholds_(model, wrapped, plan.pattern.target(), calibration.windows)
         report.seconds["thresholds"] = time.perf_counter() - tic
+    refit = refit_options(plan.transforms)
+    if refit is not None and wrapped:
+        tic = time.perf_counter()
+        report.refit = refit_(model, wrapped, calibration.windows, refit)
+        report.seconds["refit"] = time.perf_counter() - tic
     learn = learnable_options(plan.transforms)
     if learn is not None and wrapped:
         tic = time.perf_counter()

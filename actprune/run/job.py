@@ -19,6 +19,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import models, reuse
+from ..activation.recipe import refit_options
+from ..activation.refit import check_tokens
 from ..calibration import Calibration, check_settings, corpus_text, model_fingerprint
 from ..eval import RESERVED, Env, build
 from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
@@ -60,7 +62,8 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     fingerprint = model_fingerprint(*resolved)  # the model's own files, never the dequantized cache: one key
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    pruning = plan(models.skeleton(config, cfg.model.trust_remote_code), cfg.pruning)
+    skeleton = models.skeleton(config, cfg.model.trust_remote_code)
+    pruning = plan(skeleton, cfg.pruning)
     if pruning.config.backend == "kernel" and pruning.targets:
         from ..kernels import decode_unavailable
 
@@ -71,6 +74,10 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     text = None
     if pruning.needs:
         check_settings(cfg.calibration.windows, cfg.calibration.seqlen, max_positions)
+        refit = refit_options(pruning.transforms)
+        if refit is not None and pruning.targets:
+            widths = [skeleton.get_submodule(name).in_features for name in pruning.targets]
+            check_tokens(refit, cfg.calibration.windows, cfg.calibration.seqlen, widths)
         text = reuse.cached(
             ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
             lambda: corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")),
@@ -173,6 +180,8 @@ def stages(cfg: DictConfig, job_dir: Path, slot: int | None, record: dict) -> No
         record["timings"].update(report.seconds)
         if report.calibration is not None:
             record["calibration"] = report.calibration
+        if report.refit is not None:
+            record["refit"] = report.refit
         if report.learned is not None:
             record["learned"] = report.learned
         evaluation = evaluate(job, loaded, report)

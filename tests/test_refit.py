@@ -1,0 +1,147 @@
+"""`refit`: closed-form weights for the pruned input, fitted layer by layer on calibration windows."""
+
+import copy
+
+import pytest
+import torch
+
+from actprune import sparsify_
+from actprune.activation import ActSparseLinear
+from actprune.activation.refit import DEFAULTS, Moments, fit_layer, options_of, ridge_solve
+from actprune.masks import parse_sparsity
+from actprune.run.job import plan_job
+
+from .helpers import job_config
+from .tiny import llama, qwen2
+
+WINDOWS = torch.randint(0, 256, (8, 40), generator=torch.Generator().manual_seed(1))
+REFIT = {"name": "refit", "skip_tokens": 2, "min_tokens_per_dim": 0}
+
+
+def test_the_ridge_solution_is_the_dense_weight_when_nothing_is_pruned():
+    weight, bias = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    moments = Moments(6, 5, intercept=True, skip_tokens=0, device="cpu")
+    x = torch.randn(200, 6, dtype=torch.float64)
+    moments.add(x, x @ weight.T + bias)
+    start = torch.cat([torch.randn_like(weight), torch.zeros(5, 1, dtype=torch.float64)], 1)  # shrunk elsewhere
+    torch.testing.assert_close(ridge_solve(moments, start, 1e-9), torch.cat([weight, bias[:, None]], 1), rtol=1e-6, atol=1e-6)
+    assert moments.error(torch.cat([weight, bias[:, None]], 1)) == pytest.approx(0, abs=1e-9)
+
+
+def test_the_moments_error_is_the_mean_squared_error_it_stands_for():
+    moments = Moments(4, 3, intercept=False, skip_tokens=1, device="cpu")
+    p, t = torch.randn(2, 9, 4), torch.randn(2, 9, 3)
+    moments.add(p, t)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    expected = ((t[:, 1:].double() - p[:, 1:].double() @ w.T) ** 2).sum() / (2 * 8)  # first token of each left out
+    assert moments.tokens == 16 and moments.error(w) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("transforms", [["shift", REFIT], [{"name": "shift", "mode": "static"}, "hadamard", REFIT]])
+def test_refit_is_exact_when_nothing_is_pruned(transforms):
+    model = qwen2()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.0, "transforms": transforms}, WINDOWS)
+        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+    assert report.refit["layers"] and report.refit["refit_layers"] == 0  # nothing to gain: every layer keeps W
+
+
+def test_refit_lowers_the_error_of_each_refit_layer_on_held_out_windows_and_keeps_the_mask():
+    base = llama()
+    plain, refit = copy.deepcopy(base), copy.deepcopy(base)
+    config = {"method": "act_magnitude", "sparsity": "2:4"}
+    sparsify_(plain, config, WINDOWS)
+    report = sparsify_(refit, {**config, "transforms": [REFIT]}, WINDOWS)
+    layers = report.refit["layers"]
+    assert report.refit["refit_layers"] > 0 and report.seconds["refit"] > 0
+    for name, record in layers.items():
+        assert (record["refit"] < record["plain"]) if not record["kept"] else record["ridge"] is None, name
+    # Independently of the moments: the decoder layers' first projections on the held-out windows.
+    held = WINDOWS[-2:]
+    for name in [n for n in layers if n.endswith(("q_proj", "gate_proj")) and not layers[n]["kept"]]:
+        wrapper = refit.get_submodule(name)
+        seen = []
+        handle = wrapper.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        with torch.no_grad():
+            refit(held)
+        handle.remove()
+        x = torch.cat(seen)[:, 2:]  # the tokens the moments counted
+        dense = torch.nn.functional.linear(x, wrapper.linear.weight, wrapper.linear.bias)
+        with torch.no_grad():
+            after = (wrapper(x) - dense).pow(2).mean()
+            weights = wrapper.refit_weight, wrapper.refit_bias
+            wrapper.refit_weight = wrapper.refit_bias = None
+            before = (wrapper(x) - dense).pow(2).mean()
+            wrapper.refit_weight, wrapper.refit_bias = weights
+        assert after < before, name
+    # The mask is plain pruning's: on the same input, every layer zeroes the same entries.
+    for name in layers:
+        x = torch.randn(2, 5, refit.get_submodule(name).in_features)
+        masks = [model.get_submodule(name)._keep(x, model.get_submodule(name).channel_weight)[0] for model in (plain, refit)]
+        assert torch.equal(*masks), name
+
+
+def test_a_refit_tokens_output_does_not_depend_on_the_batch():
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS)
+    ids = torch.randint(0, 256, (3, 10))
+    with torch.no_grad():
+        together = model(ids).logits
+        alone = torch.cat([model(ids[i : i + 1]).logits for i in range(3)])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_stream_statistics_and_a_layer_that_gains_nothing_keeps_its_weights():
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16",
+                               "transforms": [{**REFIT, "stream": "dense", "ridge": [1e6]}]}, WINDOWS)
+    # A ridge this strong keeps W′ at W: no held-out error is lower, so every layer keeps W exactly.
+    assert report.refit["refit_layers"] == 0 and report.refit["options"]["stream"] == "dense"
+    assert all(m.refit_weight is None for m in model.modules() if isinstance(m, ActSparseLinear))
+
+
+def test_fit_layer_keeps_w_where_refitting_does_not_lower_the_held_out_error():
+    wrapper = ActSparseLinear(torch.nn.Linear(4, 3), parse_sparsity("2:4"))
+    fit, held = (Moments(4, 3, True, 0, "cpu") for _ in range(2))
+    x = torch.randn(50, 4)
+    fit.add(x, torch.randn(50, 3))  # noise: nothing to learn
+    with torch.no_grad():
+        held.add(x, torch.nn.functional.linear(x, wrapper.linear.weight, wrapper.linear.bias))
+    record = fit_layer(wrapper, fit, held, options_of({"ridge": [1e-6]}))
+    assert record["kept"] and wrapper.refit_weight is None
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"lambda": 1}, "refit has no option \\['lambda'\\]"),
+    ({"ridge": -1}, "refit ridge=-1: allowed values are a positive number"),
+    ({"stream": "both"}, "refit stream='both': allowed values are \\['sequential', 'dense'\\]"),
+    ({"holdout": 1.5}, "holdout=1.5"),
+])
+def test_bad_refit_options_name_the_option(options, words):
+    with pytest.raises(ValueError, match=words):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]}, WINDOWS)
+
+
+def test_too_few_calibration_tokens_are_refused_before_loading(tiny_setup, tmp_path):
+    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[refit]",
+                     "calibration.windows=2", "calibration.seqlen=32")
+    with pytest.raises(ValueError, match="refit fits on 28 calibration tokens .* raise calibration.windows to at least"):
+        plan_job(cfg, tmp_path)
+    with pytest.raises(ValueError, match="refit needs at least 2 calibration windows"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS[:1])
+    assert DEFAULTS["min_tokens_per_dim"] == 4
+
+
+@pytest.mark.cli
+def test_a_job_records_the_refit(tiny_setup, tmp_path):
+    from actprune.run.job import run_job
+
+    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4",
+                     "pruning.transforms=[{name:refit,skip_tokens:1,min_tokens_per_dim:1}]", "calibration.windows=8",
+                     "calibration.seqlen=32", "calibration.corpus=wikitext2_validation")
+    record = run_job(cfg, tmp_path, "group", "job")
+    assert record["status"] == "ok", record.get("traceback")
+    assert record["refit"]["layers"] and record["refit"]["options"]["skip_tokens"] == 1
+    assert record["timings"]["refit"] > 0 and record["sparsity"]["measured"] == pytest.approx(0.5)
