@@ -33,6 +33,8 @@ class PruningConfig:
     dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
     skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
     backend: str = "emulate"  # emulate (mask, then dense matmul) | kernel (real sparse compute: actprune.kernels)
+    allocation: str = "uniform"  # uniform | calibrated (N chosen per projection, the same mean kept fraction)
+    allocation_choices: Optional[List[float]] = None  # N (N:M) or ratios to choose from; null: see README
     blocksize: int = 128  # weight_sparsegpt: columns updated together
     percdamp: float = 0.01  # weight_sparsegpt: dampening, a fraction of the mean Hessian diagonal
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .activation import allocation
 from .activation.scores import get_score
 from .activation.transforms import parse_transforms
 from .activation.wrapper import BACKENDS, ActSparseLinear
@@ -70,6 +71,7 @@ def plan(model: nn.Module, config) -> PruningPlan:
                          f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
+    allocation.check(config.allocation, config.allocation_choices, pattern)
     if config.backend not in BACKENDS:
         raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
     if config.backend == "kernel" and method.kind != "dense":
@@ -170,6 +172,7 @@ class SparsityReport:
     dense_tokens: int = 0
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
+    allocation: dict | None = None  # N chosen per layer (pruning.allocation=calibrated), and the errors behind it
     refit: dict | None = None  # closed-form weights: per layer the held-out errors and the ridge chosen
     learned: dict | None = None  # learned corrections: trained (with their losses) or loaded, and where
     calibration: dict | None = None  # the calibration used, as results.json records it
@@ -225,6 +228,7 @@ class SparsityReport:
             "thresholds": self.thresholds,
             "per_layer": per_layer,
             "measured_covers": self.measured_covers(),
+            **({"allocation": self.allocation} if self.allocation else {}),
         }
 
     def measured_covers(self) -> str:

@@ -10,10 +10,10 @@ from .wrapper import ActSparseLinear, ScoreSample
 
 
 @torch.no_grad()
-def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear], target: float,
-                          windows: torch.Tensor) -> dict[str, float]:
-    """Per layer, the score below which the `target` fraction of the calibration inputs falls
-    (taken on the dense model, in each layer's final basis). Sets and returns them."""
+def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear], windows: torch.Tensor) -> dict[str, float]:
+    """Per layer, the score below which its pattern's fraction of the calibration inputs falls
+    (taken on the dense model, in each layer's final basis; an allocation may give each layer its
+    own). Sets and returns them."""
     wrappers = {name: layer for name, layer in wrappers.items() if isinstance(layer, ActSparseLinear)}
     thresholds = {}
     for seed, layer in enumerate(wrappers.values()):
@@ -21,7 +21,7 @@ def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear]
     try:
         feed(model, windows)
         for name, layer in wrappers.items():
-            layer.threshold = layer.recording.quantile(target).to(layer.weight.device, layer.weight.dtype)
+            layer.threshold = layer.recording.quantile(layer.pattern.target()).to(layer.weight.device, layer.weight.dtype)
             thresholds[name] = float(layer.threshold)
             if not torch.isfinite(layer.threshold):
                 raise FloatingPointError(f"{name}: the calibrated threshold is {thresholds[name]} (NaN scores on calibration text)")

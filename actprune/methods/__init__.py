@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from ..activation import learned, recipe, scores, transforms, wrapper
 from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics, refit_options
+from ..activation.allocation import allocate_
+from ..activation.allocation import check as check_allocation
 from ..activation.refit import refit_
 from ..activation.thresholds import calibrate_thresholds_
 from ..calibration import code_digest
@@ -60,7 +62,7 @@ class Method:
     def needs(self, plan: PruningPlan) -> Needs:
         if self.kind == "activation":
             steps = (plan.config.selection == "threshold" or learnable_options(plan.transforms) is not None
-                     or refit_options(plan.transforms) is not None)
+                     or refit_options(plan.transforms) is not None or plan.config.allocation != "uniform")
             return Needs(frozenset(needed_statistics(plan.config.score, plan.transforms)), steps)
         return Needs(windows=self.layerwise is not None and not plan.pattern.is_dense())
 
@@ -133,9 +135,14 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     report.seconds["prune"] = time.perf_counter() - tic
     if plan.config.dense_tokens:
         report.hooks += _track_positions(model, wrapped)
+    choices = check_allocation(plan.config.allocation, plan.config.allocation_choices, plan.pattern)
+    if choices is not None and wrapped:
+        tic = time.perf_counter()
+        report.allocation = allocate_(model, wrapped, calibration.windows, choices)
+        report.seconds["allocation"] = time.perf_counter() - tic
     if plan.config.selection == "threshold" and wrapped:
         tic = time.perf_counter()
-        report.thresholds = calibrate_thresholds_(model, wrapped, plan.pattern.target(), calibration.windows)
+        report.thresholds = calibrate_thresholds_(model, wrapped, calibration.windows)
         report.seconds["thresholds"] = time.perf_counter() - tic
     refit = refit_options(plan.transforms)
     if refit is not None and wrapped:

@@ -31,6 +31,12 @@ def transform_names(pruning: dict) -> list[str]:
     return names
 
 
+def pattern_label(result: dict, pattern) -> str:
+    """The sparsity as the tables show it: "8:16", or "8:16 mean" where N was chosen per layer."""
+    pruning = (result.get("config") or {}).get("pruning") or {}
+    return f"{pattern} mean" if pruning.get("allocation", "uniform") != "uniform" else str(pattern)
+
+
 def label(result: dict, transforms: bool = True) -> str:
     """The method as a reader names it: `act_magnitude`, `act_magnitude score=clact [pca,shift:static]`."""
     pruning = (result.get("config") or {}).get("pruning") or {}
@@ -63,7 +69,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         lines.append((
             name,
             label(result),
-            str((result.get("sparsity") or {}).get("pattern", "?")),
+            pattern_label(result, (result.get("sparsity") or {}).get("pattern", "?")),
             number(cells["perplexity"]),
             cells["text"] or "-",
             number(cells["mean_acc"]),
@@ -91,7 +97,7 @@ def row(result: dict, folder: str | None = None) -> dict:
     found = {
         "model": result.get("model", "?"),
         "method": label(result, transforms=False),
-        "sparsity": "dense" if (result.get("sparsity") or {}).get("kind") == "dense" else str(pruning.get("sparsity", "?")),
+        "sparsity": "dense" if (result.get("sparsity") or {}).get("kind") == "dense" else pattern_label(result, pruning.get("sparsity", "?")),
         "transforms": ",".join(transform_names(pruning)),
         "perplexity": metrics.get(ppl_key) if ppl_key else None,
         "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
@@ -143,7 +149,7 @@ def zeroed_fraction(sparsity: str) -> float:
     if sparsity == "dense":
         return 0.0
     try:
-        return parse_sparsity(sparsity).target()
+        return parse_sparsity(sparsity.removesuffix(" mean")).target()
     except ValueError:
         return float("nan")
 
@@ -176,7 +182,7 @@ def pivot(results: list[dict]) -> str:
     for result in results:
         if result.get("status") != "ok" or "ppl/wikitext2" not in result["metrics"]:
             continue
-        pattern = str(result["config"]["pruning"]["sparsity"]) if result["sparsity"]["kind"] != "dense" else "dense"
+        pattern = pattern_label(result, result["config"]["pruning"]["sparsity"]) if result["sparsity"]["kind"] != "dense" else "dense"
         method = label(result)
         ppl = result["metrics"]["ppl/wikitext2"]
         batch_spread[(method, pattern)].append(ppl)
