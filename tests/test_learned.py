@@ -38,7 +38,7 @@ def test_training_lowers_every_layers_error_and_the_scale_gets_a_gradient():
     report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}, BATCHES)
     losses = report.learned["mse"]
     assert set(losses) == {"0", "1"} and report.learned["cache"] is None  # no cache folder given: not saved
-    assert all(value["trained"] < value["before"] for value in losses.values()), losses
+    assert all(value["after"] < value["before"] for value in losses.values()), losses
     assert all(p.requires_grad for p in model.parameters())  # as before training
     first = next(iter(report.layers.values()))
     x = torch.randn(3, first.in_features)
@@ -143,3 +143,33 @@ def test_a_corrupt_correction_file_is_set_aside_and_trained_again(tmp_path, capl
     again = sparsify_(llama(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
     assert again.learned["cache"] == "miss" and again.learned["mse"] and "set aside" in caplog.text
     assert str(path) in caplog.text and len(list(path.parent.glob("*.corrupt.*"))) == 1
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
+    from actprune.activation.learned import TRAINING, rate
+
+    options = {**TRAINING, "warmup": 4}
+    assert [rate(s, 20, options) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert rate(4, 20, options) == 1.0 and rate(12, 20, options) == pytest.approx(0.5) and rate(20, 20, options) == 0.0
+    assert rate(12, 20, {**options, "schedule": "constant"}) == 1.0
+
+
+def test_early_stopping_keeps_each_layers_best_state_when_the_rate_is_far_too_high():
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4",
+              "transforms": [{**ALL, "forms": ["affine", "lowrank"], "lr": 3.0, "steps": 40, "evals": 8, "patience": 1,
+                              "schedule": "constant"}]}
+    losses = sparsify_(model, config, BATCHES).learned["mse"]
+    for value in losses.values():
+        assert value["after"] <= value["before"] and value["after"] <= value["last"]
+    assert any(value["steps"] < 40 for value in losses.values()), losses  # stopped early where it diverged
+
+
+def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dense_model():
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4",
+              "transforms": [{**ALL, "steps": 5, "warmup": 1, "e2e_steps": 10, "e2e_lr": 1e-3, "e2e_batch_size": 3}]}
+    learned = sparsify_(model, config, BATCHES).learned
+    tuned = learned["end_to_end"]
+    assert tuned["steps"] == 10 and tuned["kl_after"] < tuned["kl_before"] and tuned["kl_after"] == tuned["kl_trained"]
+    assert all(p.requires_grad for p in model.parameters())

@@ -176,7 +176,7 @@ def sweeper_jobs(experiment: str) -> list:
 
 
 @pytest.mark.parametrize("experiment,count", [("paper_llama2_7b", 12), ("paper_gemma3_4b", 12),
-                                              ("paper_qwen2_5_7b", 23), ("act_vs_weight", 17)])
+                                              ("paper_qwen2_5_7b", 23), ("act_vs_weight", 17), ("quality_816", 19)])
 def test_presets_expand_to_the_tables_they_promise(experiment, count):
     jobs = sweeper_jobs(experiment)
     assert len(jobs) == count and len({tuple(j) for j in jobs}) == count

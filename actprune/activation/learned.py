@@ -25,7 +25,9 @@ from ..walk import LayerInputs
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
 TRAINING = {"lr": 1e-3, "epochs": 4, "steps": None, "batch_size": 4, "warmup": 10, "grad_clip": 1.0,
-            "weight_decay": 0.0, "seed": 0}
+            "weight_decay": 0.0, "seed": 0, "schedule": "cosine", "evals": 8, "patience": 3,
+            "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
+SCHEDULES = ("cosine", "constant")
 OPTIONS = {"forms", "rank", *TRAINING}
 
 
@@ -36,6 +38,11 @@ def check_options(options: dict) -> None:
     forms = options.get("forms", FORMS)
     if not forms or set(forms) - set(FORMS):
         raise ValueError(f"pruning.transforms: learnable forms={list(forms)}: allowed values are {list(FORMS)}")
+    if options.get("schedule", "cosine") not in SCHEDULES:
+        raise ValueError(f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}")
+    if options.get("evals", 1) < 1 or options.get("patience", 0) < 0 or options.get("e2e_steps", 0) < 0:
+        raise ValueError(f"pruning.transforms: learnable evals={options.get('evals')}, patience={options.get('patience')}, "
+                         f"e2e_steps={options.get('e2e_steps')}: allowed values are evals >= 1, patience >= 0, e2e_steps >= 0")
 
 
 class Correction(nn.Module):
@@ -117,12 +124,13 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
                     p.requires_grad_(True)
                 with torch.no_grad(), autocast:
                     before = float(_mse(walk, index, student, targets, every))
-                initial = [p.detach().clone() for p in params]
+                best, best_state, waited, stopped = before, [p.detach().clone() for p in params], 0, steps
                 optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
-                warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, options["warmup"])))
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
                 generator = torch.Generator().manual_seed(options["seed"] + index)
+                every_eval = max(1, steps // options["evals"])
                 progress = tqdm(range(steps), desc=f"layer {index}", unit="step", leave=False)
-                for _ in progress:
+                for step in progress:
                     chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
                     optimizer.zero_grad(set_to_none=True)
                     with autocast:
@@ -130,16 +138,24 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
                     optimizer.step()
-                    warmup.step()
+                    schedule.step()
                     progress.set_postfix(loss=f"{loss.item():.3g}")
+                    if (step + 1) % every_eval == 0 or step + 1 == steps:  # early stopping on the whole objective
+                        with torch.no_grad(), autocast:
+                            current = float(_mse(walk, index, student, targets, every))
+                        if current < best:
+                            best, best_state, waited = current, [p.detach().clone() for p in params], 0
+                        else:
+                            waited += 1
+                            if waited > options["patience"]:
+                                stopped = step + 1
+                                break
                 for p in params:
                     p.requires_grad_(False)
-                with torch.no_grad(), autocast:
-                    after = float(_mse(walk, index, student, targets, every))
-                    if after > before:  # never worse than where it started (a learning rate too high)
-                        for p, value in zip(params, initial):
-                            p.copy_(value)
-                losses[str(index)] = {"before": before, "after": min(after, before), "trained": after}
+                with torch.no_grad():  # the best state seen, the initial one included: never worse than it
+                    for p, value in zip(params, best_state):
+                        p.copy_(value)
+                losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped}
             with torch.no_grad(), autocast:
                 student = walk.run(index, student)
             teacher = targets
@@ -147,6 +163,67 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return losses
+
+
+def rate(step: int, steps: int, options: dict) -> float:
+    """The learning rate's factor: a linear warm-up, then constant or a cosine decay to zero."""
+    warm = max(1, options["warmup"])
+    if step < warm:
+        return (step + 1) / warm
+    if options["schedule"] == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+
+
+def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers) -> torch.Tensor:
+    """KL(dense model ‖ pruned model) of the next-token distributions, mean over the tokens of `chosen`."""
+    device = next(model.parameters()).device
+    batch = windows[chosen].to(device)
+    with torch.no_grad(), bypassed(wrappers):
+        teacher = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
+    student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
+    return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict) -> dict:
+    """After the layer-wise fit, all corrections trained together against the dense model's next-token
+    distribution on the calibration windows; kept only where that KL went down."""
+    options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
+    layers = list(wrappers.values())
+    params = [p for w in layers for p in w.correction.parameters()]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    every = list(range(len(windows)))
+    steps = options["e2e_steps"]
+    try:
+        with torch.no_grad():
+            before = float(sum(_kl(model, windows, [w], layers) for w in every) / len(every))
+        start = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=options["e2e_lr"], weight_decay=options["weight_decay"])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
+        generator = torch.Generator().manual_seed(options["seed"])
+        for _ in tqdm(range(steps), desc="end-to-end KL", unit="step"):
+            chosen = torch.randint(len(windows), (min(options["e2e_batch_size"], len(windows)),), generator=generator).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            loss = _kl(model, windows, chosen, layers)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
+            optimizer.step()
+            schedule.step()
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            after = float(sum(_kl(model, windows, [w], layers) for w in every) / len(every))
+            if after >= before:  # tuning brought the whole model no closer to the dense one: undone
+                for p, value in zip(params, start):
+                    p.copy_(value)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+    return {"kl_before": before, "kl_after": min(after, before), "kl_trained": after, "steps": steps}
 
 
 def save(wrappers: dict[str, nn.Module], path: Path) -> None:
@@ -190,7 +267,9 @@ def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
     log.info("learned corrections: training them%s", f" into {path}" if path else "")
     tic = time.perf_counter()
     losses = train_(model, wrappers, windows, options)
+    end_to_end = tune_end_to_end_(model, wrappers, windows, options) if options.get("e2e_steps") else None
     seconds = time.perf_counter() - tic
     if path is not None:
         save(wrappers, path)
-    return {"file": str(path) if path else None, "cache": "miss" if path else None, "seconds": seconds, "mse": losses}
+    return {"file": str(path) if path else None, "cache": "miss" if path else None, "seconds": seconds, "mse": losses,
+            **({"end_to_end": end_to_end} if end_to_end else {})}

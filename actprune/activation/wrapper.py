@@ -279,9 +279,7 @@ class ActSparseLinear(nn.Module):
         if back is not None:
             y = y + back
         if self.moments is not None:  # refit: the dense output this pruned input should give, less the add-back
-            target = self.moments.target
-            if target is None:  # the dense layer on this very input
-                target = F.linear(x, self.linear.weight, self.linear.bias)
+            target = F.linear(x, self.linear.weight, self.linear.bias)
             self.moments.add(pruned, target if back is None else target - back)
         if correction is not None:
             y = correction.output(y, centred * ~keep, self.linear.weight)
