@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from actprune.run.table import label
+from actprune.run.table import label, pattern_label
 
 
 def load(path: str) -> dict:
@@ -28,7 +28,7 @@ def main(paths: list[str]) -> None:
         raise SystemExit(__doc__)
     baseline = load(paths[0])
     base = baseline["ppl_wikitext2"]["window_nll"]
-    print(f"baseline {label(baseline)} {baseline['sparsity'].get('pattern')}: ppl {math.exp(sum(base) / len(base)):.2f}")
+    print(f"baseline {label(baseline)} {pattern_label(baseline, baseline['sparsity'].get('pattern'))}: ppl {math.exp(sum(base) / len(base)):.2f}")
     for path in paths[1:]:
         other = load(path)
         mine = other["ppl_wikitext2"]["window_nll"]
@@ -37,7 +37,7 @@ def main(paths: list[str]) -> None:
         gains = [b - m for b, m in zip(base, mine)]
         mean = sum(gains) / len(gains)
         se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) if len(gains) > 1 else math.nan
-        print(f"{label(other)} {other['sparsity'].get('pattern')}: ppl {math.exp(sum(mine) / len(mine)):.2f}; "
+        print(f"{label(other)} {pattern_label(other, other['sparsity'].get('pattern'))}: ppl {math.exp(sum(mine) / len(mine)):.2f}; "
               f"mean NLL gain {mean:+.4f} ± {se:.4f} (SE), t = {mean / se:.1f}; "
               f"lower on {sum(g > 0 for g in gains)}/{len(gains)} windows")
 
