@@ -145,3 +145,22 @@ def test_a_job_records_the_refit(tiny_setup, tmp_path):
     assert record["status"] == "ok", record.get("traceback")
     assert record["refit"]["layers"] and record["refit"]["options"]["skip_tokens"] == 1
     assert record["timings"]["refit"] > 0 and record["sparsity"]["measured"] == pytest.approx(0.5)
+
+
+def test_the_layers_bias_stays_and_an_intercept_adds_to_it():
+    """Without an intercept a biased layer (Qwen2's q/k/v) keeps its bias as it is; with one, a layer
+    without a bias gets one."""
+    for intercept in (False, True):
+        model = qwen2()
+        sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "intercept": intercept}]},
+                  WINDOWS)
+        refit = [m for m in model.modules() if isinstance(m, ActSparseLinear) and m.refit_weight is not None]
+        assert refit
+        for layer in refit:
+            if intercept:
+                assert layer.pruned_bias is not None
+            elif layer.linear.bias is None:
+                assert layer.pruned_bias is None
+            else:
+                assert torch.equal(layer.pruned_bias, layer.linear.bias)
+        assert intercept or any(layer.linear.bias is not None for layer in refit)

@@ -1,10 +1,11 @@
 """`refit`: a closed-form, training-free correction of each pruned layer's weights.
 
 Per wrapped layer, the W′ and b′ that best map the layer's pruned input p (masked and shifted as the
-wrapper prunes it, in the final basis) back to the dense output t = W x + b (less what the wrapper
-adds back itself, a shift's η through W): a ridge regression toward the dense weights,
+wrapper prunes it, in the final basis) back to the dense output: with t = W x (less what the wrapper
+adds back itself, a shift's η through W; the bias b stays and an intercept c is added to it), a
+ridge regression toward the dense weights,
 
-    minimise Σ_tokens ‖t − (W′ p + b′)‖² + λ ‖[W′ b′] − [W b]‖²,
+    minimise Σ_tokens ‖t − (W′ p + c)‖² + λ ‖[W′ c] − [W 0]‖²,
 
 solved from second moments of (p, t) accumulated in float64. Decoder layer by decoder layer, the
 inputs are those of the model already refit before it (`stream: sequential`, as SparseGPT does) or
@@ -128,11 +129,8 @@ def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
     """Choose λ on the held-out moments, refit on all of them, set the wrapper's refit weights where
     they lower the held-out error; what was chosen, and the held-out errors."""
     weight = wrapper.linear.weight.detach().double()
-    bias = wrapper.linear.bias
-    start = weight
-    if options["intercept"]:
-        column = bias.detach().double() if bias is not None else torch.zeros_like(weight[:, 0])
-        start = torch.cat([weight, column[:, None]], 1)
+    bias = wrapper.linear.bias  # the targets leave it out: it stays, and an intercept adds to it
+    start = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1) if options["intercept"] else weight
     if not fit.tokens or not held.tokens:  # the layer never ran its pruned path (nothing pruned, no shift)
         return {"plain": None, "errors": {}, "tokens": 0, "ridge": None, "kept": True}
     plain = held.error(start)
@@ -143,8 +141,10 @@ def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
     if exact or not errors[ridge] < plain * (1 - MIN_GAIN):
         return {**record, "ridge": None, "kept": True}
     solved = ridge_solve(fit.merged(held), start, ridge)
-    new_weight, new_bias = (solved[:, :-1], solved[:, -1]) if options["intercept"] else (solved, None)
-    wrapper.set_refit(new_weight, new_bias)
+    new_weight, shift = (solved[:, :-1], solved[:, -1]) if options["intercept"] else (solved, None)
+    if shift is not None:
+        bias = shift if bias is None else bias.detach().double() + shift
+    wrapper.set_refit(new_weight, bias)
     return {**record, "ridge": ridge, "kept": False, "refit": errors[ridge]}
 
 

@@ -278,8 +278,8 @@ class ActSparseLinear(nn.Module):
         back = self.shift_output if self.shift == "static" else None if eta is None else eta * self.weight_rowsum
         if back is not None:
             y = y + back
-        if self.moments is not None:  # refit: the dense output this pruned input should give, less the add-back
-            target = F.linear(x, self.linear.weight, self.linear.bias)
+        if self.moments is not None:  # refit: the dense output this pruned input should give, less add-back and bias
+            target = F.linear(x, self.linear.weight)
             self.moments.add(pruned, target if back is None else target - back)
         if correction is not None:
             y = correction.output(y, centred * ~keep, self.linear.weight)

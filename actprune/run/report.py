@@ -57,12 +57,20 @@ def plot(table: list[dict], metric: str, ylabel: str, path: Path, log_scale: boo
         ax.set_ylabel(ylabel)
         if log_scale:
             ax.set_yscale("log")
+    _save(fig, axes[0], path)
+    return True
+
+
+def _save(fig, axes, path: Path) -> None:
+    """A grid and a legend on every panel, then the file."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def is_dense(row: dict) -> bool:
@@ -116,11 +124,7 @@ def speed_plot(table: list[dict], path: Path) -> bool:
         ax.set_xlabel("decode speed-up over dense (batch 1, > 1 is faster)")
         ax.set_ylabel("WikiText-2 perplexity (log)")
         ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, axes[0], path)
     return True
 
 
