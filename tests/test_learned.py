@@ -78,6 +78,10 @@ def test_bad_learnable_options_are_clear_errors():
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["gain"]}]})
     with pytest.raises(ValueError, match="learnable has no option \\['learning_rate'\\]"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]})
+    with pytest.raises(ValueError, match="learnable schedule='linear': allowed values are \\['cosine', 'constant'\\]"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "schedule": "linear"}]})
+    with pytest.raises(ValueError, match="allowed values are evals >= 1, patience >= 0, e2e_steps >= 0"):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "e2e_steps": -1}]})
 
 
 @pytest.mark.cli
