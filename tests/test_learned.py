@@ -177,3 +177,25 @@ def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dens
     tuned = learned["end_to_end"]
     assert tuned["steps"] == 10 and tuned["kl_after"] < tuned["kl_before"] and tuned["kl_after"] == tuned["kl_trained"]
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_jobs_that_differ_only_in_end_to_end_options_share_the_layer_wise_fit(tmp_path):
+    layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
+    tuned = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 4, "e2e_lr": 1e-3, "e2e_batch_size": 2}]}
+    calibration = lambda: Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path))  # noqa: E731
+    model = lambda: (torch.manual_seed(0), llama())[1]  # noqa: E731  the one model "tiny" names
+    first = sparsify_(model(), layerwise, calibration()).learned
+    tuned_model = model()
+    second = sparsify_(tuned_model, tuned, calibration()).learned
+    assert first["cache"] == "miss" and second["file"] == first["file"] and second["cache"] == "hit"
+    assert second["end_to_end"]["cache"] == "miss" and second["end_to_end"]["steps"] == 4
+    assert second["end_to_end"]["file"] != first["file"]
+    with torch.no_grad():
+        expected = tuned_model(IDS).logits
+    other = {**tuned, "transforms": [{**tuned["transforms"][0], "e2e_lr": 3e-3}]}
+    assert sparsify_(model(), other, calibration()).learned["end_to_end"]["cache"] == "miss"  # other options: tuned again
+    loaded = model()
+    third = sparsify_(loaded, tuned, calibration()).learned
+    assert third["end_to_end"] == {"file": second["end_to_end"]["file"], "cache": "hit"}
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, expected)  # the tuned corrections loaded, not the layer-wise ones
