@@ -129,6 +129,15 @@ def test_the_saved_correction_is_logged_as_a_wandb_artifact(tmp_path):
     log = offline_wandb_log(tmp_path / "job")
     assert b"learned-correction" in log and b"correction-abc" in log
 
+    tuned = tmp_path / "learned" / "tuned.safetensors"
+    tuned.write_bytes(b"tuned weights")
+    tracker = Tracker(logger, tmp_path / "tuned_job", group="g", name="n", config={})
+    tracker.log_results({"status": "ok", "metrics": {}, "sparsity": {}, "timings": {},
+                         "learned": {"file": str(path), "end_to_end": {"file": str(tuned)}}})
+    tracker.finish("ok")
+    log = offline_wandb_log(tmp_path / "tuned_job")
+    assert b"correction-tuned" in log and b"correction-abc" not in log  # the end-to-end tuned ones, which the model ran
+
 
 def test_a_trained_correction_keeps_each_tokens_output_independent_of_the_batch():
     model = llama()

@@ -250,26 +250,26 @@ def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
 
 
 def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict,
-                 path: Path | None) -> dict:
-    """Load the corrections from `path` if an earlier job saved them, else train them (and save
-    them there when a path is given)."""
+                 path: Path | None, end_to_end: bool = False) -> dict:
+    """Load the corrections from `path` if an earlier job saved them, else fit them (and save them
+    there when a path is given): layer by layer (`train_`) or, with `end_to_end`, all together from
+    the layer-wise fit (`tune_end_to_end_`)."""
     wrappers = {name: w for name, w in wrappers.items() if getattr(w, "correction", None) is not None}
+    stage = "end-to-end tuned" if end_to_end else "learned"
     if path is not None and path.is_file():
         try:
             load_(wrappers, path)
         except Exception as error:  # truncated or of other layers: set aside, trained again
             kept = set_aside(path, "corrupt")
-            log.warning("learned corrections %s are unreadable (%s: %s): set aside as %s, training again",
-                        path, type(error).__name__, error, kept)
+            log.warning("%s corrections %s are unreadable (%s: %s): set aside as %s, training again",
+                        stage, path, type(error).__name__, error, kept)
         else:
-            log.info("learned corrections: cache hit, %s", path)
+            log.info("%s corrections: cache hit, %s", stage, path)
             return {"file": str(path), "cache": "hit"}
-    log.info("learned corrections: training them%s", f" into {path}" if path else "")
+    log.info("%s corrections: training them%s", stage, f" into {path}" if path else "")
     tic = time.perf_counter()
-    losses = train_(model, wrappers, windows, options)
-    end_to_end = tune_end_to_end_(model, wrappers, windows, options) if options.get("e2e_steps") else None
+    result = tune_end_to_end_(model, wrappers, windows, options) if end_to_end else {"mse": train_(model, wrappers, windows, options)}
     seconds = time.perf_counter() - tic
     if path is not None:
         save(wrappers, path)
-    return {"file": str(path) if path else None, "cache": "miss" if path else None, "seconds": seconds, "mse": losses,
-            **({"end_to_end": end_to_end} if end_to_end else {})}
+    return {"file": str(path) if path else None, "cache": "miss" if path else None, "seconds": seconds, **result}

@@ -154,13 +154,12 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
         tic = time.perf_counter()
         parts = {"dtype": str(next(model.parameters()).dtype),
                  "code": code_digest(learned, wrapper, recipe, transforms, scores, LayerInputs)}
-        layerwise = {key: value for key, value in learn.items() if not key.startswith("e2e_")}
         # keyed without the end-to-end options: jobs that differ only in those share the layer-wise fit
         path = calibration.cache_file("learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors")
-        report.learned = fit_or_load_(model, wrapped, calibration.windows, layerwise, path)
+        report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
         if learn.get("e2e_steps"):
             path = calibration.cache_file("learned", {**parts, "pruning": plan.settings(), "stage": "end_to_end"}, ".safetensors")
-            report.learned["end_to_end"] = _end_to_end_(model, wrapped, calibration.windows, learn, path)
+            report.learned["end_to_end"] = fit_or_load_(model, wrapped, calibration.windows, learn, path, end_to_end=True)
         report.seconds["learn"] = time.perf_counter() - tic
     return wrapped
 
@@ -169,18 +168,6 @@ def _layerwise_settings(settings: dict) -> dict:
     """The pruning settings without the `learnable` transform's end-to-end options."""
     strip = lambda t: {k: v for k, v in t.items() if not k.startswith("e2e_")} if isinstance(t, dict) else t  # noqa: E731
     return {**settings, "transforms": [strip(t) for t in settings["transforms"]]}
-
-
-def _end_to_end_(model, wrapped: dict[str, nn.Module], windows, options: dict, path) -> dict:
-    """The end-to-end tuned corrections from `path` where an earlier job saved them, else tuned (and saved)."""
-    wrapped = {name: w for name, w in wrapped.items() if getattr(w, "correction", None) is not None}
-    if path is not None and path.is_file():
-        learned.load_(wrapped, path)
-        return {"file": str(path), "cache": "hit"}
-    tuned = learned.tune_end_to_end_(model, wrapped, windows, options)
-    if path is not None:
-        learned.save(wrapped, path)
-    return {**tuned, "file": str(path) if path else None, "cache": "miss" if path else None}
 
 
 def _track_positions(model, wrapped: dict[str, nn.Module]) -> list:

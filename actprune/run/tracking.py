@@ -57,8 +57,9 @@ class Tracker:
         if per_layer:
             table = wandb.Table(columns=["layer", "measured_sparsity"], data=[[k, v] for k, v in per_layer.items()])
             self.run.log({"sparsity/per_layer": table})
-        learned_file = (results.get("learned") or {}).get("file")
-        if learned_file and Path(learned_file).is_file():  # the trained corrections, reusable by others
+        learned = results.get("learned") or {}
+        learned_file = (learned.get("end_to_end") or learned).get("file")  # the corrections the model ran with
+        if learned_file and Path(learned_file).is_file():  # reusable by others
             artifact = wandb.Artifact(f"correction-{Path(learned_file).stem}", type="learned-correction")
             artifact.add_file(learned_file)
             self.run.log_artifact(artifact)
