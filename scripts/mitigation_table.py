@@ -1,16 +1,23 @@
-"""Markdown table of a mitigation sweep: one row per method, one column per sparsity pattern.
+"""Markdown tables of mitigation sweeps.
 
     python scripts/mitigation_table.py outputs/multiruns/<time> [more sweep folders]
+    python scripts/mitigation_table.py --gap outputs/<sweep> [more sweep folders]
 
-Cells are WikiText-2 perplexities. Where a method ran at several batch sizes, the largest relative
-difference between them is shown in its own column (0 means batch-size invariant).
+The first: one row per method, one column per sparsity pattern, cells WikiText-2 perplexities;
+where a method ran at several batch sizes, the largest relative difference between them is shown
+in its own column (0 means batch-size invariant). With `--gap`: per pattern, each method's
+perplexity, the share of the plain-vs-dense gap it closes, its paired per-window NLL gain over
+plain and its wall time (as in docs/results.md).
 """
 
 import sys
 from pathlib import Path
 
 from actprune.run.results import read_all
-from actprune.run.table import pivot
+from actprune.run.table import gap_table, pivot
 
 if __name__ == "__main__":
-    print(pivot([result for folder in sys.argv[1:] for _, result in read_all(Path(folder), refusals=False)]))
+    gap = "--gap" in sys.argv[1:]
+    folders = [arg for arg in sys.argv[1:] if arg != "--gap"]
+    results = [result for folder in folders for _, result in read_all(Path(folder), refusals=False)]
+    print(gap_table(results) if gap else pivot(results))

@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from actprune.run.table import label, pattern_label
+from actprune.run.table import label, paired_gain, pattern_label
 
 
 def load(path: str) -> dict:
@@ -34,12 +34,10 @@ def main(paths: list[str]) -> None:
         mine = other["ppl_wikitext2"]["window_nll"]
         if len(mine) != len(base):
             raise SystemExit(f"{path}: {len(mine)} windows, the baseline {len(base)}: not the same text")
-        gains = [b - m for b, m in zip(base, mine)]
-        mean = sum(gains) / len(gains)
-        se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) if len(gains) > 1 else math.nan
+        mean, se, wins = paired_gain(base, mine)
         print(f"{label(other)} {pattern_label(other, other['sparsity'].get('pattern'))}: ppl {math.exp(sum(mine) / len(mine)):.2f}; "
               f"mean NLL gain {mean:+.4f} ± {se:.4f} (SE), t = {mean / se:.1f}; "
-              f"lower on {sum(g > 0 for g in gains)}/{len(gains)} windows")
+              f"lower on {wins}/{len(mine)} windows")
 
 
 if __name__ == "__main__":

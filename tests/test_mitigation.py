@@ -1,6 +1,7 @@
 """Selection scores, transforms and calibration: exact when nothing is pruned, causal, cached."""
 
 import copy
+import statistics
 from unittest import mock
 
 import pytest
@@ -340,3 +341,31 @@ def test_non_finite_calibration_statistics_fail_the_layer_by_name():
     calibration.statistics = lambda *args, **kwargs: stats
     with pytest.raises(FloatingPointError, match=r"model.layers.0.self_attn.q_proj: pruning.score=clact.*\['channel_weight'\]"):
         sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"}, calibration)
+
+
+def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_window():
+    import math
+
+    from actprune.run.table import gap_table
+
+    def job(method, sparsity, nll, kind="activation", status="ok", minutes=2.0, **pruning):
+        mean = sum(nll) / len(nll)
+        return {"status": status, "sparsity": {"kind": kind}, "metrics": {"ppl/wikitext2": math.exp(mean)},
+                "ppl_wikitext2": {"window_nll": nll}, "timings": {"total": minutes * 60},
+                "config": {"pruning": {"method": method, "sparsity": sparsity, **pruning}}}
+
+    dense = job("dense", 0.0, [2.0, 2.0, 2.0], kind="dense")
+    plain = job("act_magnitude", "8:16", [3.0, 3.2, 2.8])
+    better = job("act_magnitude", "8:16", [2.5, 2.5, 2.9], score="weight_norm", minutes=30.0)
+    allocated = job("act_magnitude", "8:16", [2.9, 3.0, 2.9], allocation="calibrated")
+    failed = job("act_magnitude", "2:4", [9.0, 9.0, 9.0], status="failed")
+    lines = gap_table([plain, better, failed, allocated, dense]).splitlines()
+    assert lines[2] == f"| dense | dense | {math.exp(2):.2f} | | | 2.0 |"
+    gap = (math.exp(3.0) - math.exp(2.6333333333333333)) / (math.exp(3.0) - math.exp(2.0))
+    gains = [0.5, 0.7, -0.1]
+    se = statistics.stdev(gains) / math.sqrt(3)
+    assert lines[3] == (f"| 8:16 | act_magnitude score=weight_norm | {math.exp(2.6333333333333333):.2f} | {gap:.1%} | "
+                        f"+0.367 ± {se:.3f} (2/3) | 30.0 |")
+    assert lines[4].startswith("| 8:16 mean | act_magnitude | ") and "(2/3)" in lines[4]  # allocated: not the plain row
+    assert lines[5] == f"| 8:16 | act_magnitude (plain) | {math.exp(3.0):.2f} |  |  | 2.0 |"
+    assert len(lines) == 6 and "2:4" not in "\n".join(lines)  # the failed job is left out
