@@ -369,3 +369,8 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     assert lines[4].startswith("| 8:16 mean | act_magnitude | ") and "(2/3)" in lines[4]  # allocated: not the plain row
     assert lines[5] == f"| 8:16 | act_magnitude (plain) | {math.exp(3.0):.2f} |  |  | 2.0 |"
     assert len(lines) == 6 and "2:4" not in "\n".join(lines)  # the failed job is left out
+
+    skipping = [{**r, "config": {"pruning": {**r["config"]["pruning"], "skip_layers": ["*.down_proj"]}}}
+                for r in (dense, plain, better)]
+    lines = gap_table(skipping).splitlines()
+    assert lines[3].split(" | ")[3] == f"{gap:.1%}" and "(plain)" in lines[4]  # a sweep that skips layers has its plain row

@@ -214,8 +214,11 @@ def paired_gain(base: list[float], other: list[float]) -> tuple[float, float, in
 
 
 def _is_plain(result: dict) -> bool:
+    """Uniform `act_magnitude` with no score, transform or selection of its own (layers a whole
+    sweep skips may be skipped)."""
     pruning = result["config"]["pruning"]
-    return label(result) == "act_magnitude" and pruning.get("allocation", "uniform") == "uniform"
+    return (label({"config": {"pruning": {**pruning, "skip_layers": []}}}) == "act_magnitude"
+            and pruning.get("allocation", "uniform") == "uniform")
 
 
 def gap_table(results: list[dict]) -> str:
