@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,16 @@ from actprune.run.tracking import Tracker
 from .conftest import SHARED_DATA, STORIES, needs_shared
 from .helpers import WINDOWS, actprune, common, job_config, measuring, offline_wandb_log, results_in
 
-# A job that measures for minutes: interrupted in the tests once it is measuring.
-SLOW_JOB = ["pruning=act_magnitude", "pruning.sparsity=0.5", "model.seqlen=8", "benchmark.ppl_wikitext2.max_windows=100000"]
+
+def slow_job(setup, tmp_path) -> list[str]:
+    """A job that measures for many minutes (a test split of the tiny text repeated 1000 times), so
+    that a signal sent once it is measuring always finds it measuring, however busy the machine."""
+    data = tmp_path / "slow_data"
+    shutil.copytree(setup["data"], data)
+    test = data / "wikitext-2-raw-v1" / "test.jsonl"
+    test.write_text(test.read_text() * 1000)
+    return [*common(setup, tmp_path), f"paths.data_dir={data}", "pruning=act_magnitude", "pruning.sparsity=0.5",
+            "model.seqlen=8", "benchmark.ppl_wikitext2.max_windows=10000000"]
 
 
 def out(done) -> str:
@@ -84,7 +93,7 @@ def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
 
 @pytest.mark.cli
 def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tmp_path):
-    process, _ = measuring([*common(tiny_setup, tmp_path), *SLOW_JOB])
+    process, _ = measuring(slow_job(tiny_setup, tmp_path))
     try:
         process.send_signal(signal.SIGKILL)
     finally:
@@ -97,7 +106,7 @@ def test_a_job_killed_part_way_leaves_nothing_that_claims_success(tiny_setup, tm
 
 @pytest.mark.cli
 def test_ctrl_c_records_the_job_as_interrupted_and_exits_130_without_a_traceback(tiny_setup, tmp_path):
-    process, seen = measuring([*common(tiny_setup, tmp_path), *SLOW_JOB])
+    process, seen = measuring(slow_job(tiny_setup, tmp_path))
     try:
         process.send_signal(signal.SIGINT)
         seen += process.communicate(timeout=60)[0]
