@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,11 +45,18 @@ def actprune(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it, whatever the test process inherited or set
+    (an ignored or blocked SIGINT would be inherited by the job, which then never sees it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def measuring(args) -> tuple[subprocess.Popen, bytes]:
     """A job started in a subprocess, returned once it is measuring perplexity (past plan and load),
     with what it printed so far (tqdm writes no newline, so the output is read as it comes)."""
     process = subprocess.Popen([sys.executable, "-m", "actprune", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+                               stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
     seen = b""
     while b"wikitext2 windows" not in seen:
         chunk = os.read(process.stdout.fileno(), 4096)
