@@ -203,7 +203,6 @@ def pivot(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def paired_gain(base: list[float], other: list[float]) -> tuple[float, float, int]:
     """`other`'s mean NLL gain over `base`, window by window: the mean, its standard error, and on
     how many windows `other` is lower."""
