@@ -111,3 +111,11 @@ def test_a_benchmark_cannot_take_a_key_of_results_json():
 
     with pytest.raises(ValueError, match="'metrics' is a key results.json keeps"):
         benchmark("metrics")(type("Metrics", (), {}))
+
+
+def test_a_transforms_options_are_named_unless_a_lone_word():
+    pruning = {"method": "act_magnitude", "transforms": [
+        "variance", {"name": "shift", "mode": "static"}, {"name": "refit", "ridge": [0.1, 1.0]},
+        {"name": "refit", "ridge": 0.01}, {"name": "learnable", "lr": 0.01, "epochs": 4}]}
+    assert table.transform_names(pruning) == [
+        "variance", "shift:static", "refit(ridge=[0.1, 1.0])", "refit(ridge=0.01)", "learnable(lr=0.01,epochs=4)"]

@@ -18,13 +18,14 @@ TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status
 
 
 def transform_names(pruning: dict) -> list[str]:
-    """`[shift, {name: shift, mode: static}, {name: learnable, lr: 0.01, epochs: 8}]` as
-    `["shift", "shift:static", "learnable(lr=0.01,epochs=8)"]`."""
+    """`[shift, {name: shift, mode: static}, {name: refit, ridge: 0.1}, {name: learnable, lr: 0.01, epochs: 8}]`
+    as `["shift", "shift:static", "refit(ridge=0.1)", "learnable(lr=0.01,epochs=8)"]`: a lone word
+    (a mode) reads on its own, a number or a list needs the name of its option."""
     names = []
     for t in pruning.get("transforms") or []:
         options = {} if isinstance(t, str) else {k: v for k, v in t.items() if k != "name"}
         name = t if isinstance(t, str) else t.get("name", "?")
-        if len(options) == 1:
+        if len(options) == 1 and isinstance(next(iter(options.values())), str):
             name += f":{next(iter(options.values()))}"
         elif options:
             name += "(" + ",".join(f"{k}={v}" for k, v in options.items()) + ")"
