@@ -188,6 +188,17 @@ def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dens
     assert all(p.requires_grad for p in model.parameters())
 
 
+
+def test_end_to_end_tuning_that_raises_the_kl_is_undone():
+    layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
+    wrecked = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 3, "e2e_lr": 1.0}]}
+    plain_model, tuned_model = (torch.manual_seed(0), llama())[1], (torch.manual_seed(0), llama())[1]
+    sparsify_(plain_model, layerwise, BATCHES)
+    tuned = sparsify_(tuned_model, wrecked, BATCHES).learned["end_to_end"]
+    assert tuned["kl_trained"] > tuned["kl_before"] and tuned["kl_after"] == tuned["kl_before"]
+    with torch.no_grad():
+        assert torch.equal(tuned_model(IDS).logits, plain_model(IDS).logits)  # the layer-wise corrections, put back
+
 def test_jobs_that_differ_only_in_end_to_end_options_share_the_layer_wise_fit(tmp_path):
     layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
     tuned = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 4, "e2e_lr": 1e-3, "e2e_batch_size": 2}]}

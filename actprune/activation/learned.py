@@ -217,13 +217,14 @@ def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: 
             p.requires_grad_(False)
         with torch.no_grad():
             after = float(sum(_kl(model, windows, [w], layers) for w in every) / len(every))
-            if after >= before:  # tuning brought the whole model no closer to the dense one: undone
+            improved = after < before  # False for a NaN KL too
+            if not improved:  # tuning brought the whole model no closer to the dense one: undone
                 for p, value in zip(params, start):
                     p.copy_(value)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return {"kl_before": before, "kl_after": min(after, before), "kl_trained": after, "steps": steps}
+    return {"kl_before": before, "kl_after": after if improved else before, "kl_trained": after, "steps": steps}
 
 
 def save(wrappers: dict[str, nn.Module], path: Path) -> None:
