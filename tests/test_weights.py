@@ -68,6 +68,15 @@ def test_sparsegpt_reconstructs_the_layer_better_than_magnitude(sparsity):
     assert error(sparse.weight) < error(magnitude.weight)
 
 
+@pytest.mark.parametrize("blocksize", [6, -4])
+def test_sparsegpt_called_directly_refuses_blocks_that_split_groups(blocksize):
+    linear = nn.Linear(16, 8, bias=False)
+    inputs = _Inputs(16, hessian=True, device="cpu")
+    inputs.add(linear, (torch.randn(32, 16),))
+    with pytest.raises(ValueError, match=f"blocksize={blocksize} with sparsity 2:4: allowed values are positive multiples of 4"):
+        sparsegpt_(linear, parse_sparsity("2:4"), inputs, blocksize=blocksize)
+
+
 def test_layers_are_calibrated_on_the_outputs_of_the_pruned_layers_before_them():
     model = llama()
     dense = copy.deepcopy(model)

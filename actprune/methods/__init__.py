@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -26,7 +27,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..activation import learned, recipe, scores, transforms, wrapper
+from .. import masks
+from .. import walk as layer_walk
+from ..activation import allocation, learned, recipe, refit, scores, thresholds, transforms, wrapper
 from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics, refit_options
 from ..activation.allocation import allocate_
@@ -152,8 +155,7 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     learn = learnable_options(plan.transforms)
     if learn is not None and wrapped:
         tic = time.perf_counter()
-        parts = {"dtype": str(next(model.parameters()).dtype),
-                 "code": code_digest(learned, wrapper, recipe, transforms, scores, LayerInputs)}
+        parts = {"dtype": str(next(model.parameters()).dtype), "code": code_digest(*TRAINED_ON, sys.modules[__name__])}
         # keyed without the end-to-end options: jobs that differ only in those share the layer-wise fit
         path = calibration.cache_file("learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors")
         report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
@@ -162,6 +164,11 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
             report.learned["end_to_end"] = fit_or_load_(model, wrapped, calibration.windows, learn, path, end_to_end=True)
         report.seconds["learn"] = time.perf_counter() - tic
     return wrapped
+
+
+# What learned corrections are trained on top of (the masks, scores, transforms, refit, allocation,
+# thresholds, the layer walk, and the order of the steps above): a change in any of them is a new cache key.
+TRAINED_ON = (masks, layer_walk, allocation, learned, recipe, refit, scores, thresholds, transforms, wrapper)
 
 
 def _layerwise_settings(settings: dict) -> dict:

@@ -20,6 +20,9 @@ def sparsegpt_(linear: nn.Linear, pattern: Pattern, inputs, plan=None, blocksize
     dampening: the arguments, else `pruning.blocksize` / `pruning.percdamp`."""
     blocksize = blocksize or (plan.config.blocksize if plan else 128)
     percdamp = percdamp if percdamp is not None else plan.config.percdamp if plan else 0.01
+    if blocksize < 1 or (pattern.is_nm and blocksize % pattern.m):  # `plan` checks this for jobs; direct calls too
+        raise ValueError(f"blocksize={blocksize} with sparsity {pattern}: allowed values are positive multiples of "
+                         f"{pattern.m if pattern.is_nm else 1}, so that no group of M crosses a block")
     weight = linear.weight.detach().float().clone()
     columns = weight.shape[1]
     hessian = 2 * inputs.hessian / max(inputs.count, 1)
