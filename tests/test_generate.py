@@ -33,7 +33,12 @@ def cached_logits(model, ids, prefill: int) -> torch.Tensor:
     return torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, LEARNABLE, {"dense_tokens": 3}, {"dense_tokens": 3, "transforms": ["shift"]}])
+REFIT = {"name": "refit", "min_tokens_per_dim": 0}  # the tiny calibration is too small for the default guard
+FITTED = [{"transforms": [REFIT]}, {"allocation": "calibrated"},
+          {"allocation": "calibrated", "transforms": [{"name": "shift", "mode": "static"}, REFIT, LEARNABLE["transforms"][1]]}]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, LEARNABLE, *FITTED, {"dense_tokens": 3}, {"dense_tokens": 3, "transforms": ["shift"]}])
 @pytest.mark.parametrize("sparsity,selection", [("2:4", "topk"), (0.5, "topk"), (0.5, "threshold")])
 def test_cached_decoding_gives_the_logits_of_a_full_forward(variant, sparsity, selection):
     """float64, so that the order of a sum cannot flip a mask: any difference is a different mask."""
