@@ -230,7 +230,41 @@ def test_semi_structured_unavailable_says_why():
         semi_structured_linear(torch.randn(32, 64), torch.randn(16, 48))
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
         assert "float16 or bfloat16" in semi_structured_unavailable(2048, 576, 1536, torch.float32, "cuda")
-        assert semi_structured_unavailable(8, 576, 1536, torch.bfloat16, "cuda") is not None  # too few rows
+        assert semi_structured_unavailable(13, 576, 1536, torch.bfloat16, "cuda") is None  # rows are padded
+        assert semi_structured_unavailable(13, 20, 1536, torch.bfloat16, "cuda") is not None  # too narrow
+
+
+def test_prefill_pads_rows_and_compresses_an_input_shared_by_layers_once(monkeypatch):
+    """A prompt of any length runs the 2:4 prefill (zero rows pad the operand to the backend's multiple,
+    and are sliced off), and q/k/v, which prune one input with one mask, compress it once."""
+    from types import SimpleNamespace
+
+    from actprune.kernels import prefill
+
+    compressed = []
+
+    class Fake:  # stands in for a semi-structured class: its "compressed" operand is the padded dense one
+        BACKEND = "fake"
+        _DTYPE_SHAPE_CONSTRAINTS = {torch.float32: SimpleNamespace(sparse_min_rows=32, sparse_min_cols=64)}
+
+        @staticmethod
+        def from_dense(x):
+            compressed.append(x.shape)
+            return x
+
+    monkeypatch.setattr(prefill, "_backend", lambda device: Fake)
+    monkeypatch.setattr(prefill, "semi_structured_unavailable", lambda *args: None)
+    monkeypatch.setattr(prefill, "_last_compressed", prefill._LastCompressed())
+    x, keep = torch.randn(13, 64), torch.rand(13, 64) > 0.5
+    weights = [torch.randn(out, 64) for out in (16, 8, 8)]
+    for weight in weights:
+        y = prefill.semi_structured_linear(x * keep, weight, source=(x, keep))
+        torch.testing.assert_close(y, (x * keep) @ weight.T)
+    assert compressed == [(32, 64)]
+    x.mul_(2)  # changed in place: compressed again
+    torch.testing.assert_close(prefill.semi_structured_linear(x * keep, weights[0], source=(x, keep)), (x * keep) @ weights[0].T)
+    prefill.semi_structured_linear(x * keep, weights[0])  # no source: nothing is shared
+    assert compressed == [(32, 64)] * 3
 
 
 @needs_cuda
@@ -263,3 +297,19 @@ def test_cuda_semi_structured_prefill_matches_the_emulation(dtype):
     keep, reference = emulate(x, weight, n=2, m=4, bias=bias)
     for layout in (weight, layout_weight(weight).t()):  # as nn.Linear holds it, and as a view of the kernels' copy
         assert_close(semi_structured_linear(x * keep, layout, bias), reference, dtype)
+
+
+@pytest.mark.parametrize("K,N", [(4096, 1024), (576, 192), (4096, 4096), (11008, 4096)])
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_split_k_partial_sums_stay_small_and_the_reduce_is_parallel(K, N, rows):
+    """On an H200-sized grid (132 SMs): the float32 partials written and read back stay within 1/32 of
+    the bf16 weight's bytes (a narrow GQA k/v output filled the grid with 128 splits: +25% traffic at 50%
+    density), and the second launch has a program per 128 outputs, not one for up to 1024."""
+    import triton
+
+    from actprune.kernels.decode import launch_plan
+
+    tiles = launch_plan(rows, K, N, group=16, element_size=2, programs=4 * 132)
+    assert tiles["splits"] == 1 or 2 * tiles["splits"] * rows * N * 4 <= K * N * 2 / 32  # one split: no partials
+    assert tiles["splits"] == triton.cdiv(tiles["n_blocks"], tiles["blocks_per_program"])
+    assert tiles["reduce_block"] <= 128

@@ -31,6 +31,10 @@ PRODUCT_ELEMENTS = 8192  # rows x lanes x outputs per step: 64 float32 registers
 MAX_BLOCK_N = 256
 PROGRAMS_PER_SM = 4  # enough programs in flight to cover memory latency on a GPU
 INTERPRETER_PROGRAMS = 4  # under the interpreter: enough that the tests split K
+# Split-K writes float32 partial sums that the reduce reads back: at most this share of the weight's bytes,
+# so that narrow outputs (GQA k/v, small models) do not pay a quarter more traffic for a fuller grid.
+PARTIAL_TRAFFIC_SHARE = 1 / 32
+REDUCE_ELEMENTS = 128  # outputs a reduce program sums: enough programs that the second launch is not serial
 
 
 @triton.jit
@@ -138,6 +142,26 @@ def _target_programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
+def launch_plan(rows: int, K: int, N: int, group: int, element_size: int, programs: int,
+                traffic_share: float | None = PARTIAL_TRAFFIC_SHARE) -> dict:
+    """Tile sizes and split-K of one call: the grid fills `programs` where the partial sums stay within
+    `traffic_share` of the weight's bytes (None: no cap); the reduce gets a program per REDUCE_ELEMENTS outputs."""
+    group_lanes = triton.next_power_of_2(group)
+    block_k = K_LANES // group_lanes * group
+    rows_p2 = triton.next_power_of_2(rows)
+    block_n = min(MAX_BLOCK_N, PRODUCT_ELEMENTS // (rows_p2 * K_LANES), max(16, triton.next_power_of_2(N)))
+    grid_n = triton.cdiv(N, block_n)
+    n_blocks = triton.cdiv(K, block_k)
+    # Partial sums move 2 · splits · rows · N float32 (written, read back); the weight K · N elements.
+    max_splits = n_blocks if traffic_share is None else max(1, int(traffic_share * K * element_size / (2 * rows * 4)))
+    wanted = min(n_blocks, max_splits, max(1, programs // grid_n))
+    blocks_per_program = triton.cdiv(n_blocks, wanted)
+    splits = triton.cdiv(n_blocks, blocks_per_program)
+    reduce_block = min(1024, max(16, triton.next_power_of_2(REDUCE_ELEMENTS)))
+    return {"group_lanes": group_lanes, "block_k": block_k, "rows_p2": rows_p2, "block_n": block_n, "grid_n": grid_n,
+            "n_blocks": n_blocks, "blocks_per_program": blocks_per_program, "splits": splits, "reduce_block": reduce_block}
+
+
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None, m: int | None,
                 threshold: torch.Tensor | None, channel_weight: torch.Tensor | None,
                 bias: torch.Tensor | None, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,27 +169,23 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None, m: in
     rows, K = x.shape
     N = weight_t.shape[1]
     group = m or 1  # dense and threshold masks need no groups
-    group_lanes = triton.next_power_of_2(group)
-    block_k = K_LANES // group_lanes * group
-    rows_p2 = triton.next_power_of_2(rows)
-    block_n = min(MAX_BLOCK_N, PRODUCT_ELEMENTS // (rows_p2 * K_LANES), max(16, triton.next_power_of_2(N)))
-    grid_n = triton.cdiv(N, block_n)
-    n_blocks = triton.cdiv(K, block_k)
-    # Split K so that the grid fills the device; each split covers `blocks_per_program` input blocks.
-    blocks_per_program = triton.cdiv(n_blocks, min(n_blocks, max(1, _target_programs(x.device) // grid_n)))
-    splits = triton.cdiv(n_blocks, blocks_per_program)
+    # The interpreter moves no memory worth saving: there the tests split K whatever the widths.
+    tiles = launch_plan(rows, K, N, group, weight_t.element_size(), _target_programs(x.device),
+                        None if x.device.type == "cpu" else PARTIAL_TRAFFIC_SHARE)
+    splits = tiles["splits"]
     out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
     target = out if splits == 1 else torch.empty(splits, rows, N, device=x.device, dtype=torch.float32)
     absent = x  # any pointer stands for an optional tensor the kernel is compiled not to read
-    sparse_gemv_kernel[(grid_n, splits)](
+    sparse_gemv_kernel[(tiles["grid_n"], splits)](
         x, weight_t, *(absent if t is None else t for t in (channel_weight, bias, threshold, dense_rows)), target,
-        rows, K, N, n_blocks, blocks_per_program, N_KEEP=n or 0, GROUP=group, USE_THRESHOLD=threshold is not None,
-        HAS_DENSE_ROWS=dense_rows is not None,
+        rows, K, N, tiles["n_blocks"], tiles["blocks_per_program"], N_KEEP=n or 0, GROUP=group,
+        USE_THRESHOLD=threshold is not None, HAS_DENSE_ROWS=dense_rows is not None,
         HAS_CHANNEL_WEIGHT=channel_weight is not None, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
-        ROWS=rows_p2, K_LANES=K_LANES, GROUP_LANES=group_lanes, BLOCK_K=block_k, BLOCK_N=block_n)
+        ROWS=tiles["rows_p2"], K_LANES=K_LANES, GROUP_LANES=tiles["group_lanes"], BLOCK_K=tiles["block_k"],
+        BLOCK_N=tiles["block_n"])
     if splits > 1:
         size = rows * N
-        block = min(1024, triton.next_power_of_2(size))
+        block = tiles["reduce_block"]
         reduce_kernel[(triton.cdiv(size, block),)](target, absent if bias is None else bias, out, splits, N, size,
                                                    HAS_BIAS=bias is not None, BLOCK=block)
     return out

@@ -12,6 +12,8 @@ row-major second operand where W is a view `layout_weight(W).t()` of the copy th
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, \
     SparseSemiStructuredTensorCUTLASS
@@ -48,19 +50,46 @@ def semi_structured_unavailable(rows: int, in_features: int, out_features: int, 
         return backend
     # The sparse operand's limits (the dense one is padded by torch, so out_features is free).
     limits = backend._DTYPE_SHAPE_CONSTRAINTS[dtype]
-    min_rows, min_cols = limits.sparse_min_rows, limits.sparse_min_cols
-    if rows < min_rows or rows % min_rows or in_features < min_cols or in_features % min_cols:
-        return f"{backend.BACKEND} needs rows and in_features to be multiples of ({min_rows}, {min_cols}) " \
-               f"(at least that), got ({rows}, {in_features})"
+    min_cols = limits.sparse_min_cols  # rows are padded with zero rows (2:4 too) to the backend's multiple
+    if in_features < min_cols or in_features % min_cols:
+        return f"{backend.BACKEND} needs in_features to be a multiple of {min_cols} (at least that), got {in_features}"
     if out_features < 1:
         return f"out_features={out_features}"
     return None
 
 
-def semi_structured_linear(pruned_x: torch.Tensor, weight: torch.Tensor,
-                           bias: torch.Tensor | None = None) -> torch.Tensor:
+class _LastCompressed:
+    """q/k/v (and gate/up) prune the very same input with the very same mask: it is compressed once.
+    A hit needs the same live `source` tensors (the input and its mask), unmodified since."""
+
+    def __init__(self):
+        self.key, self.sparse = None, None
+
+    def get(self, pruned_x: torch.Tensor, source: tuple | None, compress) -> torch.Tensor:
+        if source is None or any(t.is_inference() for t in source):  # no version counter: no reuse
+            return compress(pruned_x)
+        key = tuple((weakref.ref(t), t._version) for t in source)
+        if self.key is not None and all(ref() is t and version == t._version
+                                        for (ref, version), t in zip(self.key, source)):
+            return self.sparse
+        self.key, self.sparse = key, compress(pruned_x)
+        return self.sparse
+
+
+_last_compressed = _LastCompressed()
+
+
+def padded_rows(rows: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """The row count the sparse operand is padded to (zero rows) for the semi-structured backend."""
+    multiple = _backend(torch.device(device))._DTYPE_SHAPE_CONSTRAINTS[dtype].sparse_min_rows
+    return -(-rows // multiple) * multiple
+
+
+def semi_structured_linear(pruned_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                           source: tuple | None = None) -> torch.Tensor:
     """`pruned_x @ weight.T + bias` with pruned_x (rows, in) holding at most 2 nonzeros in every 4 (the
-    kept entries of a 2:4 mask), compressed here, and weight (out, in)."""
+    kept entries of a 2:4 mask), compressed here (rows padded with zeros to the backend's multiple; once
+    for layers that share `source`, the tensors pruned_x was computed from), and weight (out, in)."""
     if pruned_x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != pruned_x.shape[1]:
         raise ValueError(f"pruned_x (rows, in) and weight (out, in) do not fit: "
                          f"{tuple(pruned_x.shape)} and {tuple(weight.shape)}")
@@ -71,7 +100,13 @@ def semi_structured_linear(pruned_x: torch.Tensor, weight: torch.Tensor,
     reason = semi_structured_unavailable(*pruned_x.shape, weight.shape[0], pruned_x.dtype, pruned_x.device)
     if reason is not None:
         raise RuntimeError(f"semi_structured_linear cannot run here: {reason}")
-    sparse = _backend(pruned_x.device).from_dense(pruned_x.contiguous())
+    rows = pruned_x.shape[0]
+
+    def compress(x):
+        padding = padded_rows(rows, x.dtype, x.device) - rows
+        return _backend(x.device).from_dense(torch.nn.functional.pad(x, (0, 0, 0, padding)).contiguous())
+
+    sparse = _last_compressed.get(pruned_x, source, compress)
     # Only the sparse operand's own matmul is exposed for a sparse first operand (addmm takes a sparse second).
-    y = torch.mm(sparse, weight.t())
+    y = torch.mm(sparse, weight.t())[:rows]
     return y if bias is None else y + bias
