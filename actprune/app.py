@@ -92,6 +92,11 @@ def main() -> None:
     except KeyboardInterrupt:  # the job recorded itself as interrupted; no traceback, the usual status
         print("actprune: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    from .run.callbacks import SWEEP
+
+    failure = SWEEP.verdict()  # a sweep's, set in-process: Hydra would turn an exception in its callback into a warning
+    if failure:
+        raise SystemExit(failure)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

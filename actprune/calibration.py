@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_write, check_jsonl, set_aside
+from .files import cache_write, check_jsonl, set_aside
 from .walk import feed
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,26 @@ def check_settings(count: int, seqlen: int, max_positions: int | None = None) ->
         raise ValueError(f"calibration.seqlen={seqlen} is longer than the model's context, max_position_embeddings={max_positions}")
 
 
+def window_starts(tokens: int, count: int, seqlen: int, seed: int) -> list[int]:
+    """Where `count` windows of `seqlen` tokens start in a text of `tokens` tokens: distinct slots
+    `phase + k × seqlen` (phase and slots seeded, in seeded order), so that no two windows share a
+    token: a subset held out (refit's) is never also fitted on."""
+    if count * seqlen > tokens:
+        raise ValueError(f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
+                         f"more than the calibration text's {tokens}, and windows do not overlap: lower "
+                         f"calibration.windows or calibration.seqlen")
+    generator = torch.Generator().manual_seed(seed)
+    phase = int(torch.randint(0, min(seqlen, tokens - count * seqlen + 1), (), generator=generator))
+    slots = torch.randperm((tokens - phase) // seqlen, generator=generator)[:count]
+    return [phase + slot * seqlen for slot in slots.tolist()]
+
+
 def sample_windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    """`count` windows of `seqlen` tokens at random offsets (seeded) in the tokenized corpus."""
+    """`count` windows of `seqlen` tokens, none overlapping another, at random offsets (seeded) in
+    the tokenized corpus."""
     check_settings(count, seqlen)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.numel() <= seqlen:
-        raise ValueError(f"calibration.seqlen={seqlen} is longer than the calibration text ({ids.numel()} tokens)")
-    starts = torch.randint(0, ids.numel() - seqlen, (count,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seqlen] for s in window_starts(ids.numel(), count, seqlen, seed)])
 
 
 @torch.no_grad()
@@ -229,6 +241,6 @@ class Calibration:
         stats = collect(model, layers, self.windows, second_moment)
         if path is not None:
             log.info("calibration cache miss: statistics collected into %s", path)
-            atomic_write(path, lambda staging: torch.save(stats, staging))  # concurrent jobs: whole file or nothing
+            cache_write(path, lambda file: torch.save(stats, file))  # concurrent jobs: whole file or nothing
             self.used.update(cache_file=str(path), cache="miss")
         return stats

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
+
+log = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -21,19 +25,45 @@ UMASK = _read_umask()
 def check_jsonl(path: Path, field: str = "text") -> None:
     """A JSON-lines file of rows with `field`, at least one; else an error naming file and line."""
     count = 0
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:
-                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise ValueError(f"{path}, line {number}: a row needs a {field!r} field, one JSON object per line")
-            count += 1
+    for number, line in enumerate(read_text(path).split("\n"), 1):  # JSON lines end in \n only
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        if not isinstance(row, dict) or field not in row:
+            raise ValueError(f"{path}, line {number}: a row needs a {field!r} field, one JSON object per line")
+        count += 1
     if count == 0:
         raise ValueError(f"{path} holds no rows: one {{{field!r}: ...}} JSON object per line")
+
+
+def read_text(path: Path, name: str | None = None) -> str:
+    """A UTF-8 text file's content; a binary (or otherwise encoded) file is an error naming it (`name`:
+    the setting that gave it, else the path)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name or path}: not UTF-8 text (byte {error.start}: {error.reason}); "
+                         f"a binary file?") from None
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def digest(path: Path) -> str:
+    """The sha256 of a file's content; read once per process for a given size and modification time."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        sha = hashlib.sha256()
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                sha.update(block)
+        _DIGESTS[key] = sha.hexdigest()
+    return _DIGESTS[key]
 
 
 def set_aside(path: Path, tag: str) -> Path | None:
@@ -65,3 +95,20 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
             os.unlink(staging)
         raise
     return path
+
+
+def cache_write(path: Path, write: Callable[[BinaryIO], None]) -> bool:
+    """`atomic_write` of a cache file through `write(file)`; where it fails (a full or read-only disk)
+    a warning, and False: a cache is optional, the job goes on without it. Written through a Python
+    file so that a full disk is an OSError, not the writing library's own error."""
+
+    def staged(staging: str) -> None:
+        with open(staging, "wb") as file:
+            write(file)
+
+    try:
+        atomic_write(path, staged)
+    except OSError as error:
+        log.warning("cache file %s not written (%s): going on without it", path, error)
+        return False
+    return True

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -101,29 +102,52 @@ def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
     return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str:
-    """Dequantize a GGUF file once into a safetensors folder under `cache_dir`; return that folder."""
+def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str | None:
+    """Dequantize a GGUF file once into a safetensors folder under `cache_dir`; return that folder,
+    or None where it could not be written (see `publish_folder`)."""
     target = gguf_cache_folder(path, gguf_file, cache_dir)
     if (target / "config.json").is_file():
         return str(target)
     log.info("Dequantizing %s once into %s (later runs load it in seconds)", gguf_file, target)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF marks the model as quantized
-        model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
+    unquantize(model)
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+
+    return str(target) if publish_folder(target, write) else None
+
+
+def unquantize(model) -> None:
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF marks the model as quantized
+        model.hf_quantizer.remove_quantization_config(model)
+
+
+def publish_folder(target: Path, write) -> bool:
+    """`write(staging)` fills a staging folder beside `target`, renamed to `target` once whole, its
+    files as readable as the umask allows (safetensors writes them 0600). A folder a concurrent job
+    published first is kept. Where the write fails (a full or read-only disk): a warning and False,
+    since the cache is optional."""
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+        write(staging)
+        for file in staging.rglob("*"):
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~UMASK)
         os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes it 0700: teammates on shared storage read it too
         os.replace(staging, target)  # atomic: a concurrent job either sees all of it or nothing
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+    except (OSError, SafetensorError) as error:  # safetensors' own error for a full disk
+        if (target / "config.json").is_file():
+            return True
+        log.warning("%s not written (%s): going on without this cache", target, error)
+        return False
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True
 
 
 def complete(folder: Path) -> str | None:
@@ -187,14 +211,17 @@ def load_model(path: str, gguf_file: str | None, device: torch.device, dtype: to
     """
     check_device_map(device_map)
     if gguf_file:
-        path = dequantize_gguf(path, gguf_file, cache_dir)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        cached = dequantize_gguf(path, gguf_file, cache_dir)
+        if cached is not None:  # else the GGUF file itself, dequantized again in memory
+            path, gguf_file = cached, None
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "gguf_file": gguf_file}
     if device.type == "cuda":
         # Straight onto the GPU(s), no CPU copy.
         kwargs["device_map"] = device_map if device_map is not None else {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    unquantize(model)
     if device.type != "cuda":
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     return model, tokenizer

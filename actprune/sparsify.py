@@ -16,13 +16,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .activation import allocation
+from .activation.learned import check_rank
 from .activation.scores import get_score
 from .activation.transforms import parse_transforms
 from .activation.wrapper import BACKENDS, ActSparseLinear
 from .calibration import Calibration
 from .config import PruningConfig
 from .masks import Pattern, parse_sparsity
-from .methods import Method, Needs, get_method
+from .methods import METHODS, Method, Needs, get_method
 from .walk import decoder_layers
 
 SELECTIONS = ("topk", "threshold")
@@ -71,7 +72,11 @@ def plan(model: nn.Module, config) -> PruningPlan:
                          f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
-    allocation.check(config.allocation, config.allocation_choices, pattern)
+    allocation.check(config.allocation, config.allocation_choices, pattern, config.allocation_budget)
+    if config.allocation != "uniform" and method.kind == "weight":  # weight methods would run uniform, unsaid
+        supported = sorted(name for name, m in METHODS.items() if m.kind == "activation")
+        raise ValueError(f"pruning.allocation={config.allocation} with pruning.method={method.name}: allocation "
+                         f"is for activation methods ({supported}); allowed with weight methods: uniform")
     if config.backend not in BACKENDS:
         raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
     if config.backend == "kernel" and method.kind != "dense":
@@ -111,6 +116,7 @@ def plan(model: nn.Module, config) -> PruningPlan:
             f"pruning.layers={config.layers}, pruning.skip_layers={list(config.skip_layers)}: no layer is left to "
             f"prune with pruning.method={method.name}; name some layers, or use pruning=dense for the dense model"
         )
+    check_rank(transforms, targets)
     if method.layerwise == "hessian" and pattern.is_nm and config.blocksize % pattern.m:
         raise ValueError(
             f"pruning.blocksize={config.blocksize} with pruning.sparsity={pattern}: SparseGPT's groups of {pattern.m} "
@@ -207,6 +213,7 @@ class SparsityReport:
 
     def summary(self) -> dict:
         per_layer, zeroed, seen = {}, 0, 0
+        wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
         for name, layer in self.layers.items():
             if isinstance(layer, ActSparseLinear):
                 layer_zeroed, layer_seen = int(layer.zeroed), int(layer.seen)
@@ -228,6 +235,7 @@ class SparsityReport:
             "thresholds": self.thresholds,
             "per_layer": per_layer,
             "measured_covers": self.measured_covers(),
+            **({"kept_by_weight": allocation.kept_by_weight(wrappers)} if wrappers else {}),
             **({"allocation": self.allocation} if self.allocation else {}),
         }
 
@@ -238,7 +246,7 @@ class SparsityReport:
         if self.kind == "weight":
             return "the fraction of zero weights in the pruned layers"
         text = ("the fraction of pruned layers' input entries the masks zeroed, over every token the benchmarks "
-                "fed (padding included, e.g. lm_eval's)")
+                "fed (padding included, e.g. lm_eval's; generate's timed runs are not counted, its warm-up is)")
         wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
         dense_reads = [reason for reason, used in (
             ("a per-token shift reads it to find η", any(w.shift in ("mean", "median") for w in wrappers)),

@@ -10,6 +10,7 @@ from fractions import Fraction
 from actprune.activation.allocation import allocate, default_choices
 from actprune.masks import parse_sparsity
 from actprune.run import table
+from actprune.sparsify import plan
 
 from .tiny import llama
 
@@ -34,19 +35,69 @@ def test_default_choices_span_a_quarter_to_three_quarters_of_m():
     assert default_choices(parse_sparsity(0.9)) == [0.7, 0.8, 0.9]
 
 
-def test_a_calibrated_allocation_reaches_the_targets_sparsity_with_unequal_layers():
+def kept_over(model, per_layer: dict, size) -> Fraction:
+    """The kept fraction of an allocation, each layer weighed by `size(layer)`."""
+    layers = {name: model.get_submodule(name) for name in per_layer}
+    kept = sum(size(layers[name]) * (1 - Fraction(str(parse_sparsity(p).target()))) for name, p in per_layer.items())
+    return kept / sum(size(layer) for layer in layers.values())
+
+
+def weight_size(layer):
+    return layer.in_features * layer.out_features
+
+
+def test_a_calibrated_allocation_keeps_the_targets_fraction_of_weights_with_unequal_layers():
     model = llama()
     report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}, WINDOWS)
     per_layer = report.allocation["per_layer"]
     assert len(per_layer) == 14 and len(set(per_layer.values())) > 1
     for name, pattern in per_layer.items():
         assert str(model.get_submodule(name).pattern) == pattern
+    assert kept_over(model, per_layer, weight_size) == Fraction(1, 2)  # decode bytes and FLOPs: in · out
+    assert report.summary()["kept_by_weight"] == 0.5 and report.allocation["budget"] == "weights"
     report.reset()
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 16)))
-    assert report.summary()["measured"] == pytest.approx(0.5)  # the inputs are weighted by width, as measured
     assert report.summary()["allocation"]["per_layer"] == per_layer
     assert all(int(m.seen) > 0 for m in model.modules() if isinstance(m, ActSparseLinear))
+
+
+def test_an_inputs_budget_keeps_the_targets_fraction_of_inputs_and_says_what_it_keeps_of_weights():
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated",
+                               "allocation_budget": "inputs"}, WINDOWS)
+    per_layer = report.allocation["per_layer"]
+    assert kept_over(model, per_layer, lambda layer: layer.in_features) == Fraction(1, 2)
+    assert report.summary()["kept_by_weight"] == pytest.approx(float(kept_over(model, per_layer, weight_size)))
+    assert report.allocation["budget"] == "inputs"
+    report.reset()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 16)))
+    assert report.summary()["measured"] == pytest.approx(0.5)  # measured weighs the inputs by width too
+
+
+@pytest.mark.parametrize("config,kept", [
+    ({"sparsity": "2:4"}, 0.5),
+    ({"sparsity": "8:16", "skip_layers": ["*.down_proj"]}, 0.5),
+    ({"sparsity": 0.3, "selection": "threshold"}, 0.7),  # a threshold's target ratio
+])
+def test_every_activation_job_records_its_kept_fraction_by_weight(config, kept):
+    report = sparsify_(llama(), {"method": "act_magnitude", **config}, WINDOWS)
+    assert report.summary()["kept_by_weight"] == pytest.approx(kept)
+
+
+def test_the_record_says_whether_every_layer_keeps_the_target_pattern():
+    config = {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}
+    mixed = sparsify_(llama(), config, WINDOWS).allocation
+    assert set(mixed["per_layer"].values()) != {"8:16"} and mixed["every_layer_target"] is False
+    fixed = sparsify_(llama(), {**config, "allocation_choices": [8]}, WINDOWS).allocation
+    assert set(fixed["per_layer"].values()) == {"8:16"} and fixed["every_layer_target"] is True
+
+
+def test_a_non_finite_layer_error_is_refused_naming_the_layer_and_the_choice():
+    errors = {"a": {2: 1.0, 4: 0.5, 6: 0.1}, "b": {2: float("nan"), 4: 0.5, 6: 0.1}}
+    with pytest.raises(FloatingPointError, match="layer b has a non-finite output error nan for choice 2"):
+        allocate(errors, {"a": 64, "b": 64}, lambda n: Fraction(n, 8), 4)
 
 
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
@@ -55,9 +106,8 @@ def test_ratios_are_allocated_per_layer_too(selection):
     report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.5, "selection": selection,
                                "allocation": "calibrated"}, WINDOWS)
     ratios = {name: float(p) for name, p in report.allocation["per_layer"].items()}
-    widths = {name: model.get_submodule(name).in_features for name in ratios}
     assert len(set(ratios.values())) > 1
-    assert sum(widths[n] * ratios[n] for n in ratios) == pytest.approx(0.5 * sum(widths.values()))
+    assert kept_over(model, report.allocation["per_layer"], weight_size) == Fraction(1, 2)
     if selection == "threshold":  # each layer's threshold calibrated to its own ratio
         for name, ratio in ratios.items():
             assert model.get_submodule(name).pattern.target() == ratio
@@ -65,15 +115,20 @@ def test_ratios_are_allocated_per_layer_too(selection):
         report.reset()
         with torch.no_grad():
             model(torch.randint(0, 256, (2, 16)))
-        assert report.summary()["measured"] == pytest.approx(0.5, abs=0.01)  # rounding of kept counts per token
+        kept_inputs = kept_over(model, report.allocation["per_layer"], lambda layer: layer.in_features)
+        assert report.summary()["measured"] == pytest.approx(1 - float(kept_inputs), abs=0.01)  # kept counts round
 
 
-def test_allocated_rows_are_labelled_apart_from_uniform_ones():
-    result = {"status": "ok", "sparsity": {"kind": "activation", "pattern": "8:16"}, "metrics": {},
-              "config": {"pruning": {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}}}
-    assert table.row(result)["sparsity"] == "8:16 mean"
-    assert table.zeroed_fraction("8:16 mean") == 0.5
-    assert "8:16 mean" in table.table([("job", result)])
+def test_allocated_rows_are_labelled_apart_from_uniform_ones_with_the_kept_fraction_of_weights():
+    result = {"status": "ok", "sparsity": {"kind": "activation", "pattern": "8:16", "kept_by_weight": 0.549},
+              "metrics": {}, "config": {"pruning": {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}}}
+    assert table.row(result)["sparsity"] == "8:16 mean (w 0.549)"
+    assert table.zeroed_fraction("8:16 mean (w 0.549)") == 0.5
+    assert "8:16 mean (w 0.549)" in table.table([("job", result)])
+    older = {**result, "sparsity": {"kind": "activation", "pattern": "8:16"}}  # recorded before kept_by_weight
+    assert table.row(older)["sparsity"] == "8:16 mean"
+    uniform = {**result, "config": {"pruning": {"method": "act_magnitude", "sparsity": "8:16"}}}
+    assert table.row(uniform)["sparsity"] == "8:16"
 
 
 @pytest.mark.parametrize("config,words", [
@@ -82,7 +137,17 @@ def test_allocated_rows_are_labelled_apart_from_uniform_ones():
     ({"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.2, 0.4]}, "include the target's 0.5"),
     ({"allocation": "calibrated", "allocation_choices": [4, 6]}, "include the target's N=8"),
     ({"allocation": "calibrated", "allocation_choices": [8, 16]}, "integers 1 <= N < 16"),
+    ({"allocation": "calibrated", "allocation_budget": "flops"},
+     "pruning.allocation_budget='flops': allowed values are \\['weights', 'inputs'\\]"),
+    # each decimal of a ratio makes the knapsack ten times larger
+    ({"allocation": "calibrated", "sparsity": 0.3333}, "pruning.sparsity=0.3333 .* at most 2 decimals"),
+    ({"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.333, 0.5, 0.667]},
+     "pruning.allocation_choices=.* at most 2 decimals"),
+    ({"allocation": "calibrated", "method": "weight_magnitude", "sparsity": "2:4"},
+     "pruning.allocation=calibrated with pruning.method=weight_magnitude: .*\\['act_magnitude'\\].* uniform"),
 ])
-def test_bad_allocation_settings_name_the_key(config, words):
+def test_bad_allocation_settings_name_the_key_before_loading(config, words):
+    with torch.device("meta"):  # a skeleton, as a job checks before loading any weight
+        skeleton = llama()
     with pytest.raises(ValueError, match=words):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "8:16", **config}, WINDOWS)
+        plan(skeleton, {"method": "act_magnitude", "sparsity": "8:16", **config})

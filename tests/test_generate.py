@@ -123,6 +123,36 @@ def test_measure_times_pruned_and_dense_and_writes_the_pruned_text(tiny_setup):
         measure(model, tokenizer, ["The game began"], 5, max_positions=6)
 
 
+def test_a_dense_baseline_that_would_not_fit_is_refused_naming_the_setting():
+    from actprune.eval.generate import check_baseline_memory
+
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel"})
+    laid_out = sum(m.linear.weight.numel() * 4 for m in model.modules() if isinstance(m, ActSparseLinear))
+    check_baseline_memory(model, 2 * laid_out)
+    with pytest.raises(MemoryError, match="benchmark.generate.dense_baseline=false"):
+        check_baseline_memory(model, laid_out // 2)
+    emulated = llama()
+    sparsify_(emulated, {"method": "act_magnitude", "sparsity": "2:4"})
+    check_baseline_memory(emulated, 0)  # the emulation's dense baseline copies nothing
+
+
+def test_timed_decoding_launches_no_counting_work(tiny_setup):
+    """Counting zeroed inputs costs small kernels (a threshold layer recomputes its scores) on every call:
+    the timed runs count nothing, the untimed warm-up does, so the sparsity is still measured."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4"})
+    seen = []
+    for repeats in (1, 3):
+        report.reset()
+        measure(model, tokenizer, ["The game began", "It retained"], 5, repeats=repeats, dense_baseline=False)
+        seen.append([int(layer.seen) for layer in report.layers.values()])
+    assert seen[0] == seen[1] and all(seen[0])
+    assert report.summary()["measured"] == pytest.approx(0.5)
+    assert all(layer.counting for layer in report.layers.values())  # on again after the timed runs
+
+
 @pytest.mark.parametrize("options,words", [
     ({"max_new_tokens": 1}, "max_new_tokens >= 2"),
     ({"repeats": 0}, "repeats >= 1"),

@@ -1,11 +1,13 @@
 """Learned corrections: exact at initialisation, trained layer by layer, saved and reused."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from actprune import calibration, reuse, sparsify_
+from actprune import calibration, plan, reuse, sparsify_
 from actprune.activation import ActSparseLinear, learned
 from actprune.calibration import Calibration
 from actprune.run import job
@@ -80,7 +82,7 @@ def test_bad_learnable_options_are_clear_errors():
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]})
     with pytest.raises(ValueError, match="learnable schedule='linear': allowed values are \\['cosine', 'constant'\\]"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "schedule": "linear"}]})
-    with pytest.raises(ValueError, match="allowed values are evals >= 1, patience >= 0, e2e_steps >= 0"):
+    with pytest.raises(ValueError, match="learnable e2e_steps=-1: allowed values are integers >= 0"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "e2e_steps": -1}]})
 
 
@@ -182,8 +184,10 @@ def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dens
     model = llama()
     config = {"method": "act_magnitude", "sparsity": "2:4",
               "transforms": [{**ALL, "steps": 5, "warmup": 1, "e2e_steps": 10, "e2e_lr": 1e-3, "e2e_batch_size": 3}]}
-    learned = sparsify_(model, config, BATCHES).learned
+    # Random tokens have nothing to generalise from: the held-out windows (the last two) repeat tuned ones.
+    learned = sparsify_(model, config, torch.cat([BATCHES[:2]] * 4)).learned
     tuned = learned["end_to_end"]
+    assert tuned["guard_windows"] == [6, 7] and not tuned["diverged"]
     assert tuned["steps"] == 10 and tuned["kl_after"] < tuned["kl_before"] and tuned["kl_after"] == tuned["kl_trained"]
     assert all(p.requires_grad for p in model.parameters())
 
@@ -219,3 +223,219 @@ def test_jobs_that_differ_only_in_end_to_end_options_share_the_layer_wise_fit(tm
     assert third["end_to_end"] == {"file": second["end_to_end"]["file"], "cache": "hit"}
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, expected)  # the tuned corrections loaded, not the layer-wise ones
+
+
+def meta_llama():
+    with torch.device("meta"):  # no weight is loaded: options are checked before a job loads its model
+        return llama()
+
+
+def learnable_config(**options):
+    return {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", **options}]}
+
+
+BAD_OPTIONS = [("epochs", 0), ("epochs", -1), ("epochs", 2.5), ("epochs", "4"), ("steps", -5), ("steps", 0),
+               ("steps", 2.5), ("batch_size", 0), ("batch_size", 1.5), ("batch_size", True), ("e2e_batch_size", 0),
+               ("e2e_steps", 2.5), ("e2e_steps", -1), ("lr", "abc"), ("lr", 0), ("lr", -1e-3), ("lr", float("inf")),
+               ("lr", float("nan")), ("e2e_lr", 0), ("e2e_lr", "abc"), ("grad_clip", -1), ("grad_clip", 0),
+               ("weight_decay", -0.1), ("warmup", -1), ("warmup", 1.5), ("evals", 0), ("patience", 0),
+               ("patience", -1), ("seed", -1), ("seed", 1.5), ("rank", 0), ("rank", -2), ("rank", 2.5),
+               ("forms", "affine"), ("forms", []), ("schedule", "linear")]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_OPTIONS)
+def test_every_bad_learnable_option_is_refused_before_the_model_loads(key, value):
+    with pytest.raises(ValueError, match=f"learnable {key}=.*: allowed values are"):
+        plan(meta_llama(), learnable_config(**{key: value}))
+
+
+def test_good_learnable_options_pass_the_check():
+    options = {"forms": ["affine", "lowrank"], "rank": 4, "lr": 1, "epochs": 1, "steps": None, "batch_size": 1,
+               "warmup": 0, "grad_clip": 0.5, "weight_decay": 0, "seed": 0, "schedule": "constant", "evals": 1,
+               "patience": 1, "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
+    assert plan(meta_llama(), learnable_config(**options)).transforms == [("learnable", options)]
+
+
+def test_a_rank_that_reaches_a_layers_full_rank_is_refused_before_loading():
+    # The narrowest target is k_proj, 32 x 64: at rank 32 its low-rank term is W, the dense layer back.
+    for rank in (32, 100000):
+        with pytest.raises(ValueError, match=f"learnable rank={rank} reaches the full rank of .*k_proj.*allowed values are 1..31"):
+            plan(meta_llama(), learnable_config(rank=rank))
+    plan(meta_llama(), learnable_config(rank=31))
+    plan(meta_llama(), learnable_config(rank=100000, forms=["affine"]))  # no low-rank term: the rank is unused
+
+
+def never_improving(monkeypatch):
+    """`_mse` as it is, except that every measurement over all windows gives 1.0: no new best ever;
+    returns the count of those measurements."""
+    measured = []
+    mse = learned._mse
+
+    def constant_on_all_windows(walk, index, hidden, targets, windows):
+        if isinstance(windows, range):
+            measured.append(index)
+            return torch.tensor(1.0)
+        return mse(walk, index, hidden, targets, windows)
+
+    monkeypatch.setattr(learned, "_mse", constant_on_all_windows)
+    return measured
+
+
+def initial_corrections(monkeypatch):
+    """The corrections as `train_` receives them, filled in when it is called."""
+    states = {}
+    train = learned.train_
+
+    def spy(model, layers, windows, options):
+        states.update({name: {k: v.clone() for k, v in w.correction.state_dict().items()} for name, w in layers.items()})
+        return train(model, layers, windows, options)
+
+    monkeypatch.setattr(learned, "train_", spy)
+    return states
+
+
+def test_early_stopping_waits_patience_measurements_and_keeps_the_initial_state_when_nothing_improves(monkeypatch):
+    measured, initial = never_improving(monkeypatch), initial_corrections(monkeypatch)
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4",
+              "transforms": [{**ALL, "lr": 0.01, "steps": 40, "evals": 8, "patience": 2, "schedule": "constant"}]}
+    losses = sparsify_(model, config, BATCHES).learned["mse"]
+    # every 40 // 8 = 5 steps a measurement; the one before training, then two without a new best
+    assert measured == [0, 0, 0, 1, 1, 1] and all(value["steps"] == 10 for value in losses.values()), losses
+    assert all(value["after"] == value["before"] == 1.0 and not value["diverged"] for value in losses.values())
+    for name, layer in wrappers(model).items():  # the steps taken are undone: the best state is the initial one
+        for key, value in layer.correction.state_dict().items():
+            assert torch.equal(value, initial[name][key]), (name, key)
+
+
+@pytest.mark.parametrize("e2e_steps", [0, 3])
+def test_no_gradient_is_left_on_the_corrections_after_training(e2e_steps):
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4",
+              "transforms": [{**ALL, "steps": 5, "e2e_steps": e2e_steps, "e2e_batch_size": 2}]}
+    learned_report = sparsify_(model, config, BATCHES).learned
+    assert ("end_to_end" in learned_report) == bool(e2e_steps)
+    params = [p for layer in wrappers(model).values() for p in layer.correction.parameters()]
+    assert params and all(p.grad is None for p in params)
+
+
+def test_layer_wise_training_that_diverges_keeps_each_layers_best_state():
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "lr": 1e6, "steps": 20, "warmup": 1}]}
+    losses = sparsify_(model, config, BATCHES).learned["mse"]
+    assert any(value["diverged"] for value in losses.values()), losses
+    assert all(value["after"] <= value["before"] for value in losses.values()), losses
+    assert all(torch.isfinite(p).all() for layer in wrappers(model).values() for p in layer.correction.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_end_to_end_tuning_that_diverges_is_undone():
+    layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
+    diverging = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 5, "e2e_lr": 1e8, "warmup": 1}]}
+    plain_model, tuned_model = (torch.manual_seed(0), llama())[1], (torch.manual_seed(0), llama())[1]
+    sparsify_(plain_model, layerwise, BATCHES)
+    tuned = sparsify_(tuned_model, diverging, BATCHES).learned["end_to_end"]
+    assert tuned["diverged"] and tuned["steps"] < 5 and tuned["kl_after"] == tuned["kl_before"]
+    with torch.no_grad():
+        assert torch.equal(tuned_model(IDS).logits, plain_model(IDS).logits)  # the layer-wise corrections, put back
+
+
+def test_a_correction_file_of_other_settings_under_this_settings_name_is_not_a_hit(tmp_path, caplog):
+    calibration = lambda: Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path))  # noqa: E731
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5}]}
+    other = {**config, "transforms": [{**ALL, "steps": 5, "lr": 0.002}]}  # same shapes, another fit
+    mine = Path(sparsify_(llama(), config, calibration()).learned["file"])
+    theirs = Path(sparsify_(llama(), other, calibration()).learned["file"])
+    assert mine != theirs and sparsify_(llama(), config, calibration()).learned["cache"] == "hit"
+    shutil.copyfile(theirs, mine)
+    again = sparsify_(llama(), config, calibration()).learned
+    assert again["cache"] == "miss" and "set aside" in caplog.text and theirs.stem in caplog.text
+    assert sparsify_(llama(), config, calibration()).learned["cache"] == "hit"  # saved again, under its own key
+
+
+def layer_wise_fitted():
+    model = (torch.manual_seed(0), llama())[1]
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5}]}, BATCHES)
+    return model, list(wrappers(model).values())
+
+
+def test_the_kl_is_of_the_dense_model_against_the_pruned_one():
+    model, layers = layer_wise_fitted()
+    with torch.no_grad():
+        pruned = torch.log_softmax(model(BATCHES[:2]).logits, -1)
+        with learned.bypassed(layers):
+            dense = torch.log_softmax(model(BATCHES[:2]).logits, -1)
+        kl = learned._kl(model, BATCHES, [0, 1], layers)
+    forward = (dense.exp() * (dense - pruned)).sum(-1).mean()  # KL(dense ‖ pruned), mean over the tokens
+    backward = (pruned.exp() * (pruned - dense)).sum(-1).mean()
+    assert not torch.isclose(forward, backward, rtol=1e-3)  # the two directions differ here
+    torch.testing.assert_close(kl, forward, rtol=1e-4, atol=1e-7)
+
+
+def test_a_tuning_step_with_the_masks_held_lowers_the_kl_of_its_batch():
+    model, layers = layer_wise_fitted()
+    params = [p for layer in layers for p in layer.correction.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    masks = learned.FrozenMasks(layers)
+    before = learned._kl(model, BATCHES, [0, 1, 2], layers, masks)
+    before.backward()
+    assert all(len(kept) == 1 for kept in masks.masks.values())  # one forward: one mask per layer
+    assert all(layer.correction.log_scale.grad is None for layer in layers)  # the scale only moves masks
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p -= 1e-3 * p.grad / p.grad.norm()
+        after = learned._kl(model, BATCHES, [0, 1, 2], layers, masks)
+    assert all(len(kept) == 1 for kept in masks.masks.values())  # replayed, not computed again
+    assert after < before
+
+
+def test_end_to_end_tuning_holds_each_batchs_masks_and_guards_on_held_out_windows(monkeypatch):
+    calls = []
+    kl = learned._kl
+
+    def spy(model, windows, chosen, layers, masks=None):
+        calls.append((list(chosen), torch.is_grad_enabled(), masks is not None))
+        return kl(model, windows, chosen, layers, masks)
+
+    monkeypatch.setattr(learned, "_kl", spy)
+    windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(3))
+    config = {"method": "act_magnitude", "sparsity": "2:4",
+              "transforms": [{**ALL, "steps": 3, "e2e_steps": 6, "e2e_batch_size": 2}]}
+    tuned = sparsify_(llama(), config, windows).learned["end_to_end"]
+    assert tuned["guard_windows"] == [6, 7]  # the last quarter
+    tuning = [call for call in calls if call[1]]
+    guarding = [call for call in calls if not call[1]]
+    assert len(tuning) == 6 and all(held and set(chosen) <= set(range(6)) for chosen, _, held in tuning)
+    assert sorted(chosen for chosen, _, _ in guarding) == [[6], [6], [7], [7]]  # before and after
+
+
+def test_held_masks_are_replayed_whatever_the_parameters_became():
+    from actprune.masks import parse_sparsity
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    layer = ActSparseLinear(linear, parse_sparsity("2:4"),
+                            correction=learned.Correction(linear.weight, forms=["shift", "lowrank"], rank=2))
+    x = torch.randn(5, 16)
+    masks = learned.FrozenMasks([layer])
+    with torch.no_grad():
+        with masks.held():
+            layer(x)
+        (recorded, _), = masks.masks[layer]
+        layer.correction.shift.normal_()  # moves which entries are kept
+        centred = x - layer.correction.shift
+        assert not torch.equal(layer._keep(centred, None)[0], recorded)
+        with masks.held():
+            replayed = layer(x)
+    expected = layer.correction.output(linear(centred * recorded), centred * ~recorded, linear.weight)
+    torch.testing.assert_close(replayed, expected)
+    assert layer.frozen is None  # held for those forwards only
+
+
+def test_the_last_quarter_of_the_windows_is_held_out_for_the_guard_and_a_lone_window_serves_as_both():
+    assert learned.split_windows(8) == ([0, 1, 2, 3, 4, 5], [6, 7])
+    assert learned.split_windows(2) == ([0], [1])
+    assert learned.split_windows(1) == ([0], [0])

@@ -1,13 +1,15 @@
 """`refit`: closed-form weights for the pruned input, fitted layer by layer on calibration windows."""
 
 import copy
+import weakref
 
 import pytest
 import torch
 
-from actprune import sparsify_
+from actprune import calibration, sparsify_
 from actprune.activation import ActSparseLinear
-from actprune.activation.refit import DEFAULTS, Moments, fit_layer, options_of, ridge_solve
+from actprune.activation import refit as refit_module
+from actprune.activation.refit import DEFAULTS, Moments, check_tokens, fit_layer, options_of, ridge_solve
 from actprune.masks import parse_sparsity
 from actprune.run.job import plan_job
 
@@ -16,6 +18,31 @@ from .tiny import llama, qwen2
 
 WINDOWS = torch.randint(0, 256, (8, 40), generator=torch.Generator().manual_seed(1))
 REFIT = {"name": "refit", "skip_tokens": 2, "min_tokens_per_dim": 0}
+
+
+class PositionTokenizer:
+    """Each word's token is its position: a window's tokens say where in the text it lies."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return type("Encoding", (), {"input_ids": torch.arange(len(text.split()))[None]})
+
+
+@pytest.mark.parametrize("tokens,count,seqlen", [(1000, 8, 40), (1000, 25, 40), (999, 128, 7), (64, 1, 64)])
+def test_calibration_windows_never_share_a_token_and_depend_on_the_seed_alone(tokens, count, seqlen):
+    text = " ".join(["w"] * tokens)
+    windows = calibration.sample_windows(PositionTokenizer(), text, count, seqlen, seed=3)
+    assert windows.shape == (count, seqlen)
+    assert torch.equal(windows - windows[:, :1], torch.arange(seqlen).expand(count, -1))  # contiguous text
+    assert windows.unique().numel() == count * seqlen  # no position in two windows
+    assert torch.equal(windows, calibration.sample_windows(PositionTokenizer(), text, count, seqlen, seed=3))
+    if count * seqlen < tokens:
+        assert not torch.equal(windows, calibration.sample_windows(PositionTokenizer(), text, count, seqlen, seed=4))
+
+
+def test_more_calibration_tokens_than_the_text_holds_are_refused():
+    with pytest.raises(ValueError, match="calibration.windows=26 x calibration.seqlen=40 = 1040 tokens: more than "
+                                         "the calibration text's 1000"):
+        calibration.sample_windows(PositionTokenizer(), " ".join(["w"] * 1000), 26, 40, seed=0)
 
 
 def test_the_ridge_solution_is_the_dense_weight_when_nothing_is_pruned():
@@ -113,9 +140,110 @@ def test_fit_layer_keeps_w_where_refitting_does_not_lower_the_held_out_error():
     assert record["kept"] and wrapper.refit_weight is None
 
 
+def test_fit_layer_chooses_lambda_on_held_out_windows_then_fits_on_all_of_them(monkeypatch):
+    """The final W′, b′ are the ridge solution on the fit and held-out moments together, with λ from
+    the mean diagonal of their Σ p pᵀ; the held-out moments' memory is released before that solve."""
+    wrapper = ActSparseLinear(torch.nn.Linear(4, 3), parse_sparsity("2:4"))
+    mapping, offset = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x = [torch.randn(n, 4, dtype=torch.float64) for n in (60, 20)]
+    fit, held = (Moments(4, 3, True, 0, "cpu") for _ in range(2))
+    for moments, p in zip((fit, held), x):
+        moments.add(p, p @ mapping.T + offset + 0.1 * torch.randn(len(p), 3, dtype=torch.float64))
+    pp, tp = fit.pp + held.pp, fit.tp + held.tp  # kept aside: fit_layer changes the moments in place
+    held_pp, solves = weakref.ref(held.pp), []
+    real = refit_module.ridge_solve
+    monkeypatch.setattr(refit_module, "ridge_solve", lambda *args: solves.append(held_pp() is None) or real(*args))
+    record = fit_layer(wrapper, fit, held, options_of({"ridge": [1e-3]}))
+    assert not record["kept"] and solves == [False, True]  # λ chosen with the held-out moments, then released
+    lam = 1e-3 * pp.diagonal()[:4].mean()
+    start = torch.cat([wrapper.linear.weight.detach().double(), torch.zeros(3, 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.solve(pp + lam * torch.eye(5, dtype=torch.float64), (tp + lam * start).T).T
+    torch.testing.assert_close(wrapper.refit_weight.double(), expected[:, :4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wrapper.refit_bias.double(), wrapper.linear.bias.double() + expected[:, 4],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_each_layers_moments_are_freed_once_it_is_fitted(monkeypatch):
+    """No earlier layer's moments are alive when the next layer is fitted or its moments created."""
+    fitted = []  # weak references to the moments of the layers fitted so far
+    real = refit_module.fit_layer
+
+    def spy(wrapper, fit, held, options):
+        assert all(ref() is None for ref in fitted), "an earlier layer's moments are still held"
+        fitted.extend([weakref.ref(fit), weakref.ref(held)])
+        return real(wrapper, fit, held, options)
+
+    class Tracked(Moments):
+        def __init__(self, *args):
+            assert all(ref() is None for ref in fitted), "moments created while an earlier layer's are held"
+            super().__init__(*args)
+
+    monkeypatch.setattr(refit_module, "fit_layer", spy)
+    monkeypatch.setattr(refit_module, "Moments", Tracked)
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS)
+    assert len(fitted) == 2 * len(report.refit["layers"]) == 2 * 2 * 7
+    assert all(m.moments is None for m in model.modules() if isinstance(m, ActSparseLinear))
+
+
+@pytest.mark.parametrize("stream", ["dense", "sequential"])
+def test_each_stream_fits_a_decoder_layer_on_the_inputs_it_names(stream):
+    """`dense`: layer 1 is fitted on the dense model's inputs; `sequential`: on those of the model
+    whose layer 0 is already pruned and refit (the final model's)."""
+    model = llama()
+    dense = copy.deepcopy(model)
+
+    def layer_inputs(of, when=lambda: True):
+        seen = []
+
+        def record(module, args, kwargs):
+            if when():
+                seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+        handle = of.model.layers[1].register_forward_pre_hook(record, with_kwargs=True)
+        return seen, handle
+
+    fitted, handle = layer_inputs(model, lambda: getattr(model.model.layers[1].self_attn.q_proj, "moments", None) is not None)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "stream": stream}]}, WINDOWS)
+    handle.remove()
+    references = {}
+    for name, of in (("dense", dense), ("sequential", model)):
+        seen, handle = layer_inputs(of)
+        with torch.no_grad():
+            for window in WINDOWS:
+                of(window[None], use_cache=False)
+        handle.remove()
+        references[name] = torch.cat(seen)
+    assert not torch.allclose(references["dense"], references["sequential"], atol=1e-3)  # the streams differ
+    torch.testing.assert_close(torch.cat(fitted), references[stream], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options,words", [
+    ({"ridge": float("inf")}, "refit ridge=inf: allowed values are a positive finite number"),
+    ({"ridge": [0.1, float("nan")]}, "refit ridge=\\[0.1, nan\\]: allowed values are a positive finite number"),
+    ({"ridge": True}, "refit ridge=True: allowed values are a positive finite number"),
+    ({"ridge": "abc"}, "refit ridge='abc': allowed values are a positive finite number"),
+    ({"skip_tokens": 2.5}, "refit skip_tokens=2.5: allowed values are an integer >= 0"),
+    ({"skip_tokens": -1}, "refit skip_tokens=-1: allowed values are an integer >= 0"),
+    ({"intercept": "abc"}, "refit intercept='abc': allowed values are true or false"),
+    ({"holdout": "abc"}, "refit holdout='abc': allowed values are a number between 0 and 1"),
+    ({"holdout": 0}, "refit holdout=0: allowed values are a number between 0 and 1"),
+    ({"min_tokens_per_dim": "abc"}, "refit min_tokens_per_dim='abc': allowed values are a number >= 0"),
+    ({"min_tokens_per_dim": -1}, "refit min_tokens_per_dim=-1: allowed values are a number >= 0"),
+    ({"stream": ["dense"]}, "refit stream=\\['dense'\\]: allowed values are \\['sequential', 'dense'\\]"),
+    ({"skip_tokens": 40, "min_tokens_per_dim": 0}, "refit skip_tokens=40 leaves no token of calibration.seqlen=40 "
+                                                   "to fit: allowed values are skip_tokens < calibration.seqlen"),
+])
+def test_options_refit_would_ignore_are_refused_in_the_plan_and_by_sparsify(options, words):
+    with pytest.raises(ValueError, match=f"pruning.transforms: {words}"):
+        check_tokens(options, 8, 40, [64])
+    with pytest.raises(ValueError, match=words):
+        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]}, WINDOWS)
+
+
 @pytest.mark.parametrize("options,words", [
     ({"lambda": 1}, "refit has no option \\['lambda'\\]"),
-    ({"ridge": -1}, "refit ridge=-1: allowed values are a positive number"),
+    ({"ridge": -1}, "refit ridge=-1: allowed values are a positive finite number"),
     ({"stream": "both"}, "refit stream='both': allowed values are \\['sequential', 'dense'\\]"),
     ({"holdout": 1.5}, "holdout=1.5"),
 ])

@@ -3,11 +3,14 @@
 `pruning.allocation=calibrated` measures, on calibration tokens of the dense model, each pruned
 layer's relative output error ‖y_c − y‖² / ‖y‖² for every choice c in `pruning.allocation_choices`:
 the N of an N:M pattern (same M), or the ratio of a per-token (or thresholded) sparsity. It then
-picks one choice per layer minimising the summed error such that the kept fraction over all pruned
-inputs, Σ in_features · kept(c) / Σ in_features, equals the target's exactly: a knapsack, solved by
-dynamic programming over the layers' widths. For ratios this is TEAL's idea (sparsity where it
-costs least) solved exactly per projection rather than greedily per block. Sensitive layers keep
-more, robust ones less; the sparsity the masks reach is the target's.
+picks one choice per layer minimising the summed error such that the kept fraction by weight size,
+Σ in · out · kept(c) / Σ in · out, equals the target's exactly (what decode reads and prefill
+computes scale with in · out); `pruning.allocation_budget=inputs` weighs by input width alone instead
+(the kept fraction of inputs, as `measured` counts it). A knapsack, solved by dynamic programming
+over the layers' sizes. For ratios this is TEAL's idea (sparsity where it costs least) solved exactly
+per projection rather than greedily per block. Sensitive layers keep more, robust ones less.
+Layers given an N other than the target's run on the N:M decode kernel, not on fixed-pattern (2:4)
+hardware.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from ..walk import feed
 from .learned import bypassed
 
 ALLOCATIONS = ("uniform", "calibrated")
+BUDGETS = ("weights", "inputs")  # what the kept fraction is counted over: in · out, or in
+DECIMALS = 2  # ratios allocated: the knapsack grows tenfold per decimal
 
 
 def default_choices(pattern: Pattern) -> list:
@@ -35,10 +40,12 @@ def default_choices(pattern: Pattern) -> list:
     return sorted({round(pattern.ratio + step / 10, 4) for step in range(-2, 3) if 0 < pattern.ratio + step / 10 < 1})
 
 
-def check(allocation: str, choices: list | None, pattern: Pattern) -> list | None:
+def check(allocation: str, choices: list | None, pattern: Pattern, budget: str = "weights") -> list | None:
     """The choices to pick from, checked; None for a uniform pattern."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"pruning.allocation={allocation!r}: allowed values are {list(ALLOCATIONS)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"pruning.allocation_budget={budget!r}: allowed values are {list(BUDGETS)}")
     if allocation == "uniform":
         return None
     if pattern.is_dense():
@@ -49,9 +56,12 @@ def check(allocation: str, choices: list | None, pattern: Pattern) -> list | Non
             raise ValueError(f"pruning.allocation_choices={choices}: allowed values are integers 1 <= N < {pattern.m} "
                              f"that include the target's N={pattern.n}")
         return [int(n) for n in choices]
-    if pattern.ratio not in choices or not all(0 <= r < 1 for r in choices):
-        raise ValueError(f"pruning.allocation_choices={choices}: allowed values are ratios in [0, 1) that include "
-                         f"the target's {pattern.ratio}")
+    if round(pattern.ratio, DECIMALS) != pattern.ratio:
+        raise ValueError(f"pruning.sparsity={pattern.ratio} with pruning.allocation=calibrated: allowed values are "
+                         f"ratios with at most {DECIMALS} decimals (e.g. {round(pattern.ratio, DECIMALS)})")
+    if pattern.ratio not in choices or not all(0 <= r < 1 and round(r, DECIMALS) == r for r in choices):
+        raise ValueError(f"pruning.allocation_choices={choices}: allowed values are ratios in [0, 1) with at most "
+                         f"{DECIMALS} decimals that include the target's {pattern.ratio}")
     return [float(r) for r in choices]
 
 
@@ -64,6 +74,18 @@ def kept(pattern: Pattern, choice) -> Fraction:
     if pattern.is_nm:
         return Fraction(int(choice), pattern.m)
     return 1 - Fraction(str(choice))
+
+
+def layer_size(layer: nn.Module, budget: str) -> int:
+    """What a layer weighs in the budget: its weight's entries, or its input width."""
+    return layer.in_features * layer.out_features if budget == "weights" else layer.in_features
+
+
+def kept_by_weight(layers: list[nn.Module]) -> float:
+    """The fraction of the layers' weight entries their patterns keep (a threshold's: its target ratio)."""
+    sizes = [layer_size(layer, "weights") for layer in layers]
+    kept_entries = sum(s * (1 - Fraction(str(layer.pattern.target()))) for s, layer in zip(sizes, layers))
+    return float(kept_entries / sum(sizes))
 
 
 @torch.no_grad()
@@ -105,21 +127,26 @@ def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
     return errors
 
 
-def allocate(errors: dict[str, dict], widths: dict[str, int], kept_of, target) -> dict:
-    """One choice per layer minimising the summed error with Σ width · kept(choice) equal to
-    Σ width · kept(target); `kept_of` gives a choice's kept fraction as a Fraction."""
+def allocate(errors: dict[str, dict], weights: dict[str, int], kept_of, target) -> dict:
+    """One choice per layer minimising the summed error with Σ weight · kept(choice) equal to
+    Σ weight · kept(target); `kept_of` gives a choice's kept fraction as a Fraction."""
     names = list(errors)
+    for name in names:
+        broken = [choice for choice, error in errors[name].items() if not math.isfinite(error)]
+        if broken:  # a NaN never compares smaller: the knapsack would silently miss its budget
+            raise FloatingPointError(f"pruning.allocation=calibrated: layer {name} has a non-finite output error "
+                                     f"{errors[name][broken[0]]} for choice {broken[0]} (NaN or inf in the model?)")
     fractions = {choice: kept_of(choice) for name in names for choice in errors[name]} | {target: kept_of(target)}
     scale = math.lcm(*(f.denominator for f in fractions.values()))
-    unit = math.gcd(*widths.values())
-    sizes = [widths[name] // unit for name in names]
+    unit = math.gcd(*weights.values())
+    sizes = [weights[name] // unit for name in names]
     units = {choice: int(f * scale) for choice, f in fractions.items()}
     budget = sum(sizes) * units[target]
     cost = np.full(budget + 1, np.inf)
     cost[0] = 0.0
     picks = []
     for name, size in zip(names, sizes):
-        best, pick = np.full(budget + 1, np.inf), np.full(budget + 1, -1, dtype=np.int64)
+        best, pick = np.full(budget + 1, np.inf), np.full(budget + 1, -1, dtype=np.int16)
         options = list(errors[name].items())
         for index, (choice, error) in enumerate(options):
             shift = size * units[choice]
@@ -136,14 +163,18 @@ def allocate(errors: dict[str, dict], widths: dict[str, int], kept_of, target) -
     return {name: chosen[name] for name in names}
 
 
-def allocate_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, choices: list) -> dict:
+def allocate_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, choices: list,
+              budget: str) -> dict:
     """Give each wrapper its sparsity; what was chosen, and the errors it was chosen from."""
     uniform = next(iter(wrappers.values())).pattern
     errors = layer_errors(model, wrappers, windows, choices)
     target = uniform.n if uniform.is_nm else uniform.ratio
-    chosen = allocate(errors, {name: w.in_features for name, w in wrappers.items()}, lambda c: kept(uniform, c), target)
+    weights = {name: layer_size(w, budget) for name, w in wrappers.items()}
+    chosen = allocate(errors, weights, lambda c: kept(uniform, c), target)
     for name, choice in chosen.items():
         wrappers[name].pattern = with_choice(uniform, choice)
-    return {"kind": "calibrated", "choices": choices,
+    return {"kind": "calibrated", "choices": choices, "budget": budget,
+            # False: some layers have another N than the target's, which fixed-pattern (2:4) hardware cannot run
+            "every_layer_target": all(choice == target for choice in chosen.values()),
             "per_layer": {name: str(with_choice(uniform, choice)) for name, choice in chosen.items()},
             "errors": {name: {str(c): e for c, e in errs.items()} for name, errs in errors.items()}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..files import atomic_write, set_aside
+from ..files import cache_write, set_aside
 from ..walk import LayerInputs
 
 log = logging.getLogger(__name__)
@@ -29,20 +29,57 @@ TRAINING = {"lr": 1e-3, "epochs": 4, "steps": None, "batch_size": 4, "warmup": 1
             "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
 SCHEDULES = ("cosine", "constant")
 OPTIONS = {"forms", "rank", *TRAINING}
+RANK = 8
+
+
+def _integer(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"integers >= {low}"
+
+
+def _number(low: float, strict: bool):
+    def ok(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > low if strict else v >= low)
+
+    return ok, f"numbers {'>' if strict else '>='} {low:g}"
+
+
+CHECKS = {  # option: (test, the allowed values as an error says them)
+    "rank": _integer(1), "epochs": _integer(1), "batch_size": _integer(1), "warmup": _integer(0),
+    "seed": _integer(0), "evals": _integer(1), "patience": _integer(1), "e2e_steps": _integer(0),
+    "e2e_batch_size": _integer(1), "lr": _number(0, True), "e2e_lr": _number(0, True),
+    "grad_clip": _number(0, True), "weight_decay": _number(0, False),
+    "steps": (lambda v: v is None or _integer(1)[0](v), "null (epochs decide) or integers >= 1"),
+}
 
 
 def check_options(options: dict) -> None:
+    """Every option typed and in range, before any model is loaded (the widths: `check_rank`)."""
     unknown = set(options) - OPTIONS
     if unknown:
         raise ValueError(f"pruning.transforms: learnable has no option {sorted(unknown)}: allowed {sorted(OPTIONS)}")
     forms = options.get("forms", FORMS)
-    if not forms or set(forms) - set(FORMS):
-        raise ValueError(f"pruning.transforms: learnable forms={list(forms)}: allowed values are {list(FORMS)}")
+    if not isinstance(forms, (list, tuple)) or not forms or set(forms) - set(FORMS):
+        raise ValueError(f"pruning.transforms: learnable forms={forms!r}: allowed values are lists of {list(FORMS)}")
     if options.get("schedule", "cosine") not in SCHEDULES:
         raise ValueError(f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}")
-    if options.get("evals", 1) < 1 or options.get("patience", 0) < 0 or options.get("e2e_steps", 0) < 0:
-        raise ValueError(f"pruning.transforms: learnable evals={options.get('evals')}, patience={options.get('patience')}, "
-                         f"e2e_steps={options.get('e2e_steps')}: allowed values are evals >= 1, patience >= 0, e2e_steps >= 0")
+    for key, (ok, allowed) in CHECKS.items():
+        if key in options and not ok(options[key]):
+            raise ValueError(f"pruning.transforms: learnable {key}={options[key]!r}: allowed values are {allowed}")
+
+
+def check_rank(transforms: list[tuple[str, dict]], targets: dict[str, nn.Module]) -> None:
+    """Against the targeted layers (a meta skeleton will do): a low-rank term of rank min(in, out) is
+    W itself (initialised from W's SVD), the layer would compute its dense output under a sparse
+    label. Refused from that rank up."""
+    options = next((options for name, options in transforms if name == "learnable"), None)
+    if options is None or "lowrank" not in options.get("forms", FORMS) or not targets:
+        return
+    rank = options.get("rank", RANK)
+    name, layer = min(targets.items(), key=lambda item: min(item[1].weight.shape))
+    if rank >= min(layer.weight.shape):
+        raise ValueError(f"pruning.transforms: learnable rank={rank} reaches the full rank of {name} "
+                         f"(shape {tuple(layer.weight.shape)}), where the correction gives back the dense layer: "
+                         f"allowed values are 1..{min(layer.weight.shape) - 1}")
 
 
 class Correction(nn.Module):
@@ -51,7 +88,7 @@ class Correction(nn.Module):
     the pruned-away part of the input, initialised from W's SVD (as in R-Sparse). At initialisation
     it changes nothing where nothing is pruned."""
 
-    def __init__(self, weight: torch.Tensor, forms=FORMS, rank: int = 8):
+    def __init__(self, weight: torch.Tensor, forms=FORMS, rank: int = RANK):
         super().__init__()
         out_features, in_features = weight.shape
         zeros = lambda n: nn.Parameter(torch.zeros(n, dtype=torch.float32, device=weight.device))  # noqa: E731
@@ -125,6 +162,7 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
                 with torch.no_grad(), autocast:
                     before = float(_mse(walk, index, student, targets, every))
                 best, best_state, waited, stopped = before, [p.detach().clone() for p in params], 0, steps
+                current, diverged = before, False
                 optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
                 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
                 generator = torch.Generator().manual_seed(options["seed"] + index)
@@ -134,28 +172,35 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
                     chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
                     optimizer.zero_grad(set_to_none=True)
                     with autocast:
-                        loss = _mse(walk, index, student, targets, chosen)
+                        loss = _loss_or_nan(lambda: _mse(walk, index, student, targets, chosen))
+                    value = loss.item()
+                    if not math.isfinite(value):  # diverged: the best state is put back below
+                        diverged, stopped = True, step + 1
+                        break
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
                     optimizer.step()
                     schedule.step()
-                    progress.set_postfix(loss=f"{loss.item():.3g}")
+                    progress.set_postfix(loss=f"{value:.3g}")
                     if (step + 1) % every_eval == 0 or step + 1 == steps:  # early stopping on the whole objective
                         with torch.no_grad(), autocast:
-                            current = float(_mse(walk, index, student, targets, every))
+                            current = float(_loss_or_nan(lambda: _mse(walk, index, student, targets, every)))
+                        diverged = not math.isfinite(current)
                         if current < best:
                             best, best_state, waited = current, [p.detach().clone() for p in params], 0
-                        else:
+                        else:  # a NaN too
                             waited += 1
-                            if waited > options["patience"]:
+                            if diverged or waited >= options["patience"]:
                                 stopped = step + 1
                                 break
-                for p in params:
+                for p in params:  # nothing of the training kept on them
                     p.requires_grad_(False)
+                    p.grad = None
                 with torch.no_grad():  # the best state seen, the initial one included: never worse than it
                     for p, value in zip(params, best_state):
                         p.copy_(value)
-                losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped}
+                losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped,
+                                      "diverged": diverged}
             with torch.no_grad(), autocast:
                 student = walk.run(index, student)
             teacher = targets
@@ -163,6 +208,14 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
         for p, flag in frozen.items():
             p.requires_grad_(flag)
     return losses
+
+
+def _loss_or_nan(compute) -> torch.Tensor:
+    """`compute()`, or NaN where the masks refused NaN scores (a score weight that diverged)."""
+    try:
+        return compute()
+    except FloatingPointError:
+        return torch.tensor(math.nan)
 
 
 def rate(step: int, steps: int, options: dict) -> float:
@@ -175,70 +228,133 @@ def rate(step: int, steps: int, options: dict) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
 
 
-def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers) -> torch.Tensor:
+class FrozenMasks:
+    """One batch's masks held fixed while the corrections are tuned on it: the first forward under
+    `held()` computes each wrapper's masks from the current parameters, without gradient, and keeps
+    them; later forwards under `held()` replay them in call order. A step then descends the
+    objective it was computed on (live top-k masks flip downstream with any step), and the score
+    scale, which only moves masks, gets no gradient here."""
+
+    def __init__(self, wrappers):
+        self.wrappers = list(wrappers)
+        self.masks = {wrapper: [] for wrapper in self.wrappers}
+        self.used = {}
+
+    def keep(self, wrapper, x: torch.Tensor, channel_weight: torch.Tensor | None):
+        """`wrapper._keep(x, channel_weight)`, recorded at the first forward, replayed after."""
+        masks, used = self.masks[wrapper], self.used[wrapper]
+        if used == len(masks):
+            with torch.no_grad():
+                masks.append(wrapper._keep(x, channel_weight))
+        self.used[wrapper] = used + 1
+        return masks[used]
+
+    @contextmanager
+    def held(self):
+        self.used = dict.fromkeys(self.wrappers, 0)
+        for wrapper in self.wrappers:
+            wrapper.frozen = self
+        try:
+            yield
+        finally:
+            for wrapper in self.wrappers:
+                wrapper.frozen = None
+
+
+def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers, masks: FrozenMasks | None = None) -> torch.Tensor:
     """KL(dense model ‖ pruned model) of the next-token distributions, mean over the tokens of `chosen`."""
     device = next(model.parameters()).device
     batch = windows[chosen].to(device)
     with torch.no_grad(), bypassed(wrappers):
         teacher = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
-    student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
+    with masks.held() if masks is not None else nullcontext():
+        student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
     return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def _mean_kl(model, windows: torch.Tensor, chosen: list[int], wrappers) -> float:
+    with torch.no_grad():
+        return float(_loss_or_nan(lambda: sum(_kl(model, windows, [w], wrappers) for w in chosen) / len(chosen)))
+
+
+def split_windows(count: int) -> tuple[list[int], list[int]]:
+    """The windows tuned on, and the last quarter held out for the guard (a single window: both)."""
+    if count < 2:
+        return [0], [0]
+    held = max(1, count // 4)
+    return list(range(count - held)), list(range(count - held, count))
 
 
 def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict) -> dict:
     """After the layer-wise fit, all corrections trained together against the dense model's next-token
-    distribution on the calibration windows; kept only where that KL went down."""
+    distribution on the calibration windows, each batch's masks held fixed (`FrozenMasks`); kept
+    only where the KL on the held-out windows went down. A step whose loss is not finite (diverged)
+    ends the tuning, which is then undone."""
     options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
     layers = list(wrappers.values())
     params = [p for w in layers for p in w.correction.parameters()]
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    every = list(range(len(windows)))
-    steps = options["e2e_steps"]
+    tuned, guard = split_windows(len(windows))
+    if tuned == guard:
+        log.warning("end-to-end tuning on one calibration window: its guard measures the window it was tuned on")
+    steps, ran, diverged = options["e2e_steps"], options["e2e_steps"], False
     try:
-        with torch.no_grad():
-            before = float(sum(_kl(model, windows, [w], layers) for w in every) / len(every))
+        before = _mean_kl(model, windows, guard, layers)
         start = [p.detach().clone() for p in params]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=options["e2e_lr"], weight_decay=options["weight_decay"])
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
         generator = torch.Generator().manual_seed(options["seed"])
-        for _ in tqdm(range(steps), desc="end-to-end KL", unit="step"):
-            chosen = torch.randint(len(windows), (min(options["e2e_batch_size"], len(windows)),), generator=generator).tolist()
+        for step in tqdm(range(steps), desc="end-to-end KL", unit="step"):
+            picks = torch.randint(len(tuned), (min(options["e2e_batch_size"], len(tuned)),), generator=generator)
+            chosen = [tuned[i] for i in picks.tolist()]
             optimizer.zero_grad(set_to_none=True)
-            loss = _kl(model, windows, chosen, layers)
+            loss = _loss_or_nan(lambda: _kl(model, windows, chosen, layers, FrozenMasks(layers)))
+            if not math.isfinite(loss.item()):
+                ran, diverged = step + 1, True
+                break
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
             optimizer.step()
             schedule.step()
-        for p in params:
+        for p in params:  # nothing of the training kept on them
             p.requires_grad_(False)
-        with torch.no_grad():
-            after = float(sum(_kl(model, windows, [w], layers) for w in every) / len(every))
-            improved = after < before  # False for a NaN KL too
-            if not improved:  # tuning brought the whole model no closer to the dense one: undone
+            p.grad = None
+        after = math.nan if diverged else _mean_kl(model, windows, guard, layers)
+        improved = after < before  # False for a NaN KL too
+        if not improved:  # tuning brought the whole model no closer to the dense one: undone
+            with torch.no_grad():
                 for p, value in zip(params, start):
                     p.copy_(value)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return {"kl_before": before, "kl_after": after if improved else before, "kl_trained": after, "steps": steps}
+    return {"kl_before": before, "kl_after": after if improved else before, "kl_trained": after, "steps": ran,
+            "diverged": diverged, "guard_windows": guard}
 
 
 def save(wrappers: dict[str, nn.Module], path: Path) -> None:
-    from safetensors.torch import save_file
+    """The corrections, with the cache key they were trained under (the file's name) inside."""
+    from safetensors.torch import save as serialize
 
     tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
                for name, wrapper in wrappers.items() for key, value in wrapper.correction.state_dict().items()}
-    atomic_write(path, lambda staging: save_file(tensors, staging))
+    cache_write(path, lambda file: file.write(serialize(tensors, metadata={"key": path.stem})))
 
 
 def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
-    from safetensors.torch import load_file
+    """The corrections saved at `path`, refused unless saved under its key (a same-shaped file of
+    other settings copied or renamed there would load silently)."""
+    from safetensors import safe_open
 
-    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as file:
+        key = (file.metadata() or {}).get("key")
+        if key != path.stem:
+            raise ValueError(f"the file was saved under key {key!r}, not {path.stem!r}")
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
     states = {}
     for name, wrapper in wrappers.items():  # every layer checked before any is changed
         state = {key.removeprefix(f"{name}."): value for key, value in tensors.items() if key.startswith(f"{name}.")}
@@ -260,7 +376,7 @@ def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
     if path is not None and path.is_file():
         try:
             load_(wrappers, path)
-        except Exception as error:  # truncated or of other layers: set aside, trained again
+        except Exception as error:  # truncated, of other layers or saved under another key: set aside, trained again
             kept = set_aside(path, "corrupt")
             log.warning("%s corrections %s are unreadable (%s: %s): set aside as %s, training again",
                         stage, path, type(error).__name__, error, kept)

@@ -15,10 +15,18 @@ instead, to make up for the error of the layers before it, was tried: SmolLM2 8:
 pruned input, so the sparsity (and the speed) are plain pruning's.
 
 Robustness, because a regression on few tokens overfits: λ is chosen per layer from `ridge`
-(multiples of the mean diagonal of E[p pᵀ]) on held-out calibration windows; a layer whose
-held-out error refitting does not lower keeps W; each window's first `skip_tokens` tokens (the
-attention sinks, whose activations are orders of magnitude larger) are left out of the moments;
-fewer than `min_tokens_per_dim` calibration tokens per input dimension is refused before loading.
+(multiples of the mean diagonal of Σ p pᵀ, the sum over the fit tokens: scale-free) on held-out
+calibration windows, then the layer is fitted on all windows; a layer whose held-out error
+refitting does not lower keeps W; each window's first `skip_tokens` tokens (the attention sinks,
+whose activations are orders of magnitude larger) are left out of the moments; fewer than
+`min_tokens_per_dim` calibration tokens per input dimension is refused before loading.
+
+The held-out windows share no token with the fit windows (calibration windows never overlap), but
+they are not independent of the fit in the sequential stream: they reach layer i through the
+layers before it, whose final fit included them. Layer i's held-out error is that of its own fit.
+
+Memory: a decoder layer's moments at a time, each projection's freed once it is fitted; a solve
+adds a Cholesky factor, (D+1)², and two out × (D+1).
 """
 
 from __future__ import annotations
@@ -38,6 +46,20 @@ MIN_GAIN = 1e-3  # a refit must lower the held-out error by this fraction: not b
 EXACT = 1e-10  # plain pruning's error below this fraction of the targets' energy: exact already
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Per option: whether a value is allowed, and the allowed values in words.
+CHECKS = {
+    "intercept": (lambda v: isinstance(v, bool), "true or false"),
+    "stream": (lambda v: v in STREAMS, str(list(STREAMS))),
+    "skip_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "holdout": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1, both excluded"),
+    "min_tokens_per_dim": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+}
+
+
 def options_of(options: dict) -> dict:
     """`refit`'s options with their defaults, checked; every bad value names the option."""
     unknown = set(options) - set(DEFAULTS)
@@ -45,15 +67,13 @@ def options_of(options: dict) -> dict:
         raise ValueError(f"pruning.transforms: refit has no option {sorted(unknown)}: allowed {sorted(DEFAULTS)}")
     merged = {**DEFAULTS, **options}
     ridge = merged["ridge"]
-    merged["ridge"] = [ridge] if isinstance(ridge, (int, float)) else list(ridge)
-    if not merged["ridge"] or not all(isinstance(r, (int, float)) and r > 0 for r in merged["ridge"]):
-        raise ValueError(f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive number or a list of them")
-    if merged["stream"] not in STREAMS:
-        raise ValueError(f"pruning.transforms: refit stream={merged['stream']!r}: allowed values are {list(STREAMS)}")
-    if not 0 < merged["holdout"] < 1 or merged["skip_tokens"] < 0 or merged["min_tokens_per_dim"] < 0:
-        raise ValueError(f"pruning.transforms: refit holdout={merged['holdout']}, skip_tokens={merged['skip_tokens']}, "
-                         f"min_tokens_per_dim={merged['min_tokens_per_dim']}: allowed values are 0 < holdout < 1, "
-                         f"skip_tokens >= 0, min_tokens_per_dim >= 0")
+    merged["ridge"] = [ridge] if isinstance(ridge, (int, float, str)) else list(ridge)
+    if not merged["ridge"] or not all(_number(r) and r > 0 for r in merged["ridge"]):
+        raise ValueError(f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive finite number "
+                         f"or a list of them")
+    for key, (allowed, words) in CHECKS.items():
+        if not allowed(merged[key]):
+            raise ValueError(f"pruning.transforms: refit {key}={merged[key]!r}: allowed values are {words}")
     return merged
 
 
@@ -66,14 +86,23 @@ def split(count: int, holdout: float) -> tuple[list[int], list[int]]:
     return list(range(count - held)), list(range(count - held, count))
 
 
+def tokens_per_window(options: dict, seqlen: int) -> int:
+    """The tokens of each calibration window that the moments count; none left is refused."""
+    tokens = seqlen - options["skip_tokens"]
+    if tokens < 1:
+        raise ValueError(f"pruning.transforms: refit skip_tokens={options['skip_tokens']} leaves no token of "
+                         f"calibration.seqlen={seqlen} to fit: allowed values are skip_tokens < calibration.seqlen")
+    return tokens
+
+
 def check_tokens(options: dict, windows: int, seqlen: int, widths: list[int]) -> None:
     """Refuse a calibration too small for the widest layer: its regression would fit noise."""
     options = options_of(options)
     fit, _ = split(windows, options["holdout"])
-    tokens = len(fit) * max(0, seqlen - options["skip_tokens"])
+    per_window = tokens_per_window(options, seqlen)
+    tokens = len(fit) * per_window
     needed = options["min_tokens_per_dim"] * (max(widths) + 1)
     if tokens < needed:
-        per_window = max(1, seqlen - options["skip_tokens"])
         raise ValueError(
             f"pruning.transforms: refit fits on {tokens} calibration tokens ({len(fit)} windows of {seqlen}, less "
             f"{options['skip_tokens']} skipped each), fewer than min_tokens_per_dim={options['min_tokens_per_dim']} x "
@@ -99,38 +128,54 @@ class Moments:
         t = t.reshape(-1, t.shape[-1]).double()
         if self.intercept:
             p = torch.cat([p, torch.ones_like(p[:, :1])], 1)
-        self.pp += p.T @ p
-        self.tp += t.T @ p
+        self.pp.addmm_(p.T, p)  # in place: no (D+1)² temporary
+        self.tp.addmm_(t.T, p)
         self.tt += (t * t).sum()
         self.tokens += p.shape[0]
 
-    def merged(self, other: Moments) -> Moments:
-        both = Moments.__new__(Moments)
-        both.intercept, both.skip_tokens = self.intercept, self.skip_tokens
-        both.pp, both.tp, both.tt = self.pp + other.pp, self.tp + other.tp, self.tt + other.tt
-        both.tokens = self.tokens + other.tokens
-        return both
+    def absorb_(self, other: Moments) -> None:
+        """Add `other`'s moments to these in place, and drop its tensors: their memory goes to the solve."""
+        self.pp += other.pp
+        self.tp += other.tp
+        self.tt += other.tt
+        self.tokens += other.tokens
+        other.pp = other.tp = None
 
     def error(self, w: torch.Tensor) -> float:
-        """Mean squared error per token of t ≈ w p̃, from the moments alone."""
-        total = self.tt - 2 * (w * self.tp).sum() + ((w @ self.pp) * w).sum()
-        return float(total) / max(1, self.tokens)
+        """Mean squared error per token of t ≈ w p̃, from the moments alone: Σ‖t‖² + Σ w ∘ (w pp − 2 tp)."""
+        terms = (w @ self.pp).sub_(self.tp, alpha=2).mul_(w)  # one out × (D+1) temporary
+        return float(self.tt + terms.sum()) / max(1, self.tokens)
 
 
 def ridge_solve(moments: Moments, start: torch.Tensor, ridge: float) -> torch.Tensor:
-    """argmin ‖t − w p̃‖² + λ‖w − start‖², λ = ridge × the mean diagonal of Σ p pᵀ."""
-    width = moments.pp.shape[0] - moments.intercept
-    lam = ridge * moments.pp.diagonal()[:width].mean().clamp_min(1e-12)
-    eye = torch.eye(moments.pp.shape[0], dtype=torch.float64, device=moments.pp.device)
-    return torch.linalg.solve(moments.pp + lam * eye, (moments.tp + lam * start).T).T
+    """argmin ‖t − w p̃‖² + λ‖w − start‖², λ = ridge × the mean diagonal of Σ p pᵀ (the sum over the
+    moments' tokens), by Cholesky: λ is added to the diagonal of Σ p̃ p̃ᵀ in place for the factorisation
+    and the diagonal restored; the factor and the solution are the only new matrices."""
+    diagonal = moments.pp.diagonal()
+    width = diagonal.numel() - moments.intercept
+    lam = ridge * float(diagonal[:width].mean().clamp_min(1e-12))
+    saved = diagonal.clone()
+    diagonal += lam
+    try:
+        factor, info = torch.linalg.cholesky_ex(moments.pp)
+    finally:
+        diagonal.copy_(saved)
+    if info.item():
+        raise ValueError(f"pruning.transforms: refit ridge={ridge}: Σ p pᵀ + λI is not positive definite in float64 "
+                         f"(order {int(info)} minor): allowed values are a larger ridge")
+    solution = torch.add(moments.tp, start, alpha=lam).T  # solved in place: cholesky_solve would copy the factor
+    torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
+    torch.linalg.solve_triangular(factor.mT, solution, upper=True, out=solution)
+    return solution.T
 
 
 def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
     """Choose λ on the held-out moments, refit on all of them, set the wrapper's refit weights where
     they lower the held-out error; what was chosen, and the held-out errors."""
-    weight = wrapper.linear.weight.detach().double()
+    weight = wrapper.linear.weight.detach()
     bias = wrapper.linear.bias  # the targets leave it out: it stays, and an intercept adds to it
-    start = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1) if options["intercept"] else weight
+    start = weight.new_zeros(weight.shape[0], weight.shape[1] + options["intercept"], dtype=torch.float64)
+    start[:, : weight.shape[1]] = weight
     if not fit.tokens or not held.tokens:  # the layer never ran its pruned path (nothing pruned, no shift)
         return {"plain": None, "errors": {}, "tokens": 0, "ridge": None, "kept": True}
     plain = held.error(start)
@@ -140,7 +185,8 @@ def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
     exact = plain <= EXACT * float(held.tt) / held.tokens  # nothing pruned: only rounding to fit
     if exact or not errors[ridge] < plain * (1 - MIN_GAIN):
         return {**record, "ridge": None, "kept": True}
-    solved = ridge_solve(fit.merged(held), start, ridge)
+    fit.absorb_(held)  # λ chosen: the layer is fitted on every window
+    solved = ridge_solve(fit, start, ridge)
     new_weight, shift = (solved[:, :-1], solved[:, -1]) if options["intercept"] else (solved, None)
     if shift is not None:
         bias = shift if bias is None else bias.detach().double() + shift
@@ -155,6 +201,7 @@ def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
     options = options_of(options)
     wrappers = {name: w for name, w in wrappers.items() if hasattr(w, "set_refit")}
     fit_windows, held_windows = split(len(windows), options["holdout"])
+    tokens_per_window(options, windows.shape[-1])
     walk = LayerInputs(model, windows)
     hidden = walk.hidden
     layers = {}
@@ -172,8 +219,8 @@ def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
                     walk.call(index, window, hidden[window])
             for w in mine:
                 w.moments = None
-            for name, w in zip(names, mine):
-                layers[name] = fit_layer(w, *moments[name], options)
+            for name, w in zip(names, mine):  # each layer's moments freed once it is fitted
+                layers[name] = fit_layer(w, *moments.pop(name), options)
             if options["stream"] == "dense":
                 with bypassed(mine):
                     hidden = walk.run(index, hidden)

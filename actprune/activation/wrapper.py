@@ -177,6 +177,8 @@ class ActSparseLinear(nn.Module):
         self.recording = None  # a ScoreSample while a threshold is being calibrated
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
         self.bypass = False  # True: the dense output (a learned correction's training target)
+        self.counting = True  # counts zeroed and seen inputs; off on a timed decode path (see `not_counting`)
+        self.frozen = None  # a learned.FrozenMasks: masks held fixed while corrections are tuned end to end
         self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
         self.moments = None  # a refit.Moments while `refit` gathers this layer's (pruned input, target) moments
         weight = linear.weight
@@ -240,7 +242,8 @@ class ActSparseLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen += x.numel()
+        if self.counting:
+            self.seen += x.numel()
         if self.input_scale is not None:
             x = x * self.input_scale
         elif self.rotation is not None:
@@ -265,16 +268,19 @@ class ActSparseLinear(nn.Module):
             channel_weight = scale.to(x.dtype) if channel_weight is None else channel_weight * scale.to(x.dtype)
         y = self._kernel(centred, channel_weight) if self.backend == "kernel" else None
         if y is None:
-            keep, dropped = self._keep(centred, channel_weight)
-            self.zeroed += dropped
-            if scale is not None and torch.is_grad_enabled() and self.threshold is None:  # a gradient for the learned scale
+            frozen = self.frozen
+            keep, dropped = self._keep(centred, channel_weight) if frozen is None else frozen.keep(self, centred, channel_weight)
+            if self.counting:
+                self.zeroed += dropped
+            # a gradient for the learned scale (none while the masks are frozen: it only moves them)
+            if scale is not None and torch.is_grad_enabled() and self.threshold is None and frozen is None:
                 pruned = centred * straight_through(keep, _scores(centred, self.score, channel_weight), self.pattern)
             else:
                 pruned = centred * keep
             if self.variance:
                 ratio = centred.float().var(-1, keepdim=True) / pruned.float().var(-1, keepdim=True).clamp_min(1e-12)
                 pruned = pruned * ratio.sqrt().to(pruned.dtype)
-            y = self._matmul(pruned)
+            y = self._matmul(pruned, source=None if self.variance else (centred, keep))
         back = self.shift_output if self.shift == "static" else None if eta is None else eta * self.weight_rowsum
         if back is not None:
             y = y + back
@@ -307,19 +313,21 @@ class ActSparseLinear(nn.Module):
         if self.threshold is not None:
             y = sparse_linear(flat, self.pruned_weight.t(), threshold=self.threshold, channel_weight=channel_weight,
                               bias=self.pruned_bias, dense_rows=dense_rows)
-            dropped = _scores(flat, self.score, channel_weight) < self.threshold
-            self.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
+            if self.counting:  # the scores again, in torch: only where sparsity is being measured
+                dropped = _scores(flat, self.score, channel_weight) < self.threshold
+                self.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
         else:
             n, m = (self.pattern.n, self.pattern.m) if self.pattern.is_nm else (None, None)
             y = sparse_linear(flat, self.pruned_weight.t(), n=n, m=m, channel_weight=channel_weight,
                               bias=self.pruned_bias, dense_rows=dense_rows)
-            if m:  # exactly n of every m kept: the count needs no look at the mask
+            if m and self.counting:  # exactly n of every m kept: the count needs no look at the mask
                 pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
                 self.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    def _matmul(self, pruned: torch.Tensor) -> torch.Tensor:
-        """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill through semi-structured sparsity."""
+    def _matmul(self, pruned: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
+        """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill through semi-structured sparsity (the
+        operand compressed once for the layers whose `source`, input and mask, is the same)."""
         if self.backend == "kernel" and self.pattern.is_nm and (self.pattern.n, self.pattern.m) == (2, 4) \
                 and self.recording is None:
             from ..kernels.prefill import semi_structured_linear, semi_structured_unavailable
@@ -329,7 +337,7 @@ class ActSparseLinear(nn.Module):
             if self.dense_tokens:
                 reason = "pruning.dense_tokens keeps rows dense, which a 2:4 semi-structured operand cannot hold"
             if reason is None:
-                y = semi_structured_linear(pruned.reshape(rows, -1), self.pruned_weight, self.pruned_bias)
+                y = semi_structured_linear(pruned.reshape(rows, -1), self.pruned_weight, self.pruned_bias, source)
                 return y.reshape(*pruned.shape[:-1], y.shape[-1])
             _fall_back(reason)
         return F.linear(pruned, self.pruned_weight, self.pruned_bias)
@@ -363,6 +371,19 @@ class ActSparseLinear(nn.Module):
         options += ["scaled"] * (self.input_scale is not None) + ["rotated"] * (self.rotation is not None)
         options += [f"backend={self.backend}"] * (self.backend != "emulate")
         return ", ".join([f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options])
+
+
+@contextmanager
+def not_counting(model: nn.Module):
+    """The wrappers of `model` launch no counting work (a few small kernels per call): for timed decoding."""
+    wrappers = [module for module in model.modules() if isinstance(module, ActSparseLinear)]
+    for wrapper in wrappers:
+        wrapper.counting = False
+    try:
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.counting = True
 
 
 @contextmanager

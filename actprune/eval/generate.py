@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import torch
 
-from ..activation.wrapper import ActSparseLinear, unwrapped
+from ..activation.wrapper import ActSparseLinear, not_counting, unwrapped
+from ..files import read_text
 from ..walk import device_of
 from . import Env, Measured, benchmark
 
@@ -64,6 +65,17 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> dict:
             "decode_s": done - first, "decode_steps": new_tokens - 1}
 
 
+def check_baseline_memory(model, free_bytes: int) -> None:
+    """The dense baseline of `backend=kernel` runs on row-major copies of the laid-out weights, all at once
+    (+13 GB for a 7B model in bf16): refuse, before any run, where they would not fit in `free_bytes`."""
+    needed = sum(m.linear.weight.numel() * m.linear.weight.element_size()
+                 for m in model.modules() if isinstance(m, ActSparseLinear) and m.backend == "kernel")
+    if needed > 0.9 * free_bytes:
+        raise MemoryError(f"benchmark.generate: the dense baseline of pruning.backend=kernel needs {needed / 2**30:.2f} "
+                          f"GiB for row-major copies of the pruned weights, {free_bytes / 2**30:.2f} GiB are free: set "
+                          f"benchmark.generate.dense_baseline=false (or measure the dense model in a job of its own)")
+
+
 def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int = 1, dense_baseline: bool = True,
             max_positions: int | None = None) -> dict:
     """Pruned (and dense, interleaved) greedy generation of every prompt, `repeats` timed runs each
@@ -76,6 +88,8 @@ def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int 
                              f"{new_tokens} exceeds the model's context, max_position_embeddings={max_positions}")
     wrapped = any(isinstance(module, ActSparseLinear) for module in model.modules())
     baseline = dense_baseline and wrapped  # without wrappers the model computes what the dense one does
+    if baseline and device.type == "cuda":
+        check_baseline_memory(model, torch.cuda.mem_get_info(device)[0])
     runs = {"pruned": [], "dense": []}
     greedy(model, encoded[0], min(new_tokens, 4))  # warm-up: first calls allocate and compile
     if baseline:
@@ -88,7 +102,8 @@ def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int 
             if kind == "pruned":
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                runs["pruned"].append(greedy(model, ids, new_tokens))
+                with not_counting(model):  # the warm-up counted the sparsity; no extra launches timed
+                    runs["pruned"].append(greedy(model, ids, new_tokens))
                 if device.type == "cuda":
                     peak = max(peak, torch.cuda.max_memory_allocated(device))
             elif baseline:
@@ -140,11 +155,20 @@ class Generate:
         self.options = options
         self.prompts: list[str] = []
 
+    @staticmethod
+    def data_files(options, data_dir: str | None) -> dict[str, Path]:
+        """The local files a job with these options reads (results.inputs digests them)."""
+        prompts_file = options.get("prompts_file")
+        return {"generate_prompts": Path(prompts_file)} if prompts_file and Path(prompts_file).is_file() else {}
+
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.max_new_tokens < 2 or o.repeats < 1:
             raise ValueError(f"benchmark.generate.max_new_tokens={o.max_new_tokens}, repeats={o.repeats}: allowed "
                              f"values are max_new_tokens >= 2 (one decode step at least) and repeats >= 1")
+        if env.max_positions is not None and o.max_new_tokens >= env.max_positions:
+            raise ValueError(f"benchmark.generate.max_new_tokens={o.max_new_tokens}: allowed values are below the "
+                             f"model's context, max_position_embeddings={env.max_positions}, with room for a prompt")
         if o.prompts is not None and o.prompts_file is not None:
             raise ValueError("benchmark.generate: set prompts or prompts_file, not both")
         if o.prompts_file is not None:
@@ -152,7 +176,8 @@ class Generate:
             if not path.is_file():
                 raise FileNotFoundError(f"benchmark.generate.prompts_file={o.prompts_file}: no such file "
                                         f"(one prompt per line; a relative path counts from {Path.cwd()})")
-            self.prompts = [line for line in path.read_text().splitlines() if line.strip()]
+            text = read_text(path, f"benchmark.generate.prompts_file={o.prompts_file}")
+            self.prompts = [line for line in text.splitlines() if line.strip()]
         else:
             self.prompts = list(o.prompts) if o.prompts is not None else list(PROMPTS)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):

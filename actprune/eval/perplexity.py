@@ -116,6 +116,12 @@ class WikiText2Perplexity:
         self.options = options
         self.text = self.source = None
 
+    @staticmethod
+    def data_files(options, data_dir: str | None) -> dict[str, Path]:
+        """The local files a job with these options reads (results.inputs digests them)."""
+        local = Path(data_dir) / WIKITEXT2_TEST if data_dir else None
+        return {"wikitext2_test": local} if local is not None and local.is_file() else {}
+
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.seqlen < 2 or o.batch_size < 1 or (o.max_windows is not None and o.max_windows < 1):

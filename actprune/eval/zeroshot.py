@@ -179,6 +179,12 @@ class LmEval:
         self.options = options
         self.tasks = None
 
+    @staticmethod
+    def data_files(options, data_dir: str | None) -> dict[str, str]:
+        """The local files a job with these options reads (results.inputs digests them)."""
+        return {f"lm_eval/{task}/{split}": path for task in options.get("tasks") or []
+                for split, path in local_rows(data_dir, str(task)).items()}
+
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.batch_size < 1 or o.num_fewshot < 0 or (o.limit is not None and o.limit < 1):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -27,9 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import masks
-from .. import walk as layer_walk
-from ..activation import allocation, learned, recipe, refit, scores, thresholds, transforms, wrapper
+from ..activation import wrapper
 from ..activation.learned import fit_or_load_
 from ..activation.recipe import learnable_options, needed_statistics, refit_options
 from ..activation.allocation import allocate_
@@ -141,7 +138,7 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     choices = check_allocation(plan.config.allocation, plan.config.allocation_choices, plan.pattern)
     if choices is not None and wrapped:
         tic = time.perf_counter()
-        report.allocation = allocate_(model, wrapped, calibration.windows, choices)
+        report.allocation = allocate_(model, wrapped, calibration.windows, choices, plan.config.allocation_budget)
         report.seconds["allocation"] = time.perf_counter() - tic
     if plan.config.selection == "threshold" and wrapped:
         tic = time.perf_counter()
@@ -155,7 +152,7 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
     learn = learnable_options(plan.transforms)
     if learn is not None and wrapped:
         tic = time.perf_counter()
-        parts = {"dtype": str(next(model.parameters()).dtype), "code": code_digest(*TRAINED_ON, sys.modules[__name__])}
+        parts = {"dtype": str(next(model.parameters()).dtype), "code": code_digest(*map(importlib.import_module, TRAINED_ON))}
         # keyed without the end-to-end options: jobs that differ only in those share the layer-wise fit
         path = calibration.cache_file("learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors")
         report.learned = fit_or_load_(model, wrapped, calibration.windows, learn, path)
@@ -168,7 +165,8 @@ def _activation_(method, model, plan, targets, calibration, report) -> dict[str,
 
 # What learned corrections are trained on top of (the masks, scores, transforms, refit, allocation,
 # thresholds, the layer walk, and the order of the steps above): a change in any of them is a new cache key.
-TRAINED_ON = (masks, layer_walk, allocation, learned, recipe, refit, scores, thresholds, transforms, wrapper)
+TRAINED_ON = (__name__, "actprune.masks", "actprune.walk", *(f"actprune.activation.{name}" for name in (
+    "allocation", "learned", "recipe", "refit", "scores", "thresholds", "transforms", "wrapper")))
 
 
 def _layerwise_settings(settings: dict) -> dict:

@@ -134,10 +134,10 @@ class Evaluation:
     seconds: dict = field(default_factory=dict)
 
 
-def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport) -> Evaluation:
-    """Every benchmark on the pruned model; the sparsity the masks reach is counted over them only."""
+def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport, evaluation: Evaluation) -> None:
+    """Every benchmark on the pruned model, into `evaluation` as each one ends (a later one that
+    fails leaves what the earlier ones measured); the sparsity the masks reach is counted over them only."""
     report.reset()
-    evaluation = Evaluation()
     for name, benchmark in job.benchmarks.items():
         tic = time.perf_counter()
         measured = benchmark.run(loaded.model, loaded.tokenizer, job.env)
@@ -146,17 +146,18 @@ def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport) -> Evaluation
         evaluation.metrics.update(measured.metrics)
         if measured.details is not None:
             evaluation.details[name] = measured.details
-    return evaluation
 
 
-def new_record(cfg: DictConfig, name: str, group: str) -> dict:
+def new_record(cfg: DictConfig, name: str, group: str, inputs: dict) -> dict:
+    """A running job's record; its config holds the `inputs` it reads (results.settings), which a
+    later run compares."""
     return {
         "status": "running",
         "results_version": results.VERSION,
         "error": None,
         "job": name,
         "group": group,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": {**OmegaConf.to_container(cfg, resolve=True), "inputs": inputs},
         "metrics": {},
         "sparsity": {},
         "replaced_layers": None,
@@ -184,11 +185,14 @@ def stages(cfg: DictConfig, job_dir: Path, slot: int | None, record: dict) -> No
             record["refit"] = report.refit
         if report.learned is not None:
             record["learned"] = report.learned
-        evaluation = evaluate(job, loaded, report)
-        record["timings"].update(evaluation.seconds)
-        record["metrics"] = evaluation.metrics
-        record.update(evaluation.details)
-        record["sparsity"] = report.summary()
+        evaluation = Evaluation()
+        try:
+            evaluate(job, loaded, report, evaluation)
+        finally:  # a failed job still records what its earlier benchmarks measured
+            record["timings"].update(evaluation.seconds)
+            record["metrics"] = evaluation.metrics
+            record.update(evaluation.details)
+            record["sparsity"] = report.summary()
         report.restore_(loaded.model)
     except BaseException:
         reuse.forget(job.env.model_key)  # a job that failed part way may have left the model altered
@@ -204,20 +208,21 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | N
     `slot` (the job's number in a sweep) picks its GPU when several are visible and `device=auto`.
     """
     with JobLock(job_dir):
+        current = results.settings(cfg)
         try:
-            path = results.claim(job_dir, results.settings(cfg), cfg.get("overwrite", False))
+            path = results.claim(job_dir, current, cfg.get("overwrite", False))
         except results.AlreadyDone as done:
             log.info("Skipping %s: %s", name, done)
             return done.record
         except FileExistsError as error:
-            results.refuse(job_dir, {**new_record(cfg, name, group), "error": f"refused: {error}"})
+            results.refuse(job_dir, {**new_record(cfg, name, group, current["inputs"]), "error": f"refused: {error}"})
             raise
-        return _run(cfg, job_dir, group, name, slot, path)
+        return _run(cfg, job_dir, group, name, slot, path, current["inputs"])
 
 
-def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None, path: Path) -> dict:
+def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None, path: Path, inputs: dict) -> dict:
     started = time.perf_counter()
-    record = new_record(cfg, name, group)
+    record = new_record(cfg, name, group, inputs)
     tracker = None
     try:
         tracker = tracking.Tracker(cfg.logger, job_dir, group=group, name=name, config=record["config"])

@@ -9,16 +9,16 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..files import atomic_write, set_aside
+from ..files import atomic_write, digest, set_aside
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
 REFUSED = "refused.json"  # a later command that this folder's finished job refused (other settings)
-JOBS = "jobs.json"  # in a sweep folder: the job folders of the last command that swept it
 # Raised when a fix changes what earlier records measured (2: threshold sampling, a static shift
-# before a change of basis, each layer's own inputs in layer-by-layer passes): older ok records
-# are run again instead of being resumed as done.
-VERSION = 2
+# before a change of basis, each layer's own inputs in layer-by-layer passes), or what a record
+# must show to be resumed (3: the data and model files it read, `inputs`): older ok records are
+# run again instead of being resumed as done.
+VERSION = 3
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
 
 
@@ -46,11 +46,39 @@ SETTINGS = ("model", "pruning", "benchmark", "calibration", "seed", "device")
 
 
 def settings(cfg) -> dict:
-    """The parts of a job's config that determine its numbers (not where or how it logs)."""
+    """The parts of a job's config that determine its numbers (not where or how it logs), and the
+    `inputs` it reads (a job records them in its config)."""
     from omegaconf import OmegaConf
 
-    return {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-            for key in SETTINGS if key in cfg}
+    found = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+             for key in SETTINGS if key in cfg}
+    return {**found, "inputs": inputs(cfg)}
+
+
+def inputs(cfg) -> dict:
+    """What a job reads, beyond its settings: the sha256 of each local data file (the same rows in
+    another paths.data_dir are the same), the model's files (`model_fingerprint`: their folder, sizes
+    and times) and VERSION. From the config alone, before any model is loaded; a model.path that
+    cannot be resolved is left out (None), and the job's plan fails on it, naming it. Data read from
+    the hub (datasets) are named by the settings only."""
+    from .. import models
+    from ..calibration import CORPORA, model_fingerprint
+    from ..eval import BENCHMARKS
+
+    data_dir = cfg.paths.data_dir
+    files = {}
+    for name, options in cfg.benchmark.items():
+        if options is not None and hasattr(BENCHMARKS.get(name), "data_files"):
+            files.update(BENCHMARKS[name].data_files(options, data_dir))
+    corpus = "wikitext2_validation" if cfg.calibration.corpus == "auto" else cfg.calibration.corpus  # auto, offline
+    local = CORPORA.get(corpus, (None, None))[0]
+    if local and data_dir and (Path(data_dir) / local).is_file():
+        files["calibration"] = Path(data_dir) / local
+    try:
+        model = model_fingerprint(*models.resolve_source(cfg.model))
+    except ValueError:
+        model = None
+    return {"data": {key: digest(path) for key, path in sorted(files.items())}, "model": model, "version": VERSION}
 
 
 def same_settings(recorded: dict, current: dict) -> bool:
@@ -77,9 +105,12 @@ def previous(job_dir: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         return {"status": "failed", "error": f"unreadable {path}: {error}"}
+    if not isinstance(record, dict):
+        return {"status": "failed", "error": f"unreadable {path}: JSON {type(record).__name__}, not an object"}
+    return record
 
 
 class AlreadyDone(Exception):
@@ -115,7 +146,7 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
     record = previous(job_dir)
     found = state(record, current, overwrite)
     if found == "done":
-        (Path(job_dir) / REFUSED).unlink(missing_ok=True)
+        void_refusal(job_dir)
         raise AlreadyDone(path, record)
     if found == "changed":
         recorded = record.get("config") or {}
@@ -124,7 +155,7 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
             f"{path} holds a finished job with other settings ({', '.join(changed)} differ): it is never "
             f"overwritten by accident; set overwrite=true, or choose another hydra.run.dir / hydra.sweep.dir"
         )
-    (Path(job_dir) / REFUSED).unlink(missing_ok=True)  # this command runs here: an older refusal is void
+    void_refusal(job_dir)  # this command runs here: an older refusal is void
     if record is not None:
         set_aside(path, record.get("status", "unknown"))
     return path
@@ -140,16 +171,21 @@ def refuse(job_dir: Path, record: dict) -> None:
     write(Path(job_dir) / REFUSED, {**record, "status": "refused"})
 
 
-def read_jobs(sweep_dir: Path) -> list[tuple[str, dict]] | None:
-    """The last sweep command's jobs and what each left: its record, or a `missing` one (it did
-    not finish: killed, or it failed before it could write) or `busy` (another process runs it).
-    None where no list was written (another sweeper)."""
-    path = Path(sweep_dir) / JOBS
-    if not path.is_file():
-        return None
+def void_refusal(job_dir: Path) -> None:
+    """Remove the refusal left in `job_dir`, if any: only then, since a folder that has none may be
+    read-only (where even a missing file's unlink fails)."""
+    path = Path(job_dir) / REFUSED
+    if path.exists():
+        path.unlink(missing_ok=True)
+
+
+def read_jobs(sweep_dir: Path, subdirs: list[str]) -> list[tuple[str, dict]]:
+    """A sweep command's jobs (their folders within `sweep_dir`) and what each left: its record, or
+    a `missing` one (it did not finish: killed, or it failed before it could write) or `busy`
+    (another process runs it)."""
     found = {job_dir.parent.relative_to(sweep_dir).as_posix(): record for job_dir, record in read_all(sweep_dir)}
     rows = []
-    for subdir in json.loads(path.read_text()):
+    for subdir in subdirs:
         record = found.get(subdir)
         if record is None:
             busy = (Path(sweep_dir) / subdir / ".lock").exists()
@@ -169,8 +205,11 @@ def read_all(folder: Path, refusals: bool = True) -> list[tuple[Path, dict]]:
         paths |= {p.parent: p for p in Path(folder).rglob(REFUSED)}
     for job_dir, path in sorted(paths.items()):
         try:
-            found.append((job_dir / RESULTS, json.loads(path.read_text())))
-        except (OSError, json.JSONDecodeError) as error:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError(f"JSON {type(record).__name__}, not an object")
+            found.append((job_dir / RESULTS, record))
+        except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             log.warning("unreadable %s: %s", path, error)
             found.append((job_dir / RESULTS, {"status": "unreadable", "error": f"unreadable {path}: {error}"}))
     return found

@@ -34,9 +34,13 @@ def transform_names(pruning: dict) -> list[str]:
 
 
 def pattern_label(result: dict, pattern) -> str:
-    """The sparsity as the tables show it: "8:16", or "8:16 mean" where N was chosen per layer."""
+    """The sparsity as the tables show it: "8:16", or "8:16 mean (w 0.500)" where N was chosen per
+    layer, with the fraction of weight entries kept (a mean over inputs may keep more of the weights)."""
     pruning = (result.get("config") or {}).get("pruning") or {}
-    return f"{pattern} mean" if pruning.get("allocation", "uniform") != "uniform" else str(pattern)
+    if pruning.get("allocation", "uniform") == "uniform":
+        return str(pattern)
+    kept = (result.get("sparsity") or {}).get("kept_by_weight")
+    return f"{pattern} mean" if kept is None else f"{pattern} mean (w {kept:.3f})"
 
 
 def label(result: dict, transforms: bool = True) -> str:
@@ -151,7 +155,7 @@ def zeroed_fraction(sparsity: str) -> float:
     if sparsity == "dense":
         return 0.0
     try:
-        return parse_sparsity(sparsity.removesuffix(" mean")).target()
+        return parse_sparsity(sparsity.split(" ")[0]).target()  # "8:16 mean (w 0.500)": the target's
     except ValueError:
         return float("nan")
 

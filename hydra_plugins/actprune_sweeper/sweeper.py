@@ -7,6 +7,10 @@
   different values (activation at 0.2..0.9, weight pruning at 0.25..0.75).
 - The sweep folder is resolved once and pinned for every job, so a folder named from the command
   line is the same for all of them.
+- Jobs that would share a folder (they differ only in overrides left out of folder names, such as
+  `device`) are refused before anything runs.
+- The end-of-sweep callback is handed this command's job folders in-process; a sweep whose jobs
+  are all done writes nothing (its folder may be read-only).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from actprune.run import results
+from actprune.run import callbacks, results
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,8 @@ class ResumingSweeper(BasicSweeper):
         for grid in self.grids:
             lines = [*self._parse_config(), *(f"{key}={value}" for key, value in grid.items()), *arguments]
             for job in self.split_arguments(parser.parse_overrides(lines), None)[0]:
-                if tuple(job) not in seen:
-                    seen.add(tuple(job))
+                if tuple(sorted(job)) not in seen:  # two grids may give one job its overrides in another order
+                    seen.add(tuple(sorted(job)))
                     jobs.append(job)
         return jobs
 
@@ -55,8 +59,6 @@ class ResumingSweeper(BasicSweeper):
         except Exception as error:  # the job itself decides; it reports what it finds
             log.debug("cannot tell whether %s is done: %s", overrides, error)
             return "unknown", None
-        if found == "done":  # this command's job is there: a refusal of another command is void
-            (job_dir / results.REFUSED).unlink(missing_ok=True)
         return found, subdir
 
     def batch_size(self, jobs: int) -> int:
@@ -72,6 +74,10 @@ class ResumingSweeper(BasicSweeper):
         pin = "hydra.sweep.dir='" + sweep_dir.replace("\\", "\\\\").replace("'", "\\'") + "'"
         jobs = [[*job, pin] for job in self.jobs(arguments)]
         states, subdirs = zip(*[self.job_state(job) for job in jobs]) if jobs else ((), ())
+        refuse_shared_folders(sweep_dir, jobs, subdirs)
+        for state, subdir in zip(states, subdirs):
+            if state == "done":  # this command's job is there: a refusal of another command is void
+                results.void_refusal(Path(sweep_dir) / subdir)
         counts = Counter(states)
         todo = [job for job, state in zip(jobs, states) if state != "done"]
         log.info(
@@ -79,10 +85,11 @@ class ResumingSweeper(BasicSweeper):
             "overwrite=true re-runs every job.", sweep_dir, len(jobs), counts["done"],
             "".join(f"; {counts[s]} {s}" for s in ("failed", "missing", "outdated", "changed", "overwrite", "unknown") if counts[s]),
         )
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, Path(sweep_dir) / "multirun.yaml")
-        if None not in subdirs:  # the end of the sweep judges this command's jobs, records or not
-            results.write(Path(sweep_dir) / results.JOBS, sorted(subdirs))
+        # The end of the sweep judges this command's jobs, records or not (all of the folder's where one is unknown).
+        callbacks.SWEEP.start(None if None in subdirs else sorted(subdirs), launched=len(todo))
+        if todo:  # a sweep whose jobs are all done writes nothing: its folder may be read-only
+            Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.config, Path(sweep_dir) / "multirun.yaml")
         size = self.batch_size(len(todo))
         self.overrides = [todo[i:i + size] for i in range(0, len(todo), size)]
         returns, index = [], 0
@@ -92,3 +99,22 @@ class ResumingSweeper(BasicSweeper):
             returns.append(self.launcher.launch(batch, initial_job_idx=index))
             index += len(batch)
         return returns
+
+
+def refuse_shared_folders(sweep_dir: str, jobs: List[List[str]], subdirs: tuple) -> None:
+    """Refuse a sweep two of whose jobs would share a folder, before anything runs: one would
+    resume, overwrite or refuse the other, and the table would count one record twice."""
+    by_folder: Dict[str, List[List[str]]] = {}
+    for job, subdir in zip(jobs, subdirs):
+        if subdir is not None:
+            by_folder.setdefault(subdir, []).append(job)
+    for subdir, group in by_folder.items():
+        if len(group) > 1:
+            differ = sorted({o for job in group for o in job} - set.intersection(*(set(job) for job in group)))
+            key = differ[0].lstrip("+~").partition("=")[0] if differ else "device"
+            raise SystemExit(
+                f"Sweep {sweep_dir}: {len(group)} jobs would share the folder {subdir}: they differ only in "
+                f"{', '.join(differ)}, which job folder names leave out (device, experiment, logger.*, paths.*, "
+                "overwrite, hydra.*). Nothing was run. Sweep them in separate commands, each with its own "
+                "hydra.sweep.dir, or name the job folders by it too: "
+                f"'hydra.sweep.subdir=\"${{actprune_job_name:${{hydra.overrides.task}}}}-{key}=${{{key}}}\"'")
