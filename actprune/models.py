@@ -96,9 +96,13 @@ def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
 
 
 def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
-    """Keyed by the file's location and, for a local file, its size and modification time."""
+    """Keyed by the file's location and, for a local file, its size and modification time, and by the
+    transformers version, whose GGUF reader does the dequantizing."""
+    import transformers
+
     local = Path(path) / gguf_file
     key = f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else f"{path}/{gguf_file}"
+    key += f"|transformers {transformers.__version__}"
     return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 

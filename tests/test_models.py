@@ -79,3 +79,16 @@ def test_an_incomplete_dequantized_model_is_set_aside_and_made_again(tmp_path, c
     assert models.complete(cached) == "model.safetensors: truncated"
     assert models.locate(cfg, str(tmp_path / "cache")) == (str((tmp_path / "m").resolve()), "m.gguf")  # dequantized again
     assert not cached.exists() and "set aside" in caplog.text and str(cached) in caplog.text
+
+
+def test_a_dequantized_model_is_made_again_under_another_transformers(tmp_path, monkeypatch):
+    """transformers' GGUF reader does the dequantizing: a folder another version wrote is not reused."""
+    import transformers
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "m.gguf").write_bytes(b"gguf")
+    folder = lambda: models.gguf_cache_folder(str(tmp_path / "m"), "m.gguf", str(tmp_path / "cache"))  # noqa: E731
+    first = folder()
+    assert folder() == first
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    assert folder() != first
