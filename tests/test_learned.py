@@ -192,7 +192,6 @@ def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dens
     assert all(p.requires_grad for p in model.parameters())
 
 
-
 def test_end_to_end_tuning_that_raises_the_kl_is_undone():
     layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
     wrecked = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 3, "e2e_lr": 1.0}]}

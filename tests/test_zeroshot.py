@@ -130,3 +130,32 @@ def test_few_shot_examples_come_from_another_split_where_there_is_one(tmp_path, 
     tasks, _, fewshot = zeroshot.prepare(options(tasks=["piqa"], num_fewshot=1), str(tmp_path), tmp_path / "work2")
     assert fewshot == {"piqa": "train"} and "the rows it scores" not in caplog.text
     assert len(list(tasks[0].fewshot_docs())) == 4 and tasks[0].config.validation_split == "validation"
+
+
+def test_lm_evals_task_index_is_built_once_per_process(tmp_path, monkeypatch):
+    """Indexing lm_eval's ~14,700 tasks takes about 40 s: once per process, not twice per job. Tasks
+    read from local rows load from their overrides alone."""
+    from lm_eval import tasks as lm_eval_tasks
+
+    built = []
+    real = lm_eval_tasks.TaskManager
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("include_defaults", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", counting)
+    zeroshot.task_index.cache_clear()
+    folder = tmp_path / "lm_eval" / "piqa"
+    folder.mkdir(parents=True)
+    (folder / "validation.jsonl").write_text(json.dumps({"goal": "Start?", "sol1": "Press.", "sol2": "Wait.", "label": 0}) + "\n")
+    arc = tmp_path / "lm_eval" / "arc_easy"
+    arc.mkdir()
+    (arc / "test.jsonl").write_text(json.dumps({"id": "1", "question": "Which?", "answerKey": "A", "choices": {
+        "text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}}) + "\n")
+    for job in range(2):
+        tasks, sources, _ = zeroshot.prepare(options(tasks=["piqa", "arc_easy"]), str(tmp_path), tmp_path / f"work{job}")
+        assert sources == {"piqa": str(folder / "validation.jsonl"), "arc_easy": str(arc / "test.jsonl")}
+        assert {task.config.task for task in tasks} == {"piqa", "arc_easy"}
+        assert [len(list(task.eval_docs)) for task in tasks] == [1, 1]  # the local rows
+    assert built.count(True) == 1

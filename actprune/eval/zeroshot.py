@@ -8,6 +8,7 @@ and only swaps the dataset for those files, so scores equal the built-in task's 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,14 @@ def fewshot_split(splits: dict) -> str | None:
                  if splits.get(key)), None)
 
 
+@functools.cache
+def task_index():
+    """lm_eval's own index of its ~14,700 tasks, built once per process: it takes about 40 s."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, dict]:
     """Build lm_eval's Task objects (data loaded) before any model is: bad names fail here.
 
@@ -66,7 +75,7 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, 
     tasks = list(options.tasks)
     if not tasks:
         raise ValueError("benchmark.lm_eval.tasks is empty: name at least one lm_eval task")
-    manager = TaskManager()
+    manager = task_index()
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         hints = {task: difflib.get_close_matches(task, manager.all_tasks, n=4) for task in unknown}
@@ -110,8 +119,12 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, 
         work_dir.mkdir(parents=True, exist_ok=True)
         for task, override in overrides.items():
             (work_dir / f"{task}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
-        manager = TaskManager(include_path=str(work_dir))  # later paths override lm_eval's own
-    loaded = manager.load_task_or_group(tasks)
+    # Tasks read from local rows are indexed from the overrides alone (each includes lm_eval's own
+    # config by path), not by indexing lm_eval's tasks again; the others load from its index.
+    loaded = manager.load_task_or_group([task for task in tasks if task not in overrides]) if len(overrides) < len(tasks) else {}
+    if overrides:
+        local = TaskManager(include_path=str(work_dir), include_defaults=False)
+        loaded |= local.load_task_or_group(list(overrides))
     return list(loaded.values()), sources, fewshot
 
 
