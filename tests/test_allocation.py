@@ -1,12 +1,12 @@
 """`pruning.allocation=calibrated`: N chosen per projection, the model-wide kept fraction the target's."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
 from actprune import sparsify_
 from actprune.activation import ActSparseLinear
-from fractions import Fraction
-
 from actprune.activation.allocation import allocate, default_choices
 from actprune.masks import parse_sparsity
 from actprune.run import table

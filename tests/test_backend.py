@@ -94,6 +94,7 @@ def test_rows_flagged_dense_keep_every_input(selection):
         kernels.sparse_linear(x, kernels.layout_weight(weight), dense_rows=dense_rows[:2], **selection)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_one_wrapped_layer_matches_the_emulation_in_half_precision(dtype):
     linear = torch.nn.Linear(96, 40, dtype=dtype)

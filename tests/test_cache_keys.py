@@ -5,10 +5,9 @@ import inspect
 import pytest
 import torch
 
-from actprune import sparsify_
+from actprune import masks, sparsify_
 from actprune.activation import allocation, refit, thresholds
 from actprune.calibration import Calibration
-from actprune import masks
 
 from .tiny import llama
 

@@ -24,7 +24,8 @@ from actprune.kernels.prefill import semi_structured_linear, semi_structured_una
 from actprune.masks import topk_keep_mask  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Half precision under the interpreter takes minutes on 2 cores: in `make test`, not `make test-fast`.
+DTYPES = [torch.float32, *(pytest.param(dtype, marks=pytest.mark.slow) for dtype in (torch.float16, torch.bfloat16))]
 PATTERNS = ["2:4", "8:16", "16:32", "threshold", "dense"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative to the output scale
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -18,6 +18,7 @@ from .conftest import SHARED_DATA, needs_shared
 from .helpers import VARIANTS, random_windows
 from .tiny import llama, qwen2
 
+
 def targets_of(model, config):
     return {name: model.get_submodule(name) for name in plan(model, config).targets}
 
@@ -154,7 +155,7 @@ def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
 
 @needs_shared
 def test_calibration_corpora_never_read_the_test_split():
-    test_text = "\n\n".join(__import__("json").loads(l)["text"] for l in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl"))
+    test_text = "\n\n".join(__import__("json").loads(row)["text"] for row in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl"))
     for corpus, expected in (("wikitext2_validation", "wikitext2_validation"), ("c4", "c4"), ("auto", "wikitext2_validation")):
         text, source = calibration.corpus_text(corpus, str(SHARED_DATA))  # auto: the hub is offline here
         assert source == expected and len(text) > 100_000 and text[:5000] not in test_text

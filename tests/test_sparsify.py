@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from actprune import sparsify_
-from actprune.config import PROJECTIONS
 from actprune.activation import ActSparseLinear
+from actprune.config import PROJECTIONS
 from actprune.masks import parse_sparsity
 from actprune.methods import METHODS, activation_method
 

@@ -63,7 +63,7 @@ def test_sparsegpt_reconstructs_the_layer_better_than_magnitude(sparsity):
     from actprune.methods.weight_magnitude import weight_magnitude
     with torch.no_grad():
         weight_magnitude(magnitude, parse_sparsity(sparsity))
-    error = lambda w: ((x @ w.T) - (x @ dense.T)).pow(2).mean().item()
+    error = lambda w: ((x @ w.T) - (x @ dense.T)).pow(2).mean().item()  # noqa: E731
     assert (sparse.weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     assert error(sparse.weight) < error(magnitude.weight)
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.sparse import SparseSemiStructuredTensor, SparseSemiStructuredTensorCUSPARSELT, \
-    SparseSemiStructuredTensorCUTLASS
+from torch.sparse import (
+    SparseSemiStructuredTensor,
+    SparseSemiStructuredTensorCUSPARSELT,
+    SparseSemiStructuredTensorCUTLASS,
+)
 
 DTYPES = (torch.float16, torch.bfloat16)
 

@@ -27,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..activation import wrapper
-from ..activation.learned import fit_or_load_
-from ..activation.recipe import learnable_options, needed_statistics, refit_options
 from ..activation.allocation import allocate_
 from ..activation.allocation import check as check_allocation
+from ..activation.learned import fit_or_load_
+from ..activation.recipe import learnable_options, needed_statistics, refit_options
 from ..activation.refit import refit_
 from ..activation.thresholds import calibrate_thresholds_
 from ..calibration import code_digest
