@@ -69,6 +69,16 @@ def check_settings(count: int, seqlen: int, max_positions: int | None = None) ->
         raise ValueError(f"calibration.seqlen={seqlen} is longer than the model's context, max_position_embeddings={max_positions}")
 
 
+def check_text(text: str, count: int, seqlen: int) -> None:
+    """Before the tokenizer is loaded: a text whose bytes (a token covers one at least; a few special
+    tokens aside) cannot hold `count` non-overlapping windows is refused."""
+    most = len(text.encode("utf-8")) + 2
+    if count * seqlen > most:
+        raise ValueError(f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
+                         f"more than the calibration text can hold (at most {most}), and windows do not overlap: "
+                         f"lower calibration.windows or calibration.seqlen")
+
+
 def window_starts(tokens: int, count: int, seqlen: int, seed: int) -> list[int]:
     """Where `count` windows of `seqlen` tokens start in a text of `tokens` tokens: distinct slots
     `phase + k × seqlen` (phase and slots seeded, in seeded order), so that no two windows share a

@@ -20,6 +20,8 @@ from .helpers import job_config
     (["+benchmark.ppl_wikitext2.windows=3"], ["benchmark.ppl_wikitext2", "windows"]),
     (["benchmark=[lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.num_fewshot=-1"], ["num_fewshot=-1"]),
     (["imports=[no_such_module_here]"], ["imports: cannot import 'no_such_module_here'", "PYTHONPATH"]),
+    (["pruning=weight_wanda", "calibration.windows=40", "calibration.seqlen=1000"],
+     ["calibration.windows=40 x calibration.seqlen=1000", "windows do not overlap"]),
 ])
 def test_bad_settings_fail_in_the_plan(tiny_setup, tmp_path, overrides, words):
     with pytest.raises(ValueError) as error:
@@ -29,7 +31,8 @@ def test_bad_settings_fail_in_the_plan(tiny_setup, tmp_path, overrides, words):
 
 
 def test_a_plan_records_where_its_data_and_model_come_from(tiny_setup, tmp_path):
-    job = plan_job(job_config(tiny_setup, tmp_path, "pruning=weight_wanda", "pruning.sparsity=2:4"), tmp_path / "job")
+    cfg = job_config(tiny_setup, tmp_path, "pruning=weight_wanda", "pruning.sparsity=2:4", "calibration.windows=8")
+    job = plan_job(cfg, tmp_path / "job")
     assert job.record["model"] == "tiny-llama" and job.record["device"] == "cpu" and job.record["dtype"] == "float32"
     assert job.record["data_source"].endswith("test.jsonl") and job.env.max_positions == 1024
     assert job.pruning.needs.windows and job.calibration_text[1] == "wikitext2_validation"

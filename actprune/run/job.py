@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import models, reuse
 from ..activation.recipe import refit_options
 from ..activation.refit import check_tokens
-from ..calibration import Calibration, check_settings, corpus_text, model_fingerprint
+from ..calibration import Calibration, check_settings, check_text, corpus_text, model_fingerprint
 from ..eval import RESERVED, Env, build
 from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
 from . import results, table, tracking
@@ -82,6 +82,7 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
             ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
             lambda: corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")),
         )
+        check_text(text[0], cfg.calibration.windows, cfg.calibration.seqlen)
     model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
     env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key, max_positions)
     record = {}
