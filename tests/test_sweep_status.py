@@ -134,3 +134,16 @@ def test_a_finished_sweep_on_a_read_only_folder_runs_again_and_exits_0(tiny_setu
     assert "the folder is read-only; this command ran no job" in capsys.readouterr().out
     code = in_process(monkeypatch, *args, "overwrite=true")
     assert "the report was not written: OSError" in str(code)
+
+
+def test_a_sweep_says_which_job_it_is_at_and_about_how_long_is_left():
+    from actprune.run.callbacks import Sweep
+
+    sweep = Sweep()
+    sweep.start(["a", "b", "c"], launched=3)
+    sweep.finished = [30.0]
+    assert sweep.progress() == "job 1/3 took 30 s; about 60 s left"
+    sweep.finished = [30.0, 150.0]
+    assert sweep.progress() == "job 2/3 took 2.5 min; about 1.5 min left"
+    sweep.finished = [30.0, 150.0, 60.0]
+    assert sweep.progress() == "job 3/3 took 60 s"

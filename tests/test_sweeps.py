@@ -49,6 +49,8 @@ def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup
     args = [*common(tiny_setup, sweep), "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS]
     first = actprune("-m", *args)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "Sweep: job 1/4" in first.stdout and "Sweep: job 1/4 took" in first.stdout and " left" in first.stdout
+    assert "Sweep: job 4/4 took" in first.stdout
     found = results_in(sweep)
     assert len(found) == 4 and all(r["status"] == "ok" for r in found.values())
     written = {path: path.read_bytes() for path in sweep.rglob("results.json")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -25,14 +26,27 @@ class Sweep:
         self.jobs: list[str] | None = None  # this command's job folders within the sweep folder; None: not told
         self.failure: str | None = None  # why the command exits non-zero; None: it may exit 0
         self.launched = 0  # jobs this command ran (the others were done before)
+        self.finished: list[float] = []  # seconds each job of this command took, in this process
+        self.job_started = 0.0
 
     def start(self, jobs: list[str] | None, launched: int = 0) -> None:
         self.jobs, self.failure, self.launched = jobs, UNJUDGED, launched  # until the callback says otherwise
+        self.finished = []
+
+    def progress(self) -> str:
+        """`job i/N took ...; about ... left`, from the mean time of the jobs done so far."""
+        done, mean = len(self.finished), sum(self.finished) / len(self.finished)
+        left = f"; about {_minutes(mean * (self.launched - done))} left" if done < self.launched else ""
+        return f"job {done}/{self.launched} took {_minutes(self.finished[-1])}{left}"
 
     def verdict(self) -> str | None:
         """Why the command must exit non-zero, or None; once: the next sweep starts afresh."""
         failure, self.failure = self.failure, None
         return failure
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 SWEEP = Sweep()
@@ -43,6 +57,16 @@ class SweepEnd(Callback):
     jobs, print their table, write report.md/report.csv/plots of the sweep folder and log them to
     W&B when on; the command exits non-zero, naming them, when any job of this command is not ok
     (failed, refused, left no record, or runs in another process), or the report cannot be written."""
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if SWEEP.launched:  # jobs in this process (the basic launcher): say where the sweep is
+            SWEEP.job_started = time.perf_counter()
+            print(f"\nSweep: job {len(SWEEP.finished) + 1}/{SWEEP.launched}", flush=True)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if SWEEP.launched and SWEEP.job_started:
+            SWEEP.finished.append(time.perf_counter() - SWEEP.job_started)
+            print(f"Sweep: {SWEEP.progress()}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         reuse.release()
