@@ -57,3 +57,17 @@ def test_a_broken_wikitext_file_is_named_with_its_line(tiny_setup, tmp_path, con
     with pytest.raises(ValueError) as error:
         plan_job(job_config(tiny_setup, tmp_path, f"paths.data_dir={tmp_path / 'data'}"), tmp_path / "job")
     assert str(data / "test.jsonl") in str(error.value) and words in str(error.value)
+
+
+def test_a_model_read_from_its_cache_is_recorded_under_its_own_name(tiny_setup, tmp_path, monkeypatch):
+    """A GGUF model is dequantized into a cache folder (`<file>-<hash>`) by the first job and read from
+    there by the next: both record the model by its own name, so tables and plots show one model."""
+    import shutil
+
+    from actprune import models
+
+    cached = tmp_path / "cache" / "gguf" / "tiny-llama-8cc1ba99b305"
+    shutil.copytree(tiny_setup["model"], cached)
+    monkeypatch.setattr(models, "locate", lambda model_cfg, cache_dir, resolved=None: (str(cached), None))
+    job = plan_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "job")
+    assert job.source == str(cached) and job.record["model"] == "tiny-llama"

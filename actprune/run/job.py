@@ -92,10 +92,15 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
         if taken:
             raise ValueError(f"benchmark {name}: prepare() returned {taken}, keys results.json keeps for itself")
         record.update(prepared)
-    record["model"] = Path(gguf_file).stem if gguf_file else Path(source).name if Path(source).is_dir() else source
+    record["model"] = model_name(*resolved)  # the model's own files: one name whether or not a cache was read
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")
     return JobPlan(device, dtype, source, gguf_file, fingerprint, pruning, benchmarks, env, text, record)
+
+
+def model_name(path: str, gguf_file: str | None) -> str:
+    """A model's name in tables: its GGUF file, its folder, or its hub id."""
+    return Path(gguf_file).stem if gguf_file else Path(path).name if Path(path).is_dir() else path
 
 
 @dataclass
