@@ -140,6 +140,7 @@ def test_only_an_explicit_fallback_measures_other_text_and_says_so(tiny_setup, t
     assert "not WikiText-2" in result["data_source"]
     assert set(result["metrics"]) == {"ppl/python_docs"}
     assert "falls back" in done.stderr + done.stdout and "python_docs" in done.stderr + done.stdout
+    assert "python_docs windows" in done.stderr and "wikitext2 windows" not in done.stderr  # the progress bar too
 
 
 def test_ppl_and_lm_eval_in_one_job_reach_results_and_wandb(tiny_setup, tmp_path):

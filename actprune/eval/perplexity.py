@@ -71,11 +71,12 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int, batch_size: int = 1,
-               max_windows: int | None = None) -> dict:
+               max_windows: int | None = None, name: str = "wikitext2") -> dict:
     """exp(mean next-token negative log-likelihood) over the windows, summed in float64.
 
     The text is tokenized once with the tokenizer's defaults (a BOS at the very start where the
     tokenizer adds one), as in the reference protocol; `text` may be those token ids already.
+    `name` says what the text is, in the progress bar and errors.
     """
     if batch_size < 1:
         raise ValueError(f"benchmark.ppl_wikitext2.batch_size={batch_size}: must be >= 1")
@@ -83,7 +84,7 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int, batch_si
     batches = split_windows(ids, seqlen, max_windows)
     device = next(model.parameters()).device
     window_nll = []  # summed per window, so that two methods can be compared window by window
-    for start in tqdm(range(0, len(batches), batch_size), desc="wikitext2 windows", unit="batch"):
+    for start in tqdm(range(0, len(batches), batch_size), desc=f"{name} windows", unit="batch"):
         batch = batches[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none")
@@ -93,7 +94,7 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int, batch_si
     mean_nll = window_nll.sum().item() / tokens
     ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else math.inf
     if not math.isfinite(ppl):
-        raise FloatingPointError(f"WikiText-2 perplexity is not finite (mean NLL {mean_nll}): the pruned model diverged")
+        raise FloatingPointError(f"{name} perplexity is not finite (mean NLL {mean_nll}): the pruned model diverged")
     return {"ppl": ppl, "windows": len(batches), "tokens": tokens, "mean_nll": mean_nll,
             "window_nll": (window_nll / (seqlen - 1)).tolist()}
 
@@ -141,7 +142,8 @@ class WikiText2Perplexity:
     def run(self, model, tokenizer, env: Env) -> Measured:
         o = self.options
         ids = cached(("ids", env.model_key, env.data_dir, o.fallback_text), lambda: tokenize(tokenizer, self.text))
-        result = perplexity(model, tokenizer, ids, o.seqlen, o.batch_size, o.max_windows)
         # The demo's offline fallback text must never pass for WikiText-2.
-        key = "ppl/python_docs" if self.source == FALLBACK_SOURCE else "ppl/wikitext2"
+        name = FALLBACK if self.source == FALLBACK_SOURCE else "wikitext2"
+        result = perplexity(model, tokenizer, ids, o.seqlen, o.batch_size, o.max_windows, name)
+        key = f"ppl/{name}"
         return Measured({key: result["ppl"]}, {k: result[k] for k in ("windows", "tokens", "mean_nll", "window_nll")})
