@@ -34,7 +34,7 @@ class PruningConfig:
     skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
     backend: str = "emulate"  # emulate (mask, then dense matmul) | kernel (real sparse compute: actprune.kernels)
     allocation: str = "uniform"  # uniform | calibrated (N chosen per projection, the same mean kept fraction)
-    allocation_choices: Optional[List[float]] = None  # N (N:M) or ratios to choose from; null: see README
+    allocation_choices: Optional[List[float]] = None  # N (N:M) or ratios to choose from; null: see docs/methods.md
     allocation_budget: str = "weights"  # the kept fraction held: by weight size (in · out) | inputs (in)
     blocksize: int = 128  # weight_sparsegpt: columns updated together
     percdamp: float = 0.01  # weight_sparsegpt: dampening, a fraction of the mean Hessian diagonal
