@@ -129,3 +129,15 @@ def test_the_speed_plot_goes_to_the_wandb_summary_run(tmp_path):
     written = report.report([tmp_path / "sweep"], tmp_path / "report")
     report.log_to_wandb(written, "sweep", "actprune", None, "offline", tmp_path / "report")
     assert b"summary/speed_plot" in offline_wandb_log(tmp_path / "report")
+
+
+def test_a_tables_job_names_leave_out_what_every_job_shares(tmp_path):
+    """Long shared overrides (model, data, windows) wrapped every line: they are said once, above."""
+    common = "benchmark.ppl_wikitext2.max_windows=24,model.seqlen=512"
+    rows = [(f"{common},pruning.sparsity=2:4,pruning.transforms=[variance,refit]", job(tmp_path, "a", sparsity="2:4")),
+            (f"{common},pruning.sparsity=8:16,pruning.transforms=[variance,refit]", job(tmp_path, "b", sparsity="8:16"))]
+    first, header, _, a, b = table.table(rows).splitlines()
+    assert first == "every job: " + common + ",pruning.transforms=[variance,refit]"
+    assert a.split()[0] == "pruning.sparsity=2:4" and b.split()[0] == "pruning.sparsity=8:16"
+    assert table.overrides_of("a=1,t=[x,{name:y,r:[1,2]}],b=2") == ["a=1", "t=[x,{name:y,r:[1,2]}]", "b=2"]
+    assert "every job" not in table.table(rows[:1])  # one job: its whole name

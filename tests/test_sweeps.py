@@ -284,7 +284,9 @@ def test_a_refused_sweep_says_so_in_its_table_report_and_exit_status(tiny_setup,
     assert actprune("-m", *args).returncode == 0
     other = actprune("-m", *args, "device=cpu")  # the same job folders (device is not in their names), other settings
     assert other.returncode == 1 and "2 of 2 jobs not ok (2 refused)" in other.stderr
-    table = other.stdout[other.stdout.index("\nSweep "):].splitlines()[4:6]  # after the header and its rule
+    lines = other.stdout[other.stdout.index("\nSweep "):].splitlines()
+    rule = next(index for index, line in enumerate(lines) if line.startswith("---"))
+    table = lines[rule + 1:rule + 3]  # after the header and its rule
     assert len(table) == 2 and all("pruning.sparsity=" in line and line.split()[-1] == "refused" for line in table)
     assert (sweep / "report.md").read_text().count("| refused |") == 2
     found = results_in(sweep)

@@ -62,9 +62,33 @@ def label(result: dict, transforms: bool = True) -> str:
     return " ".join(parts)
 
 
+def overrides_of(name: str) -> list[str]:
+    """A job name's overrides: split at the commas between them, not those inside [...] or {...}."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(name):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(name[start:index])
+            start = index + 1
+    return [*parts, name[start:]]
+
+
+def shared_overrides(names: list[str]) -> list[str]:
+    """The overrides every one of several job names has (a table shows them once, above it)."""
+    if len(names) < 2:
+        return []
+    common = set.intersection(*(set(overrides_of(name)) for name in names))
+    return [part for part in overrides_of(names[0]) if part in common]
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
     """A plain-text table of jobs: name, method, sparsity, perplexity (and on which text), decode
-    speed where a job measured it, status."""
+    speed where a job measured it, status. The overrides every job shares are said once, above it,
+    and left out of the names (they would wrap every line)."""
+    shared = shared_overrides([name for name, _ in rows])
+    if shared:
+        rows = [(",".join(part for part in overrides_of(name) if part not in shared) or "-", result)
+                for name, result in rows]
     found = [(name, result, row(result)) for name, result in rows]
     speed = any(cells["decode_tok_s"] is not None or cells["speedup"] is not None for _, _, cells in found)
     header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc",
@@ -88,7 +112,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     rendered.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(rendered)
+    return "\n".join([*(["every job: " + ",".join(shared)] if shared else []), *rendered])
 
 
 def row(result: dict, folder: str | None = None) -> dict:
