@@ -1,6 +1,7 @@
 """Decode speed beside quality: the generate benchmark's columns in the tables and `speed.png`."""
 
 import csv
+import json
 
 from actprune.run import report, results, table
 
@@ -141,3 +142,16 @@ def test_a_tables_job_names_leave_out_what_every_job_shares(tmp_path):
     assert a.split()[0] == "pruning.sparsity=2:4" and b.split()[0] == "pruning.sparsity=8:16"
     assert table.overrides_of("a=1,t=[x,{name:y,r:[1,2]}],b=2") == ["a=1", "t=[x,{name:y,r:[1,2]}]", "b=2"]
     assert "every job" not in table.table(rows[:1])  # one job: its whole name
+
+
+def test_a_failed_job_shows_what_it_was_asked_and_why_it_failed(tmp_path):
+    failed = {"status": "failed", "error": "ValueError: pruning.sparsity='abc': allowed values are ...\ntraceback",
+              "config": {"pruning": {"method": "act_magnitude", "sparsity": "abc"}}, "sparsity": {},
+              "replaced_layers": None, "metrics": {}}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "results.json").write_text(json.dumps(failed))
+    line = table.table([("bad", failed)]).splitlines()[-1]
+    assert line.split()[2] == "abc" and "None" not in line and "?" not in line
+    text = table.markdown(table.rows([tmp_path]))
+    assert "Jobs not ok:" in text and "(failed): ValueError: pruning.sparsity='abc': allowed values are ..." in text
+    assert "traceback" not in text

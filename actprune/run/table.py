@@ -99,14 +99,16 @@ def table(rows: list[tuple[str, dict]]) -> str:
         lines.append((
             name,
             label(result),
-            pattern_label(result, (result.get("sparsity") or {}).get("pattern", "?")),
+            # a job that failed before pruning has no measured pattern: the one it was asked for
+            pattern_label(result, (result.get("sparsity") or {}).get("pattern")
+                          or ((result.get("config") or {}).get("pruning") or {}).get("sparsity", "-")),
             number(cells["perplexity"]),
             cells["text"] or "-",
             number(cells["mean_acc"]),
             *((number(cells["decode_tok_s"], ".1f"), number(cells["speedup"], ".2f"), cells["backend"] or "-")
               if speed else ()),
             number(cells["measured_sparsity"]),
-            str(result.get("replaced_layers", "-")),
+            "-" if result.get("replaced_layers") is None else str(result["replaced_layers"]),
             cells["status"],
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -143,6 +145,7 @@ def row(result: dict, folder: str | None = None) -> dict:
         "replaced_layers": result.get("replaced_layers"),
         "status": result.get("status", "?"),
         "folder": folder,
+        "_error": result.get("error") if result.get("status") != "ok" else None,
         "_model_files": f"{model.get('path')}/{model.get('gguf_file') or ''}",  # told apart from the name alone
         # Where decode speed was measured (the GPU's name where recorded): two devices' speeds differ.
         "_device": generate.get("device_name") or generate.get("device"),
@@ -191,9 +194,15 @@ def _cell(value) -> str:
 
 
 def markdown(table: list[dict]) -> str:
+    """The table, then why each job that is not ok is not (its error, one line)."""
     names = [c for c in columns(table) if c != "folder"]
     lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in names) + " |" for row in table]
+    failed = [row for row in table if row["status"] != "ok"]
+    if failed:
+        lines += ["", "Jobs not ok:", ""]
+        lines += [f"- {row['folder'] or row['method']} ({row['status']}): {(row['_error'] or 'no error recorded').splitlines()[0]}"
+                  for row in failed]
     return "\n".join(lines) + "\n"
 
 
