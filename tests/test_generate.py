@@ -115,7 +115,10 @@ def test_measure_times_pruned_and_dense_and_writes_the_pruned_text(tiny_setup):
     assert result["decode_tokens"] == result["dense"]["decode_tokens"] == 2 * 2 * 4
     assert result["decode_speedup"] == pytest.approx(result["decode_tokens_per_s"] / result["dense"]["decode_tokens_per_s"])
     expected = greedy(model, tokenizer("It retained", return_tensors="pt").input_ids, 5)["tokens"]
-    assert result["samples"][1] == {"prompt": "It retained", "completion": tokenizer.decode(expected, skip_special_tokens=True)}
+    with unwrapped(model):
+        dense = greedy(model, tokenizer("It retained", return_tensors="pt").input_ids, 5)["tokens"]
+    assert result["samples"][1] == {"prompt": "It retained", "completion": tokenizer.decode(expected, skip_special_tokens=True),
+                                    "dense_completion": tokenizer.decode(dense, skip_special_tokens=True)}
     assert any(isinstance(m, ActSparseLinear) for m in model.modules())  # wrapped again after the dense runs
     plain = measure(llama(), tokenizer, ["The game began"], 3)
     assert "dense" not in plain and plain["decode_speedup"] == 1.0 and "no layer is wrapped" in plain["baseline"]
@@ -223,5 +226,8 @@ def test_stories260k_generates_text_and_logs_speed_and_samples_to_wandb(tmp_path
     assert [s["prompt"] for s in samples] == PROMPTS and all(s["completion"].strip() for s in samples)
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     table = json.loads(next(run.rglob("generate/samples*.table.json")).read_text())
-    assert table["columns"] == ["prompt", "completion"] and table["data"] == [[s["prompt"], s["completion"]] for s in samples]
+    assert all(s["dense_completion"].strip() for s in samples)
+    assert any(s["dense_completion"] != s["completion"] for s in samples)  # 2:4 changes the text
+    assert table["columns"] == ["prompt", "completion", "dense_completion"]
+    assert table["data"] == [[s["prompt"], s["completion"], s["dense_completion"]] for s in samples]
     assert b"generate/decode_tokens_per_s" in next(run.glob("*.wandb")).read_bytes()

@@ -110,8 +110,10 @@ def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int 
                 with unwrapped(model):
                     runs["dense"].append(greedy(model, ids, new_tokens))
     result = _summary(runs["pruned"])
-    result["samples"] = [{"prompt": prompt, "completion": tokenizer.decode(run["tokens"], skip_special_tokens=True)}
-                         for prompt, run in zip(prompts, runs["pruned"])]
+    text = lambda run: tokenizer.decode(run["tokens"], skip_special_tokens=True)  # noqa: E731
+    result["samples"] = [{"prompt": prompt, "completion": text(run)} for prompt, run in zip(prompts, runs["pruned"])]
+    for sample, run in zip(result["samples"], runs["dense"]):  # the dense model's text beside, where it ran
+        sample["dense_completion"] = text(run)
     if device.type == "cuda":
         result["peak_memory_mb"] = peak / 2**20
     if baseline:

@@ -65,7 +65,8 @@ class Tracker:
             self.run.log_artifact(artifact)
         samples = (results.get("generate") or {}).get("samples") or []
         if samples:  # what the pruning does to the text, prompt by prompt
-            table = wandb.Table(columns=["prompt", "completion"], data=[[s["prompt"], s["completion"]] for s in samples])
+            table = wandb.Table(columns=["prompt", "completion", "dense_completion"],
+                                data=[[s["prompt"], s["completion"], s.get("dense_completion")] for s in samples])
             self.run.log({"generate/samples": table})
         per_task = (results.get("lm_eval") or {}).get("per_task") or []
         if per_task:
