@@ -78,9 +78,10 @@ def test_dense_scores_equal_lm_eval_run_directly_and_pruned_scores_differ(tmp_pa
 
 
 @needs_shared
-def test_batch_size_is_the_batch_lm_eval_uses_and_scores_do_not_depend_on_it(tmp_path):
+def test_batch_size_is_the_batch_lm_eval_uses_and_scores_do_not_depend_on_it(tmp_path, caplog):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    caplog.set_level("INFO", logger="actprune.eval.zeroshot")
     model = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     sparsify_(model, {"method": "act_magnitude", "sparsity": 0.5})
@@ -95,6 +96,8 @@ def test_batch_size_is_the_batch_lm_eval_uses_and_scores_do_not_depend_on_it(tmp
         assert max(batches) == batch_size and result["details"]["batch_size"] == batch_size
         scores[batch_size] = (result["metrics"]["lm_eval/piqa/acc"], result["metrics"]["lm_eval/piqa/acc_norm"])
     assert scores[1] == scores[5]
+    acc = f"{scores[5][0]:.4f}"  # each task's accuracy is said in the job's log, not only in results.json
+    assert any(r.message.startswith(f"lm_eval piqa: acc {acc} ± ") and r.message.endswith("on 10 rows") for r in caplog.records)
 
 
 def test_unknown_task_names_the_close_matches(tmp_path):

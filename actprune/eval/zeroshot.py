@@ -158,6 +158,9 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
                 metrics[f"lm_eval/{task}/{metric}_stderr"] = row[f"{metric}_stderr"]
         row["samples"] = output.get("n-samples", {}).get(task, {}).get("effective")
         rows.append(row)
+        log.info("lm_eval %s: %s on %s rows", task, ", ".join(
+            f"{metric} {_number(row[metric])} ± {_number(row[f'{metric}_stderr'])}" for metric in ("acc", "acc_norm")
+            if metric in row), row["samples"])
     accuracies = [row["acc"] for row in rows if "acc" in row]
     if accuracies:
         metrics["lm_eval/mean_acc"] = sum(accuracies) / len(accuracies)
@@ -171,6 +174,10 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
         "per_task": rows,
     }
     return {"metrics": metrics, "details": details}
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)  # lm_eval may give "N/A"
 
 
 @dataclass
