@@ -70,10 +70,15 @@ def resolve_path(path: str, gguf_file: str | None = None) -> str:
     return path
 
 
+_SAID: set[tuple[str, str]] = set()
+
+
 def gguf_in(path: str, gguf_file: str | None) -> str | None:
     """The GGUF file to read, or None where `model.path=DIR` points at a Hugging Face folder instead."""
     if gguf_file and os.path.isdir(path) and not (Path(path) / gguf_file).is_file():
-        log.info("model.gguf_file=%s is not in %s: loading that folder as a Hugging Face model", gguf_file, path)
+        if (path, gguf_file) not in _SAID:  # once per process: a sweep resolves it for every job
+            _SAID.add((path, gguf_file))
+            log.info("model.gguf_file=%s is not in %s: loading that folder as a Hugging Face model", gguf_file, path)
         return None
     return gguf_file
 

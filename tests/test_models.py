@@ -92,3 +92,12 @@ def test_a_dequantized_model_is_made_again_under_another_transformers(tmp_path, 
     assert folder() == first
     monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
     assert folder() != first
+
+
+def test_a_folder_without_the_default_gguf_file_is_said_once_per_process(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(models, "_SAID", set())
+    (tmp_path / "hf").mkdir()
+    with caplog.at_level("INFO", logger="actprune.models"):
+        for _ in range(3):  # a sweep resolves the model for every job, and twice per job
+            assert models.gguf_in(str(tmp_path / "hf"), "default.gguf") is None
+    assert caplog.text.count("is not in") == 1
