@@ -72,7 +72,8 @@ def plan(model: nn.Module, config) -> PruningPlan:
                          f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
-    allocation.check(config.allocation, config.allocation_choices, pattern, config.allocation_budget)
+    if method.kind != "dense":  # a sweep may cross the dense model with allocation: nothing to allocate there
+        allocation.check(config.allocation, config.allocation_choices, pattern, config.allocation_budget)
     if config.allocation != "uniform" and method.kind == "weight":  # weight methods would run uniform, unsaid
         supported = sorted(name for name, m in METHODS.items() if m.kind == "activation")
         raise ValueError(f"pruning.allocation={config.allocation} with pruning.method={method.name}: allocation "

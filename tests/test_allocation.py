@@ -151,3 +151,9 @@ def test_bad_allocation_settings_name_the_key_before_loading(config, words):
         skeleton = llama()
     with pytest.raises(ValueError, match=words):
         plan(skeleton, {"method": "act_magnitude", "sparsity": "8:16", **config})
+
+
+def test_a_sweep_may_cross_the_dense_model_with_allocation():
+    assert plan(llama(), {"method": "dense", "sparsity": 0.0, "allocation": "calibrated"}).targets == []
+    with pytest.raises(ValueError, match="pruning.allocation_budget='flops'"):  # checked where it applies
+        plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", "allocation": "calibrated", "allocation_budget": "flops"})
