@@ -4,7 +4,8 @@ from .calibration import Calibration
 from .eval.perplexity import perplexity
 from .masks import Pattern, parse_sparsity, pattern_keep_mask, topk_keep_mask
 from .methods import METHODS, activation_method, weight_method
-from .sparsify import PruningPlan, SparsityReport, plan, sparsify_
+from .planning import PruningPlan, plan
+from .sparsify import SparsityReport, sparsify_
 
 __all__ = [
     "METHODS",

@@ -1,170 +1,32 @@
 """`sparsify_(model, config)`: prune the targeted projections of a model's decoder layers in place.
 
-`plan(model, config)` is the one place a pruning config is checked against a model (a meta-device
-skeleton works, so a job checks before loading any weight); `sparsify_` carries a plan out with the
-method it names, which takes what it needs from a `Calibration`.
+`sparsify_` carries out a plan (`actprune.planning.plan`: the config checked against the model) with
+the pipeline of its method's kind, which takes what it needs from a `Calibration`, and reports
+what was done in a `SparsityReport`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from .activation import allocation
-from .activation.learned import check_rank
-from .activation.scores import get_score
-from .activation.transforms import parse_transforms
-from .activation.wrapper import BACKENDS, ActSparseLinear
+from . import weights
+from .activation import allocation, pipeline
+from .activation.wrapper import ActSparseLinear
 from .calibration import Calibration
-from .config import PruningConfig
-from .masks import Pattern, parse_sparsity
-from .methods import METHODS, Method, Needs, get_method
-from .walk import decoder_layers
+from .masks import Pattern
+from .methods import Pruned
+from .planning import PruningPlan, plan
 
-SELECTIONS = ("topk", "threshold")
-
-
-def pruning_config(config) -> PruningConfig:
-    """Accept a PruningConfig, a dict or a DictConfig; unknown keys and wrong types fail here."""
-    if isinstance(config, PruningConfig):
-        return config
-    merged = OmegaConf.merge(OmegaConf.structured(PruningConfig), config)
-    return OmegaConf.to_object(merged)
-
-
-@dataclass(frozen=True)
-class PruningPlan:
-    """A pruning config checked against a model: the method, pattern, parsed transforms and the
-    qualified names of the layers to prune (and of those `skip_layers` kept dense)."""
-
-    config: PruningConfig
-    method: Method
-    pattern: Pattern
-    transforms: list[tuple[str, dict]]
-    targets: list[str]
-    skipped: list[str]
-
-    @property
-    def needs(self) -> Needs:
-        """What the method reads from calibration; empty where no layer is pruned."""
-        return self.method.needs(self) if self.targets else Needs()
-
-    def settings(self) -> dict:
-        return asdict(self.config)
-
-
-def plan(model: nn.Module, config) -> PruningPlan:
-    """Check `config` against `model`'s decoder layers; every bad value names its key."""
-    config = pruning_config(config)
-    method = get_method(config.method)
-    pattern = parse_sparsity(config.sparsity)
-    get_score(config.score)
-    transforms = parse_transforms(config.transforms)
-    if config.selection not in SELECTIONS:
-        raise ValueError(f"pruning.selection={config.selection!r}: allowed values are {list(SELECTIONS)}")
-    if config.selection == "threshold" and pattern.is_nm:
-        raise ValueError(f"pruning.selection=threshold with pruning.sparsity={pattern}: a calibrated threshold "
-                         f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
-    if config.dense_tokens < 0:
-        raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
-    if method.kind != "dense":  # a sweep may cross the dense model with allocation: nothing to allocate there
-        allocation.check(config.allocation, config.allocation_choices, pattern, config.allocation_budget)
-    if config.allocation != "uniform" and method.kind == "weight":  # weight methods would run uniform, unsaid
-        supported = sorted(name for name, m in METHODS.items() if m.kind == "activation")
-        raise ValueError(f"pruning.allocation={config.allocation} with pruning.method={method.name}: allocation "
-                         f"is for activation methods ({supported}); allowed with weight methods: uniform")
-    if config.backend not in BACKENDS:
-        raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
-    if config.backend == "kernel" and method.kind != "dense":
-        _check_kernel_backend(method, pattern, transforms, config)
-    if config.blocksize < 1 or config.percdamp < 0:
-        raise ValueError(f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
-                         f"values are blocksize >= 1 and percdamp >= 0")
-    prefix, layers = decoder_layers(model)
-    indices = range(len(layers)) if config.layers is None else config.layers
-    for index in indices:
-        if not 0 <= index < len(layers):
-            raise ValueError(f"pruning.layers contains {index}: allowed values are 0..{len(layers) - 1}")
-    available = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})
-    unknown = [name for name in config.target_modules if name not in available]
-    if unknown or not config.target_modules:
-        raise ValueError(
-            f"pruning.target_modules={list(config.target_modules)}: unknown {unknown}; "
-            f"this model's decoder layers have {available}"
-        )
-    targets = {}
-    for index in indices:
-        for name, module in layers[index].named_modules():
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules:
-                targets[f"{prefix}.{index}.{name}"] = module
-    skipped = []
-    for skip in config.skip_layers:
-        matched = [name for name in targets if fnmatch.fnmatch(name, skip)]
-        if not matched:
-            raise ValueError(f"pruning.skip_layers: {skip!r} matches no targeted layer (names look like {next(iter(targets))!r})")
-        for name in matched:
-            skipped.append(name)
-            del targets[name]
-    if method.kind == "dense":  # a sweep may cross dense with sparsities: they do not apply
-        return PruningPlan(config, method, Pattern(ratio=0.0), transforms, [], [])
-    if not targets:
-        raise ValueError(
-            f"pruning.layers={config.layers}, pruning.skip_layers={list(config.skip_layers)}: no layer is left to "
-            f"prune with pruning.method={method.name}; name some layers, or use pruning=dense for the dense model"
-        )
-    check_rank(transforms, targets)
-    if method.layerwise == "hessian" and pattern.is_nm and config.blocksize % pattern.m:
-        raise ValueError(
-            f"pruning.blocksize={config.blocksize} with pruning.sparsity={pattern}: SparseGPT's groups of {pattern.m} "
-            f"would cross its blocks; allowed: a blocksize that is a multiple of {pattern.m}"
-        )
-    if not pattern.is_nm and not pattern.is_dense():
-        too_narrow = {name: m.in_features for name, m in targets.items() if pattern.kept(m.in_features) < 1}
-        if too_narrow:
-            name, width = next(iter(too_narrow.items()))
-            raise ValueError(
-                f"pruning.sparsity={pattern}: would zero every input of {name} (width {width}); "
-                f"allowed: a ratio that keeps at least one entry of every targeted layer"
-            )
-    if pattern.is_nm:
-        uneven = {name: m.in_features for name, m in targets.items() if m.in_features % pattern.m}
-        if uneven:
-            name, width = next(iter(uneven.items()))
-            raise ValueError(
-                f"pruning.sparsity={pattern}: layer {name} has input width {width}, not a multiple of "
-                f"{pattern.m} ({len(uneven)} such layers); choose another M or drop it from "
-                f"pruning.target_modules"
-            )
-    return PruningPlan(config, method, pattern, transforms, list(targets), sorted(skipped))
-
-
-KERNEL_SUPPORT = ("activation methods; N:M patterns with M <= 32 (selection=topk) or a float sparsity with "
-                  "selection=threshold; transforms shift, scaling, hadamard, pca (not variance, learnable)")
-
-
-def _check_kernel_backend(method: Method, pattern: Pattern, transforms: list[tuple[str, dict]], config) -> None:
-    """Refuse, before loading, what `pruning.backend=kernel` has no kernel for."""
-    from .kernels import MAX_GROUP
-
-    problems = []
-    if method.kind != "activation":
-        problems.append(f"pruning.method={method.name} prunes weights (a dense matmul of a sparse W)")
-    elif pattern.is_nm and pattern.m > MAX_GROUP:
-        problems.append(f"pruning.sparsity={pattern} has groups larger than {MAX_GROUP}")
-    elif not pattern.is_nm and not pattern.is_dense() and config.selection != "threshold":
-        problems.append(f"pruning.sparsity={pattern} with selection=topk ranks a whole token")
-    unsupported = [name for name, _ in transforms if name in ("variance", "learnable")]
-    if method.kind == "activation" and unsupported:
-        problems.append(f"pruning.transforms has {unsupported}")
-    if problems:
-        raise ValueError(f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {KERNEL_SUPPORT}; "
-                         f"pruning.backend=emulate runs everything")
-
+# Each kind of method is carried out by its pipeline: `apply_(model, plan, targets, calibration) -> Pruned`.
+PIPELINES = {
+    "activation": pipeline.apply_,
+    "weight": weights.apply_,
+    "dense": lambda model, plan, targets, calibration: Pruned(dict(targets)),
+}
 
 @dataclass
 class SparsityReport:
@@ -287,8 +149,12 @@ def sparsify_(model: nn.Module, config, calibration: Calibration | torch.Tensor 
     if keep_dense:
         report.dense = {name: (linear, linear.weight.detach().to("cpu", copy=True)) for name, linear in targets.items()}
     tic = time.perf_counter()
-    report.layers = method.apply_(model, pruning, targets, calibration, report)
+    done = PIPELINES[method.kind](model, pruning, targets, calibration)
+    report.layers, report.hooks, report.seconds = done.layers, done.hooks, done.seconds
     report.seconds.setdefault("prune", time.perf_counter() - tic)
+    records = done.records
+    report.allocation, report.refit, report.learned = (records.get(key) for key in ("allocation", "refit", "learned"))
+    report.thresholds = records.get("thresholds", {})
     if method.kind == "weight":
         with torch.no_grad():
             report.weight_sparsity = {name: float((linear.weight == 0).sum()) / linear.weight.numel()

@@ -1,13 +1,16 @@
 """Where a model's decoder layers are, and how windows of tokens reach them.
 
-`feed` runs the whole model over windows (hooks see every layer's inputs). `LayerInputs` lets a
-caller go decoder layer by decoder layer, changing each before the next one runs (Wanda,
-SparseGPT, learned corrections): it gives every layer its own true inputs, the hidden states a
-caller chains through plus the attention mask and position embeddings the model's own forward
-hands that layer (they differ between layers in Gemma-3: sliding-window and full attention).
+`feed` runs the whole model over windows (hooks see every layer's inputs). `layer_by_layer` is the
+one sequential loop: it goes decoder layer by decoder layer, letting a caller change each before the
+next one runs (Wanda, SparseGPT, refit, learned corrections). `LayerInputs` gives every layer its
+own true inputs there: the hidden states a caller chains through plus the attention mask and
+position embeddings the model's own forward hands that layer (they differ between layers in
+Gemma-3: sliding-window and full attention).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -118,3 +121,22 @@ class LayerInputs:
     def names(self, index: int, targets) -> list[str]:
         """The names among `targets` that lie in decoder layer `index`."""
         return [name for name in targets if name.startswith(f"{self.prefix}.{index}.")]
+
+
+def layer_by_layer(model: nn.Module, windows: torch.Tensor, targets, visit, desc: str, streams: int = 1,
+                   context: contextlib.AbstractContextManager | None = None) -> None:
+    """Go through the decoder layers in order, each fed the windows as the layers before it, already
+    changed, produce them. `hidden` holds `streams` lists of per-window hidden states (e.g. a
+    corrected sparse stream and the dense one); for each layer holding some of `targets`,
+    `visit(walk, index, names, hidden)` changes those layers and returns the next layer's `hidden`;
+    the other layers run each stream as it is (under `context`, e.g. an autocast). Only one decoder
+    layer's inputs are held at a time."""
+    walk = LayerInputs(model, windows)
+    hidden = [walk.hidden] * streams
+    for index in tqdm(range(len(walk.layers)), desc=desc, unit="layer"):
+        names = walk.names(index, targets)
+        if names:
+            hidden = visit(walk, index, names, hidden)
+        else:
+            with torch.no_grad(), context or contextlib.nullcontext():
+                hidden = [walk.run(index, stream) for stream in hidden]

@@ -9,8 +9,8 @@ from actprune import sparsify_
 from actprune.activation import ActSparseLinear
 from actprune.activation.allocation import allocate, default_choices
 from actprune.masks import parse_sparsity
+from actprune.planning import plan
 from actprune.run import table
-from actprune.sparsify import plan
 
 from .tiny import llama
 

@@ -127,3 +127,40 @@ def test_builtin_methods_are_modules_of_the_methods_package():
     report = sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4"})
     assert all(isinstance(layer, ActSparseLinear) for layer in report.layers.values())
     assert set(report.seconds) == {"prune"} and report.calibration is None
+
+
+def test_a_score_and_a_transform_of_ones_own_take_effect():
+    import torch
+
+    from actprune.activation.scores import SCORES, register_score
+    from actprune.activation.transforms import TRANSFORMS, register_transform
+
+    @register_score("weighted_absmax_test", needs=("absmax",))
+    def absmax_weighted(weight, basis, stats):
+        return weight.norm(dim=0) / basis.row(stats["absmax"]).abs().clamp_min(1e-5)
+
+    @register_transform("sign_flip_test")
+    def sign_flip(basis, weight, stats):
+        basis.then_scale(-torch.ones(weight.shape[1], dtype=weight.dtype))
+        return {}
+
+    try:
+        model, windows = llama(), torch.randint(0, 256, (2, 16))
+        config = {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["down_proj"], "layers": [0],
+                  "score": "weighted_absmax_test", "transforms": ["sign_flip_test"]}
+        assert plan(model, config).needs.statistics == {"absmax"}
+        linear, seen = model.model.layers[0].mlp.down_proj, []
+        hook = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].abs().amax((0, 1))))
+        with torch.no_grad():
+            for window in windows:
+                model(window[None])
+        hook.remove()
+        expected = linear.weight.detach().norm(dim=0) / torch.stack(seen).amax(0).clamp_min(1e-5)
+        [layer] = sparsify_(model, config, windows).layers.values()
+        assert torch.equal(layer.input_scale, -torch.ones_like(layer.input_scale))
+        torch.testing.assert_close(layer.channel_weight, expected)
+        with pytest.raises(ValueError, match=r"pruning.score='nope' is unknown: allowed values are \[.*'weighted_absmax_test'"):
+            plan(model, {**config, "score": "nope"})
+    finally:
+        SCORES.pop("weighted_absmax_test")
+        TRANSFORMS.pop("sign_flip_test")

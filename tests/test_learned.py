@@ -438,3 +438,33 @@ def test_the_last_quarter_of_the_windows_is_held_out_for_the_guard_and_a_lone_wi
     assert learned.split_windows(8) == ([0, 1, 2, 3, 4, 5], [6, 7])
     assert learned.split_windows(2) == ([0], [1])
     assert learned.split_windows(1) == ([0], [0])
+
+
+def test_each_layer_is_trained_towards_the_dense_models_own_output_of_that_layer(monkeypatch):
+    """The teacher stream stays dense through the layers before: its targets at layer i are what the
+    unpruned model computes there, while the student stream runs through the corrected layers."""
+    model = llama()
+    outputs = []  # each decoder layer's output, in the order they run
+    hooks = [layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        for window in BATCHES:
+            model(window[None])
+    for hook in hooks:
+        hook.remove()
+    layers = len(model.model.layers)
+    dense = [outputs[w * layers:(w + 1) * layers] for w in range(len(BATCHES))]
+    seen = {}
+    mse = learned._mse
+
+    def record(walk, index, hidden, targets, windows):
+        seen[index] = (list(hidden), list(targets))
+        return mse(walk, index, hidden, targets, windows)
+
+    monkeypatch.setattr(learned, "_mse", record)
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 2}]}, BATCHES)
+    for index, (student, targets) in seen.items():
+        for window, target in enumerate(targets):
+            torch.testing.assert_close(target, dense[window][index], rtol=1e-4, atol=1e-4)
+    # the second layer's student inputs come from the pruned, corrected first layer, not the dense one
+    assert not torch.allclose(seen[1][0][0], dense[0][0], atol=1e-3)

@@ -11,9 +11,9 @@ from torch import nn
 from actprune import sparsify_
 from actprune.activation import ActSparseLinear
 from actprune.masks import parse_sparsity
-from actprune.methods import LayerInputStatistics as _Inputs
 from actprune.methods.sparsegpt import sparsegpt_
 from actprune.methods.wanda import wanda_
+from actprune.weights import LayerInputStatistics as _Inputs
 
 from .conftest import SHARED_DATA, STORIES, needs_shared
 from .tiny import llama, qwen2

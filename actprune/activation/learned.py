@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..files import cache_write, set_aside
-from ..walk import LayerInputs
+from ..walk import LayerInputs, layer_by_layer
 
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
@@ -145,65 +145,67 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
     for p in model.parameters():
         p.requires_grad_(False)
     losses = {}
-    try:
-        walk = LayerInputs(model, windows)
-        student = teacher = walk.hidden  # the corrected sparse stream, and the dense one
+
+    def visit(walk, index, names, hidden):
+        student, teacher = hidden  # the corrected sparse stream, and the dense one
         count = len(student)
         every = range(count)
         steps = options["steps"] or options["epochs"] * math.ceil(count / options["batch_size"])
-        for index in tqdm(range(len(walk.layers)), desc="training corrections", unit="layer"):
-            mine = [wrappers[name] for name in walk.names(index, wrappers)]
-            with torch.no_grad(), autocast, bypassed(mine):
-                targets = walk.run(index, teacher)
-            params = [p for w in mine for p in w.correction.parameters()]
-            if params:
-                for p in params:
-                    p.requires_grad_(True)
-                with torch.no_grad(), autocast:
-                    before = float(_mse(walk, index, student, targets, every))
-                best, best_state, waited, stopped = before, [p.detach().clone() for p in params], 0, steps
-                current, diverged = before, False
-                optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
-                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
-                generator = torch.Generator().manual_seed(options["seed"] + index)
-                every_eval = max(1, steps // options["evals"])
-                progress = tqdm(range(steps), desc=f"layer {index}", unit="step", leave=False)
-                for step in progress:
-                    chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast:
-                        loss = _loss_or_nan(lambda: _mse(walk, index, student, targets, chosen))
-                    value = loss.item()
-                    if not math.isfinite(value):  # diverged: the best state is put back below
-                        diverged, stopped = True, step + 1
-                        break
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
-                    optimizer.step()
-                    schedule.step()
-                    progress.set_postfix(loss=f"{value:.3g}")
-                    if (step + 1) % every_eval == 0 or step + 1 == steps:  # early stopping on the whole objective
-                        with torch.no_grad(), autocast:
-                            current = float(_loss_or_nan(lambda: _mse(walk, index, student, targets, every)))
-                        diverged = not math.isfinite(current)
-                        if current < best:
-                            best, best_state, waited = current, [p.detach().clone() for p in params], 0
-                        else:  # a NaN too
-                            waited += 1
-                            if diverged or waited >= options["patience"]:
-                                stopped = step + 1
-                                break
-                for p in params:  # nothing of the training kept on them
-                    p.requires_grad_(False)
-                    p.grad = None
-                with torch.no_grad():  # the best state seen, the initial one included: never worse than it
-                    for p, value in zip(params, best_state):
-                        p.copy_(value)
-                losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped,
-                                      "diverged": diverged}
+        mine = [wrappers[name] for name in names]
+        with torch.no_grad(), autocast, bypassed(mine):
+            targets = walk.run(index, teacher)
+        params = [p for w in mine for p in w.correction.parameters()]
+        if params:
+            for p in params:
+                p.requires_grad_(True)
             with torch.no_grad(), autocast:
-                student = walk.run(index, student)
-            teacher = targets
+                before = float(_mse(walk, index, student, targets, every))
+            best, best_state, waited, stopped = before, [p.detach().clone() for p in params], 0, steps
+            current, diverged = before, False
+            optimizer = torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: rate(s, steps, options))
+            generator = torch.Generator().manual_seed(options["seed"] + index)
+            every_eval = max(1, steps // options["evals"])
+            progress = tqdm(range(steps), desc=f"layer {index}", unit="step", leave=False)
+            for step in progress:
+                chosen = torch.randint(count, (min(options["batch_size"], count),), generator=generator).tolist()
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    loss = _loss_or_nan(lambda: _mse(walk, index, student, targets, chosen))
+                value = loss.item()
+                if not math.isfinite(value):  # diverged: the best state is put back below
+                    diverged, stopped = True, step + 1
+                    break
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, options["grad_clip"])
+                optimizer.step()
+                schedule.step()
+                progress.set_postfix(loss=f"{value:.3g}")
+                if (step + 1) % every_eval == 0 or step + 1 == steps:  # early stopping on the whole objective
+                    with torch.no_grad(), autocast:
+                        current = float(_loss_or_nan(lambda: _mse(walk, index, student, targets, every)))
+                    diverged = not math.isfinite(current)
+                    if current < best:
+                        best, best_state, waited = current, [p.detach().clone() for p in params], 0
+                    else:  # a NaN too
+                        waited += 1
+                        if diverged or waited >= options["patience"]:
+                            stopped = step + 1
+                            break
+            for p in params:  # nothing of the training kept on them
+                p.requires_grad_(False)
+                p.grad = None
+            with torch.no_grad():  # the best state seen, the initial one included: never worse than it
+                for p, value in zip(params, best_state):
+                    p.copy_(value)
+            losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped,
+                                  "diverged": diverged}
+        with torch.no_grad(), autocast:
+            student = walk.run(index, student)
+        return [student, targets]
+
+    try:
+        layer_by_layer(model, windows, wrappers, visit, desc="training corrections", streams=2, context=autocast)
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)

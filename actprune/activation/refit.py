@@ -31,12 +31,12 @@ adds a Cholesky factor, (D+1)², and two out × (D+1).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
-from tqdm.auto import tqdm
 
-from ..walk import LayerInputs
+from ..walk import layer_by_layer
 from .learned import bypassed
 
 DEFAULTS = {"ridge": [1e-3, 1e-2, 1e-1, 1.0], "intercept": True, "stream": "sequential", "skip_tokens": 4,
@@ -202,29 +202,26 @@ def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
     wrappers = {name: w for name, w in wrappers.items() if hasattr(w, "set_refit")}
     fit_windows, held_windows = split(len(windows), options["holdout"])
     tokens_per_window(options, windows.shape[-1])
-    walk = LayerInputs(model, windows)
-    hidden = walk.hidden
     layers = {}
-    for index in tqdm(range(len(walk.layers)), desc="refit", unit="layer"):
-        names = walk.names(index, wrappers)
-        if names:
-            mine = [wrappers[name] for name in names]
-            device = mine[0].linear.weight.device
-            moments = {name: [Moments(w.in_features, w.out_features, options["intercept"], options["skip_tokens"], device)
-                              for _ in range(2)] for name, w in zip(names, mine)}
-            for part, chosen in enumerate((fit_windows, held_windows)):
-                for name, w in zip(names, mine):
-                    w.moments = moments[name][part]
-                for window in chosen:
-                    walk.call(index, window, hidden[window])
-            for w in mine:
-                w.moments = None
-            for name, w in zip(names, mine):  # each layer's moments freed once it is fitted
-                layers[name] = fit_layer(w, *moments.pop(name), options)
-            if options["stream"] == "dense":
-                with bypassed(mine):
-                    hidden = walk.run(index, hidden)
-                continue
-        hidden = walk.run(index, hidden)
+
+    def visit(walk, index, names, hidden):
+        [stream] = hidden
+        mine = [wrappers[name] for name in names]
+        device = mine[0].linear.weight.device
+        moments = {name: [Moments(w.in_features, w.out_features, options["intercept"], options["skip_tokens"], device)
+                          for _ in range(2)] for name, w in zip(names, mine)}
+        for part, chosen in enumerate((fit_windows, held_windows)):
+            for name, w in zip(names, mine):
+                w.moments = moments[name][part]
+            for window in chosen:
+                walk.call(index, window, stream[window])
+        for w in mine:
+            w.moments = None
+        for name, w in zip(names, mine):  # each layer's moments freed once it is fitted
+            layers[name] = fit_layer(w, *moments.pop(name), options)
+        with bypassed(mine) if options["stream"] == "dense" else contextlib.nullcontext():
+            return [walk.run(index, stream)]
+
+    layer_by_layer(model, windows, wrappers, visit, desc="refit")
     kept = sum(record["kept"] for record in layers.values())
     return {"options": options, "layers": layers, "refit_layers": len(layers) - kept, "kept_layers": kept}

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import torch
 
+from ..registry import Registry
 from .transforms import Basis, Piece
 
-SCORES: dict[str, Piece] = {}
+SCORES = Registry("pruning.score")
 
 
 def register_score(name: str, needs: tuple = ()):
     def add(build):
-        SCORES[name] = Piece(name, frozenset(needs), build)
+        SCORES.add(name, Piece(name, frozenset(needs), build))
         return build
 
     return add
@@ -44,6 +45,4 @@ def clact_score(weight: torch.Tensor, basis: Basis, stats: dict) -> torch.Tensor
 
 
 def get_score(name: str) -> Piece:
-    if name not in SCORES:
-        raise ValueError(f"pruning.score={name!r} is unknown: allowed values are {sorted(SCORES)}")
     return SCORES[name]

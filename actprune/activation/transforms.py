@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..registry import Registry
 from .learned import check_options
 from .refit import options_of as refit_options
 
@@ -29,13 +30,13 @@ class Piece:
     build: Callable[..., Any]
 
 
-TRANSFORMS: dict[str, Piece] = {}
+TRANSFORMS = Registry("pruning.transforms")
 BASIS_TRANSFORMS = ("scaling", "hadamard", "pca")
 
 
 def register_transform(name: str, needs: tuple = ()):
     def add(build):
-        TRANSFORMS[name] = Piece(name, frozenset(needs), build)
+        TRANSFORMS.add(name, Piece(name, frozenset(needs), build))
         return build
 
     return add
@@ -143,8 +144,7 @@ def parse_transforms(transforms) -> list[tuple[str, dict]]:
     parsed = []
     for item in transforms or []:
         name, options = (item, {}) if isinstance(item, str) else (item.get("name"), {k: v for k, v in item.items() if k != "name"})
-        if name not in TRANSFORMS:
-            raise ValueError(f"pruning.transforms: {name!r} is unknown: allowed values are {sorted(TRANSFORMS)}")
+        TRANSFORMS[name]  # an unknown name fails here, naming those there are
         if name == "shift" and options.get("mode", "median") not in ("median", "mean", "static"):
             raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
         if name == "learnable":

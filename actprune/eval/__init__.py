@@ -19,6 +19,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..registry import Registry
+
 
 @dataclass
 class Env:
@@ -39,7 +41,7 @@ class Measured:
     timings: dict = field(default_factory=dict)  # extra named timings besides the benchmark's own
 
 
-BENCHMARKS: dict[str, type] = {}
+BENCHMARKS = Registry("benchmark")
 # Top-level keys of results.json that a benchmark's name or prepare() record must not take.
 RESERVED = {"status", "results_version", "error", "traceback", "job", "group", "config", "metrics", "sparsity",
             "replaced_layers", "timings", "versions", "host", "model", "device", "dtype", "parameters",
@@ -53,7 +55,7 @@ def benchmark(name: str):
         if name in RESERVED:
             raise ValueError(f"benchmark name {name!r} is a key results.json keeps for itself: choose another")
         cls.name = name
-        BENCHMARKS[name] = cls
+        BENCHMARKS.add(name, cls)
         return cls
 
     return add
@@ -61,8 +63,6 @@ def benchmark(name: str):
 
 def options_of(name: str, options) -> object:
     """`benchmark.<name>` checked against the benchmark's `Options` dataclass."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"benchmark={name!r} is unknown: allowed values are {sorted(BENCHMARKS)}")
     schema = BENCHMARKS[name].Options
     if OmegaConf.is_config(options):
         options = OmegaConf.to_container(options, resolve=True)

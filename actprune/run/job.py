@@ -23,7 +23,8 @@ from ..activation.recipe import refit_options
 from ..activation.refit import check_tokens
 from ..calibration import Calibration, check_settings, check_text, corpus_text, model_fingerprint
 from ..eval import RESERVED, Env, build
-from ..sparsify import PruningPlan, SparsityReport, plan, sparsify_
+from ..planning import PruningPlan, plan
+from ..sparsify import SparsityReport, sparsify_
 from . import results, table, tracking
 from .lock import JobLock
 
