@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass
 from omegaconf import OmegaConf
 from torch import nn
 
+from . import kernels
 from .activation import allocation
 from .activation.learned import check_rank
-from .activation.recipe import learnable_options, needed_statistics, refit_options
+from .activation.recipe import needed_statistics
 from .activation.scores import get_score
-from .activation.transforms import parse_transforms
+from .activation.transforms import Transforms, parse_transforms
 from .activation.wrapper import BACKENDS
 from .config import PruningConfig
-from .kernels import MAX_GROUP
 from .masks import Pattern, parse_sparsity
 from .methods import METHODS, Method, get_method
 from .walk import decoder_layers
@@ -55,7 +55,7 @@ class PruningPlan:
     config: PruningConfig
     method: Method
     pattern: Pattern
-    transforms: list[tuple[str, dict]]
+    transforms: Transforms
     targets: list[str]
     skipped: list[str]
     needs: Needs = Needs()  # what the method reads from calibration; empty where no layer is pruned
@@ -86,8 +86,10 @@ def plan(model: nn.Module, config) -> PruningPlan:
                          f"is for activation methods ({supported}); allowed with weight methods: uniform")
     if config.backend not in BACKENDS:
         raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
-    if config.backend == "kernel" and method.kind != "dense":
-        _check_kernel_backend(method, pattern, transforms, config)
+    problems = kernels.unsupported(method.kind, method.name, pattern, config.selection, transforms.names)
+    if config.backend == "kernel" and method.kind != "dense" and problems:
+        raise ValueError(f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {kernels.SUPPORT}; "
+                         f"pruning.backend=emulate runs everything")
     if config.blocksize < 1 or config.percdamp < 0:
         raise ValueError(f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
                          f"values are blocksize >= 1 and percdamp >= 0")
@@ -123,7 +125,7 @@ def plan(model: nn.Module, config) -> PruningPlan:
             f"pruning.layers={config.layers}, pruning.skip_layers={list(config.skip_layers)}: no layer is left to "
             f"prune with pruning.method={method.name}; name some layers, or use pruning=dense for the dense model"
         )
-    check_rank(transforms, targets)
+    check_rank(transforms.learnable, targets)
     if method.layerwise == "hessian" and pattern.is_nm and config.blocksize % pattern.m:
         raise ValueError(
             f"pruning.blocksize={config.blocksize} with pruning.sparsity={pattern}: SparseGPT's groups of {pattern.m} "
@@ -150,30 +152,9 @@ def plan(model: nn.Module, config) -> PruningPlan:
                        _needs(method, config, pattern, transforms))
 
 
-def _needs(method: Method, config: PruningConfig, pattern: Pattern, transforms: list[tuple[str, dict]]) -> Needs:
+def _needs(method: Method, config: PruningConfig, pattern: Pattern, transforms: Transforms) -> Needs:
     if method.kind == "activation":
-        steps = (config.selection == "threshold" or learnable_options(transforms) is not None
-                 or refit_options(transforms) is not None or config.allocation != "uniform")
+        steps = (config.selection == "threshold" or transforms.learnable is not None
+                 or transforms.refit is not None or config.allocation != "uniform")
         return Needs(frozenset(needed_statistics(config.score, transforms)), steps)
     return Needs(windows=method.layerwise is not None and not pattern.is_dense())
-
-
-KERNEL_SUPPORT = ("activation methods; N:M patterns with M <= 32 (selection=topk) or a float sparsity with "
-                  "selection=threshold; transforms shift, scaling, hadamard, pca (not variance, learnable)")
-
-
-def _check_kernel_backend(method: Method, pattern: Pattern, transforms: list[tuple[str, dict]], config) -> None:
-    """Refuse, before loading, what `pruning.backend=kernel` has no kernel for."""
-    problems = []
-    if method.kind != "activation":
-        problems.append(f"pruning.method={method.name} prunes weights (a dense matmul of a sparse W)")
-    elif pattern.is_nm and pattern.m > MAX_GROUP:
-        problems.append(f"pruning.sparsity={pattern} has groups larger than {MAX_GROUP}")
-    elif not pattern.is_nm and not pattern.is_dense() and config.selection != "threshold":
-        problems.append(f"pruning.sparsity={pattern} with selection=topk ranks a whole token")
-    unsupported = [name for name, _ in transforms if name in ("variance", "learnable")]
-    if method.kind == "activation" and unsupported:
-        problems.append(f"pruning.transforms has {unsupported}")
-    if problems:
-        raise ValueError(f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {KERNEL_SUPPORT}; "
-                         f"pruning.backend=emulate runs everything")

@@ -4,6 +4,8 @@ refused before loading."""
 
 import copy
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +142,19 @@ def test_what_has_no_kernel_is_refused_naming_what_is_supported(config, words):
     with pytest.raises(ValueError, match=words) as error:
         plan(llama(), config)
     if config["backend"] == "kernel":
-        assert "Supported: activation methods; N:M patterns with M <= 32" in str(error.value)
+        assert f"Supported: {kernels.SUPPORT};" in str(error.value)
+
+
+def test_what_the_kernel_backend_supports_is_said_once_and_quoted_by_the_docs_and_every_refusal():
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "speed.md").read_text()
+    assert f"> Supported: {kernels.SUPPORT}\n" in docs
+    for name in kernels.KERNEL_TRANSFORMS:  # each runs: the plan refuses none of them
+        plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel", "transforms": [name]})
+    for name in kernels.EMULATED_TRANSFORMS:
+        with pytest.raises(ValueError, match=f"pruning.transforms has \\['{name}'\\]"):
+            plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel", "transforms": [name]})
+    with pytest.raises(ValueError, match=f"Supported: {re.escape(kernels.SUPPORT)}"):
+        ActSparseLinear(torch.nn.Linear(8, 4), parse_sparsity("2:4"), variance=True, backend="kernel")
 
 
 def test_a_kernel_job_on_a_cpu_without_the_interpreter_fails_before_loading(tiny_setup, tmp_path, monkeypatch):

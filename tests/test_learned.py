@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actprune import calibration, plan, reuse, sparsify_
-from actprune.activation import ActSparseLinear, learned
+from actprune.activation import ActSparseLinear, learned, refit
 from actprune.calibration import Calibration
 from actprune.run import job
 
@@ -252,7 +252,15 @@ def test_good_learnable_options_pass_the_check():
     options = {"forms": ["affine", "lowrank"], "rank": 4, "lr": 1, "epochs": 1, "steps": None, "batch_size": 1,
                "warmup": 0, "grad_clip": 0.5, "weight_decay": 0, "seed": 0, "schedule": "constant", "evals": 1,
                "patience": 1, "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
-    assert plan(meta_llama(), learnable_config(**options)).transforms == [("learnable", options)]
+    assert list(plan(meta_llama(), learnable_config(**options)).transforms) == [("learnable", options)]
+
+
+def test_the_plan_carries_every_learnable_and_refit_option_with_its_default():
+    transforms = plan(meta_llama(), {"method": "act_magnitude", "sparsity": "2:4",
+                                     "transforms": [{"name": "refit", "ridge": 1.0}, {"name": "learnable", "lr": 0.5}]}).transforms
+    assert transforms.names == ["refit", "learnable"]
+    assert transforms.learnable == {"forms": list(learned.FORMS), "rank": learned.RANK, **learned.TRAINING, "lr": 0.5}
+    assert transforms.refit == {**refit.DEFAULTS, "ridge": [1.0]}
 
 
 def test_a_rank_that_reaches_a_layers_full_rank_is_refused_before_loading():

@@ -236,7 +236,7 @@ def test_each_stream_fits_a_decoder_layer_on_the_inputs_it_names(stream):
 ])
 def test_options_refit_would_ignore_are_refused_in_the_plan_and_by_sparsify(options, words):
     with pytest.raises(ValueError, match=f"pruning.transforms: {words}"):
-        check_tokens(options, 8, 40, [64])
+        check_tokens(options_of(options), 8, 40, [64])
     with pytest.raises(ValueError, match=words):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]}, WINDOWS)
 

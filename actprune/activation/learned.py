@@ -52,8 +52,9 @@ CHECKS = {  # option: (test, the allowed values as an error says them)
 }
 
 
-def check_options(options: dict) -> None:
-    """Every option typed and in range, before any model is loaded (the widths: `check_rank`)."""
+def options_of(options: dict) -> dict:
+    """`learnable`'s options with their defaults, every one typed and in range, before any model is
+    loaded (the widths: `check_rank`); every bad value names the option."""
     unknown = set(options) - OPTIONS
     if unknown:
         raise ValueError(f"pruning.transforms: learnable has no option {sorted(unknown)}: allowed {sorted(OPTIONS)}")
@@ -65,16 +66,16 @@ def check_options(options: dict) -> None:
     for key, (ok, allowed) in CHECKS.items():
         if key in options and not ok(options[key]):
             raise ValueError(f"pruning.transforms: learnable {key}={options[key]!r}: allowed values are {allowed}")
+    return {"forms": list(forms), "rank": RANK, **TRAINING, **options}
 
 
-def check_rank(transforms: list[tuple[str, dict]], targets: dict[str, nn.Module]) -> None:
-    """Against the targeted layers (a meta skeleton will do): a low-rank term of rank min(in, out) is
-    W itself (initialised from W's SVD), the layer would compute its dense output under a sparse
-    label. Refused from that rank up."""
-    options = next((options for name, options in transforms if name == "learnable"), None)
-    if options is None or "lowrank" not in options.get("forms", FORMS) or not targets:
+def check_rank(options: dict | None, targets: dict[str, nn.Module]) -> None:
+    """`learnable`'s options (None: no such transform) against the targeted layers (a meta skeleton
+    will do): a low-rank term of rank min(in, out) is W itself (initialised from W's SVD), the layer
+    would compute its dense output under a sparse label. Refused from that rank up."""
+    if options is None or "lowrank" not in options["forms"] or not targets:
         return
-    rank = options.get("rank", RANK)
+    rank = options["rank"]
     name, layer = min(targets.items(), key=lambda item: min(item[1].weight.shape))
     if rank >= min(layer.weight.shape):
         raise ValueError(f"pruning.transforms: learnable rank={rank} reaches the full rank of {name} "
@@ -138,7 +139,6 @@ def _mse(walk: LayerInputs, index: int, hidden: list, targets: list, windows) ->
 def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict) -> dict:
     """Train the corrections of `wrappers` decoder layer by decoder layer; per layer, the MSE against
     the dense layer's output before and after training."""
-    options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     frozen = {p: p.requires_grad for p in model.parameters()}
@@ -292,7 +292,6 @@ def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: 
     distribution on the calibration windows, each batch's masks held fixed (`FrozenMasks`); kept
     only where the KL on the held-out windows went down. A step whose loss is not finite (diverged)
     ends the tuning, which is then undone."""
-    options = {**TRAINING, **{k: v for k, v in options.items() if k in TRAINING}}
     layers = list(wrappers.values())
     params = [p for w in layers for p in w.correction.parameters()]
     frozen = {p: p.requires_grad for p in model.parameters()}

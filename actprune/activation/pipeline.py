@@ -20,7 +20,6 @@ from . import wrapper
 from .allocation import allocate_
 from .allocation import check as check_allocation
 from .learned import fit_or_load_
-from .recipe import learnable_options, refit_options
 from .refit import refit_
 from .thresholds import calibrate_thresholds_
 
@@ -62,11 +61,11 @@ def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], c
     if plan.config.selection == "threshold":
         with _timed(done, "thresholds"):
             done.records["thresholds"] = calibrate_thresholds_(model, wrapped, calibration.windows)
-    refit = refit_options(plan.transforms)
+    refit = plan.transforms.refit
     if refit is not None:
         with _timed(done, "refit"):
             done.records["refit"] = refit_(model, wrapped, calibration.windows, refit)
-    learn = learnable_options(plan.transforms)
+    learn = plan.transforms.learnable
     if learn is not None:
         with _timed(done, "learn"):
             parts = {"dtype": str(next(model.parameters()).dtype), "code": code_digest(*map(importlib.import_module, TRAINED_ON))}

@@ -6,10 +6,10 @@ from torch import nn
 
 from .learned import Correction
 from .scores import get_score
-from .transforms import BASIS_TRANSFORMS, TRANSFORMS, Basis
+from .transforms import BASIS_TRANSFORMS, TRANSFORMS, Basis, Transforms
 
 
-def needed_statistics(score: str, transforms: list[tuple[str, dict]]) -> set[str]:
+def needed_statistics(score: str, transforms: Transforms) -> set[str]:
     """The calibration statistics that the score and the (parsed) transforms read; empty: none."""
     needs = set(get_score(score).needs)
     for name, options in transforms:
@@ -21,17 +21,7 @@ def needed_statistics(score: str, transforms: list[tuple[str, dict]]) -> set[str
     return needs
 
 
-def learnable_options(transforms: list[tuple[str, dict]]) -> dict | None:
-    """The options of the `learnable` transform, None where there is none."""
-    return next((options for name, options in transforms if name == "learnable"), None)
-
-
-def refit_options(transforms: list[tuple[str, dict]]) -> dict | None:
-    """The options of the `refit` transform, None where there is none."""
-    return next((options for name, options in transforms if name == "refit"), None)
-
-
-def wrapper_options(linear: nn.Linear, score: str, transforms: list[tuple[str, dict]], stats: dict | None) -> dict:
+def wrapper_options(linear: nn.Linear, score: str, transforms: Transforms, stats: dict | None) -> dict:
     """Keyword arguments of ActSparseLinear for this layer: score weight, basis, shift, correction."""
     weight = linear.weight.detach().double()
     stats = {k: v.double() if v.is_floating_point() else v for k, v in (stats or {}).items()}

@@ -97,7 +97,6 @@ def tokens_per_window(options: dict, seqlen: int) -> int:
 
 def check_tokens(options: dict, windows: int, seqlen: int, widths: list[int]) -> None:
     """Refuse a calibration too small for the widest layer: its regression would fit noise."""
-    options = options_of(options)
     fit, _ = split(windows, options["holdout"])
     per_window = tokens_per_window(options, seqlen)
     tokens = len(fit) * per_window
@@ -197,8 +196,7 @@ def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
 @torch.no_grad()
 def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
     """Refit the pruned layers among `wrappers` decoder layer by decoder layer; per layer, the
-    held-out error of plain pruning and of the chosen refit."""
-    options = options_of(options)
+    held-out error of plain pruning and of the chosen refit. `options`: `options_of`'s."""
     wrappers = {name: w for name, w in wrappers.items() if hasattr(w, "set_refit")}
     fit_windows, held_windows = split(len(windows), options["holdout"])
     tokens_per_window(options, windows.shape[-1])

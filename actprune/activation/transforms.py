@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ..registry import Registry
-from .learned import check_options
+from .learned import options_of as learnable_options
 from .refit import options_of as refit_options
 
 
@@ -139,24 +139,40 @@ def learnable_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, 
     return {"learn": options}
 
 
-def parse_transforms(transforms) -> list[tuple[str, dict]]:
-    """`[shift, {name: shift, mode: static}, variance]` → [(name, options), ...], checked."""
+class Transforms(tuple):
+    """`pruning.transforms` parsed once: `(name, options)` pairs in their order, every option checked;
+    `refit` and `learnable` carry all their options, defaults filled in (None where not listed)."""
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self]
+
+    @property
+    def refit(self) -> dict | None:
+        return next((options for name, options in self if name == "refit"), None)
+
+    @property
+    def learnable(self) -> dict | None:
+        return next((options for name, options in self if name == "learnable"), None)
+
+
+def parse_transforms(transforms) -> Transforms:
+    """`[shift, {name: shift, mode: static}, variance]` → Transforms([(name, options), ...]), checked."""
     parsed = []
     for item in transforms or []:
         name, options = (item, {}) if isinstance(item, str) else (item.get("name"), {k: v for k, v in item.items() if k != "name"})
         TRANSFORMS[name]  # an unknown name fails here, naming those there are
         if name == "shift" and options.get("mode", "median") not in ("median", "mean", "static"):
             raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
-        if name == "learnable":
-            check_options(options)
-            parsed.append((name, dict(options)))
-            continue
-        if name == "refit":
-            refit_options(options)
-            parsed.append((name, dict(options)))
+        if name in FITTED:
+            parsed.append((name, FITTED[name](options)))
             continue
         allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())
         if set(options) - allowed:
             raise ValueError(f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}")
         parsed.append((name, dict(options)))
-    return parsed
+    return Transforms(parsed)
+
+
+# The transforms fitted after wrapping, and the function that checks their options and fills in the defaults.
+FITTED = {"refit": refit_options, "learnable": learnable_options}

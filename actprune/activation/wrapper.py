@@ -160,8 +160,9 @@ class ActSparseLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"pruning.backend={backend!r}: allowed values are {list(BACKENDS)}")
         if backend == "kernel" and (variance or correction is not None):
-            raise ValueError("pruning.backend=kernel computes N:M or thresholded masks with shifts and changes of "
-                             "basis; not variance or learned corrections")
+            from ..kernels import SUPPORT
+
+            raise ValueError(f"pruning.backend=kernel runs no variance or learned corrections. Supported: {SUPPORT}")
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
         if (shift == "static") != (shift_vector is not None):

@@ -19,6 +19,28 @@ MAX_ROWS = 8
 MAX_GROUP = 32  # the top-n rank is unrolled over a group's members: small groups only
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# What `pruning.backend=kernel` runs, said once: the plan's refusal, the wrapper's and docs/speed.md use it.
+KERNEL_TRANSFORMS = ("shift", "scaling", "hadamard", "pca", "refit")  # in torch around the kernel, or folded into W
+EMULATED_TRANSFORMS = ("variance", "learnable")  # per-token work that no kernel fuses
+SUPPORT = (f"activation methods; N:M patterns with M <= {MAX_GROUP} (selection=topk) or a float sparsity with "
+           f"selection=threshold; transforms {', '.join(KERNEL_TRANSFORMS)} (not {', '.join(EMULATED_TRANSFORMS)})")
+
+
+def unsupported(kind: str, method: str, pattern, selection: str, transforms: list[str]) -> list[str]:
+    """What of a pruning setting (method kind and name, Pattern, selection, transform names) no kernel
+    runs, in words; empty where the kernel backend runs all of it."""
+    if kind != "activation":
+        return [f"pruning.method={method} prunes weights (a dense matmul of a sparse W)"]
+    problems = []
+    if pattern.is_nm and pattern.m > MAX_GROUP:
+        problems.append(f"pruning.sparsity={pattern} has groups larger than {MAX_GROUP}")
+    elif not pattern.is_nm and not pattern.is_dense() and selection != "threshold":
+        problems.append(f"pruning.sparsity={pattern} with selection=topk ranks a whole token")
+    emulated = [name for name in transforms if name in EMULATED_TRANSFORMS]
+    if emulated:
+        problems.append(f"pruning.transforms has {emulated}")
+    return problems
+
 
 def decode_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     """None where the decode kernels can run on `device` for `dtype`, else why not, in one line."""

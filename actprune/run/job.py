@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import models, reuse
-from ..activation.recipe import refit_options
 from ..activation.refit import check_tokens
 from ..calibration import Calibration, check_settings, check_text, corpus_text, model_fingerprint
 from ..eval import RESERVED, Env, build
@@ -75,7 +74,7 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     text = None
     if pruning.needs:
         check_settings(cfg.calibration.windows, cfg.calibration.seqlen, max_positions)
-        refit = refit_options(pruning.transforms)
+        refit = pruning.transforms.refit
         if refit is not None and pruning.targets:
             widths = [skeleton.get_submodule(name).in_features for name in pruning.targets]
             check_tokens(refit, cfg.calibration.windows, cfg.calibration.seqlen, widths)
