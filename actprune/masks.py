@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Score = Callable[[torch.Tensor], torch.Tensor]
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -90,6 +93,15 @@ def topk_keep_mask(scores: torch.Tensor, n: int, m: int, resolve_ties: bool | No
             raise FloatingPointError(f"NaN scores: a group keeps fewer than {n} of {m} entries (a NaN in a pruned "
                                      f"layer's input or in its score weights)")
     return keep.flatten(-2)
+
+
+def magnitude(x: torch.Tensor) -> torch.Tensor:
+    return x.abs()
+
+
+def weighted_scores(x: torch.Tensor, score: Score, channel_weight: torch.Tensor | None) -> torch.Tensor:
+    """What a mask of `x` ranks: `score(x)`, times the per-channel weight where there is one."""
+    return score(x) if channel_weight is None else score(x) * channel_weight
 
 
 def pattern_keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:

@@ -71,8 +71,7 @@ class SparsityReport:
         """Forget what the layers counted so far (e.g. before the benchmark that should be measured)."""
         for layer in self.layers.values():
             if isinstance(layer, ActSparseLinear):
-                layer.zeroed.zero_()
-                layer.seen.zero_()
+                layer.reset_counts()
 
     def summary(self) -> dict:
         per_layer, zeroed, seen = {}, 0, 0

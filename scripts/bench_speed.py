@@ -186,7 +186,7 @@ def bench_decode_emulated(args, device, dtype, base: dict) -> None:
                 for batch in args.batches:
                     x = torch.randn(batch, width, device=device, dtype=dtype)  # an inference tensor: no mask reuse
                     kwargs, keep = selection(pattern, x)
-                    wrapped.threshold = kwargs.get("threshold")
+                    wrapped.set_threshold(kwargs.get("threshold"))
                     wrapped(x)  # warm-up
                     dense_ms, sparse_ms = interleaved([lambda: cpu_ms(lambda: F.linear(x, linear.weight)),
                                                        lambda: cpu_ms(lambda: wrapped(x))], args.repeats)

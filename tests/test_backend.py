@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from actprune import kernels, plan, sparsify_
-from actprune.activation import ActSparseLinear, wrapper
+from actprune.activation import ActSparseLinear
 from actprune.activation.wrapper import unwrapped
+from actprune.kernels import dispatch
 from actprune.masks import parse_sparsity, topk_keep_mask
 from actprune.run.job import plan_job
 
@@ -27,13 +28,13 @@ pytest.importorskip("triton")
 def kernel_calls(monkeypatch):
     """How many times a wrapper called the decode kernel, and with how many rows."""
     calls = []
-    real = kernels.sparse_linear
+    real = dispatch.sparse_linear
 
     def spy(x, *args, **kwargs):
         calls.append(x.shape[0])
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(kernels, "sparse_linear", spy)
+    monkeypatch.setattr(dispatch, "sparse_linear", spy)
     return calls
 
 
@@ -122,10 +123,10 @@ def test_the_weight_is_laid_out_once_and_restored_exactly():
 
 
 def test_prefill_without_a_semi_structured_kernel_is_emulated_and_says_why(caplog, monkeypatch):
-    monkeypatch.setattr(wrapper, "_fallbacks_logged", set())  # said once per process: earlier tests may have
+    monkeypatch.setattr(dispatch, "_fallbacks_logged", set())  # said once per process: earlier tests may have
     model = llama(num_hidden_layers=1)
     sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel"})
-    with caplog.at_level(logging.INFO, logger="actprune.activation.wrapper"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="actprune.kernels.dispatch"), torch.no_grad():
         model(torch.randint(0, 256, (1, 12)))
     assert "pruning.backend=kernel emulates some calls: 2:4 semi-structured" in caplog.text
 

@@ -9,6 +9,7 @@ import torch
 
 from actprune import calibration, plan, reuse, sparsify_
 from actprune.activation import ActSparseLinear, learned, refit
+from actprune.activation.wrapper import computing_dense
 from actprune.calibration import Calibration
 from actprune.run import job
 
@@ -371,7 +372,7 @@ def test_the_kl_is_of_the_dense_model_against_the_pruned_one():
     model, layers = layer_wise_fitted()
     with torch.no_grad():
         pruned = torch.log_softmax(model(BATCHES[:2]).logits, -1)
-        with learned.bypassed(layers):
+        with computing_dense(layers):
             dense = torch.log_softmax(model(BATCHES[:2]).logits, -1)
         kl = learned._kl(model, BATCHES, [0, 1], layers)
     forward = (dense.exp() * (dense - pruned)).sum(-1).mean()  # KL(dense ‖ pruned), mean over the tokens
@@ -434,12 +435,12 @@ def test_held_masks_are_replayed_whatever_the_parameters_became():
         (recorded, _), = masks.masks[layer]
         layer.correction.shift.normal_()  # moves which entries are kept
         centred = x - layer.correction.shift
-        assert not torch.equal(layer._keep(centred, None)[0], recorded)
+        assert not torch.equal(layer.keep_mask(centred, None)[0], recorded)
         with masks.held():
             replayed = layer(x)
     expected = layer.correction.output(linear(centred * recorded), centred * ~recorded, linear.weight)
     torch.testing.assert_close(replayed, expected)
-    assert layer.frozen is None  # held for those forwards only
+    assert layer._held is None  # held for those forwards only
 
 
 def test_the_last_quarter_of_the_windows_is_held_out_for_the_guard_and_a_lone_window_serves_as_both():

@@ -322,12 +322,10 @@ def test_threshold_calibration_samples_every_channel():
     layer = ActSparseLinear(nn.Linear(64, 4), parse_sparsity(0.5))
     scale = torch.where(torch.arange(64) % 8 == 0, 100.0, 1.0)
     x = torch.randn(1, 512, 64) * scale
-    layer.recording = ScoreSample()
-    with torch.no_grad():
+    with torch.no_grad(), layer.recording_scores(ScoreSample()) as sample:
         layer(x)
-    layer.threshold, layer.recording = layer.recording.quantile(0.5).float(), None
-    layer.zeroed.zero_()
-    layer.seen.zero_()
+    layer.set_threshold(sample.quantile(0.5))
+    layer.reset_counts()
     with torch.no_grad():
         layer(x)
     assert layer.measured_sparsity() == pytest.approx(0.5, abs=0.02)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..masks import Pattern
 from ..walk import feed
-from .learned import bypassed
+from .wrapper import computing_dense
 
 ALLOCATIONS = ("uniform", "calibrated")
 BUDGETS = ("weights", "inputs")  # what the kept fraction is counted over: in · out, or in
@@ -106,7 +106,7 @@ def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
 
     handles = [w.register_forward_pre_hook(keep_some(name)) for name, w in wrappers.items()]
     try:
-        with bypassed(wrappers.values()):
+        with computing_dense(wrappers.values()):
             feed(model, windows)
     finally:
         for handle in handles:
@@ -114,16 +114,16 @@ def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
     errors = {}
     for name, wrapper in wrappers.items():
         x = torch.cat(inputs[name])[:tokens]
-        with bypassed([wrapper]):
+        with computing_dense([wrapper]):
             dense = wrapper(x).double()
         uniform, errors[name], dense_tokens = wrapper.pattern, {}, wrapper.dense_tokens
         wrapper.dense_tokens = 0  # sampled tokens, not a sequence: none is a first token
         for choice in choices:
-            wrapper.pattern = with_choice(uniform, choice)
+            wrapper.set_pattern(with_choice(uniform, choice))
             errors[name][choice] = float((wrapper(x).double() - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-30))
-        wrapper.pattern, wrapper.dense_tokens = uniform, dense_tokens
-        wrapper.zeroed.zero_()
-        wrapper.seen.zero_()
+        wrapper.set_pattern(uniform)
+        wrapper.dense_tokens = dense_tokens
+        wrapper.reset_counts()
     return errors
 
 
@@ -172,7 +172,7 @@ def allocate_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.T
     weights = {name: layer_size(w, budget) for name, w in wrappers.items()}
     chosen = allocate(errors, weights, lambda c: kept(uniform, c), target)
     for name, choice in chosen.items():
-        wrappers[name].pattern = with_choice(uniform, choice)
+        wrappers[name].set_pattern(with_choice(uniform, choice))
     return {"kind": "calibrated", "choices": choices, "budget": budget,
             # False: some layers have another N than the target's, which fixed-pattern (2:4) hardware cannot run
             "every_layer_target": all(choice == target for choice in chosen.values()),

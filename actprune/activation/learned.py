@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..files import cache_write, set_aside
 from ..walk import LayerInputs, layer_by_layer
+from .wrapper import computing_dense
 
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
@@ -117,18 +118,6 @@ class Correction(nn.Module):
         return y
 
 
-@contextmanager
-def bypassed(wrappers):
-    """The wrapped layers computing their dense output (in their own basis: exact)."""
-    for wrapper in wrappers:
-        wrapper.bypass = True
-    try:
-        yield
-    finally:
-        for wrapper in wrappers:
-            wrapper.bypass = False
-
-
 def _mse(walk: LayerInputs, index: int, hidden: list, targets: list, windows) -> torch.Tensor:
     total = 0.0
     for w in windows:
@@ -152,7 +141,7 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
         every = range(count)
         steps = options["steps"] or options["epochs"] * math.ceil(count / options["batch_size"])
         mine = [wrappers[name] for name in names]
-        with torch.no_grad(), autocast, bypassed(mine):
+        with torch.no_grad(), autocast, computing_dense(mine):
             targets = walk.run(index, teacher)
         params = [p for w in mine for p in w.correction.parameters()]
         if params:
@@ -243,31 +232,28 @@ class FrozenMasks:
         self.used = {}
 
     def keep(self, wrapper, x: torch.Tensor, channel_weight: torch.Tensor | None):
-        """`wrapper._keep(x, channel_weight)`, recorded at the first forward, replayed after."""
+        """`wrapper.keep_mask(x, channel_weight)`, recorded at the first forward, replayed after."""
         masks, used = self.masks[wrapper], self.used[wrapper]
         if used == len(masks):
             with torch.no_grad():
-                masks.append(wrapper._keep(x, channel_weight))
+                masks.append(wrapper.keep_mask(x, channel_weight))
         self.used[wrapper] = used + 1
         return masks[used]
 
     @contextmanager
     def held(self):
         self.used = dict.fromkeys(self.wrappers, 0)
-        for wrapper in self.wrappers:
-            wrapper.frozen = self
-        try:
-            yield
-        finally:
+        with ExitStack() as stack:
             for wrapper in self.wrappers:
-                wrapper.frozen = None
+                stack.enter_context(wrapper.holding_masks(self))
+            yield
 
 
 def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers, masks: FrozenMasks | None = None) -> torch.Tensor:
     """KL(dense model ‖ pruned model) of the next-token distributions, mean over the tokens of `chosen`."""
     device = next(model.parameters()).device
     batch = windows[chosen].to(device)
-    with torch.no_grad(), bypassed(wrappers):
+    with torch.no_grad(), computing_dense(wrappers):
         teacher = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
     with masks.held() if masks is not None else nullcontext():
         student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)

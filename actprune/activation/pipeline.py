@@ -108,5 +108,5 @@ def _track_positions(model, wrapped: dict[str, nn.Module]) -> list:
             positions = wrapper.TokenPositions()
             handles.append(layer.register_forward_pre_hook(positions.hook, with_kwargs=True))
             for layer_wrapper in mine:
-                layer_wrapper.positions = positions
+                layer_wrapper.track_positions(positions)
     return handles

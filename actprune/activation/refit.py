@@ -37,7 +37,7 @@ import math
 import torch
 
 from ..walk import layer_by_layer
-from .learned import bypassed
+from .wrapper import computing_dense
 
 DEFAULTS = {"ridge": [1e-3, 1e-2, 1e-1, 1.0], "intercept": True, "stream": "sequential", "skip_tokens": 4,
             "holdout": 0.25, "min_tokens_per_dim": 4}
@@ -209,15 +209,14 @@ def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
         moments = {name: [Moments(w.in_features, w.out_features, options["intercept"], options["skip_tokens"], device)
                           for _ in range(2)] for name, w in zip(names, mine)}
         for part, chosen in enumerate((fit_windows, held_windows)):
-            for name, w in zip(names, mine):
-                w.moments = moments[name][part]
-            for window in chosen:
-                walk.call(index, window, stream[window])
-        for w in mine:
-            w.moments = None
+            with contextlib.ExitStack() as stack:
+                for name, w in zip(names, mine):
+                    stack.enter_context(w.gathering_moments(moments[name][part]))
+                for window in chosen:
+                    walk.call(index, window, stream[window])
         for name, w in zip(names, mine):  # each layer's moments freed once it is fitted
             layers[name] = fit_layer(w, *moments.pop(name), options)
-        with bypassed(mine) if options["stream"] == "dense" else contextlib.nullcontext():
+        with computing_dense(mine) if options["stream"] == "dense" else contextlib.nullcontext():
             return [walk.run(index, stream)]
 
     layer_by_layer(model, windows, wrappers, visit, desc="refit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -16,16 +18,13 @@ def calibrate_thresholds_(model: nn.Module, wrappers: dict[str, ActSparseLinear]
     own). Sets and returns them."""
     wrappers = {name: layer for name, layer in wrappers.items() if isinstance(layer, ActSparseLinear)}
     thresholds = {}
-    for seed, layer in enumerate(wrappers.values()):
-        layer.recording = ScoreSample(seed=seed)
-    try:
+    with contextlib.ExitStack() as stack:
+        samples = {name: stack.enter_context(layer.recording_scores(ScoreSample(seed=seed)))
+                   for seed, (name, layer) in enumerate(wrappers.items())}
         feed(model, windows)
-        for name, layer in wrappers.items():
-            layer.threshold = layer.recording.quantile(layer.pattern.target()).to(layer.weight.device, layer.weight.dtype)
-            thresholds[name] = float(layer.threshold)
-            if not torch.isfinite(layer.threshold):
-                raise FloatingPointError(f"{name}: the calibrated threshold is {thresholds[name]} (NaN scores on calibration text)")
-    finally:
-        for layer in wrappers.values():
-            layer.recording = None
+    for name, layer in wrappers.items():
+        layer.set_threshold(samples[name].quantile(layer.pattern.target()))
+        thresholds[name] = float(layer.threshold)
+        if not torch.isfinite(layer.threshold):
+            raise FloatingPointError(f"{name}: the calibrated threshold is {thresholds[name]} (NaN scores on calibration text)")
     return thresholds

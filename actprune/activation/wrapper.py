@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import weakref
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..masks import Pattern, pattern_keep_mask
+from .. import kernels
+from ..kernels import dispatch
+from ..masks import Pattern, Score, magnitude, pattern_keep_mask, weighted_scores
 
-Score = Callable[[torch.Tensor], torch.Tensor]
 BACKENDS = ("emulate", "kernel")
-log = logging.getLogger(__name__)
-
-
-def magnitude(x: torch.Tensor) -> torch.Tensor:
-    return x.abs()
 
 
 class _LastMask:
@@ -48,12 +43,8 @@ class _LastMask:
         return self.keep, self.dropped
 
 
-def _scores(x, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
-    return score(x) if weight is None else score(x) * weight
-
-
 def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
-    return pattern_keep_mask(_scores(x, score, weight), pattern)
+    return pattern_keep_mask(weighted_scores(x, score, weight), pattern)
 
 
 _last_mask = _LastMask()
@@ -113,16 +104,6 @@ class TokenPositions:
         return ids.to(x.device).reshape(-1, x.shape[-2], 1)  # a layer of a model split over devices
 
 
-_fallbacks_logged: set[str] = set()
-
-
-def _fall_back(reason: str) -> None:
-    """Say once per reason why a call of the kernel backend runs the emulation instead."""
-    if reason not in _fallbacks_logged:
-        _fallbacks_logged.add(reason)
-        log.info("pruning.backend=kernel emulates some calls: %s", reason)
-
-
 class ActSparseLinear(nn.Module):
     """`y = (x * keep(score(x))) Wᵀ + b` with the wrapped layer's own weight and bias.
 
@@ -144,6 +125,9 @@ class ActSparseLinear(nn.Module):
       dropped entries), see `actprune.activation.learned`.
     It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
     sparsity actually reached over a benchmark can be reported.
+    Other steps change it only through its methods: `set_pattern`, `set_threshold`, `set_refit`,
+    `track_positions`, and the modes `computing_dense`, `recording_scores`, `gathering_moments`,
+    `holding_masks`, `uncounted` (context managers that restore the layer on exit).
     `backend="kernel"` computes what the emulation computes with real sparse compute where one
     applies (`actprune.kernels`): decode calls of at most `kernels.MAX_ROWS` tokens through a GEMV
     that reads only the weight columns of kept inputs (selection fused), 2:4 prefill through
@@ -160,9 +144,7 @@ class ActSparseLinear(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"pruning.backend={backend!r}: allowed values are {list(BACKENDS)}")
         if backend == "kernel" and (variance or correction is not None):
-            from ..kernels import SUPPORT
-
-            raise ValueError(f"pruning.backend=kernel runs no variance or learned corrections. Supported: {SUPPORT}")
+            raise ValueError(f"pruning.backend=kernel runs no variance or learned corrections. Supported: {kernels.SUPPORT}")
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
         if (shift == "static") != (shift_vector is not None):
@@ -173,15 +155,16 @@ class ActSparseLinear(nn.Module):
         self.shift = shift
         self.variance = variance
         self.dense_tokens = dense_tokens
-        self.positions: TokenPositions | None = None  # set where dense_tokens counts absolute positions
+        self.positions: TokenPositions | None = None  # set by `track_positions` where dense_tokens counts absolute ones
         self.backend = backend
-        self.recording = None  # a ScoreSample while a threshold is being calibrated
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
-        self.bypass = False  # True: the dense output (a learned correction's training target)
-        self.counting = True  # counts zeroed and seen inputs; off on a timed decode path (see `not_counting`)
-        self.frozen = None  # a learned.FrozenMasks: masks held fixed while corrections are tuned end to end
-        self.threshold = None  # TEAL-like selection: keep the entries whose score reaches it
-        self.moments = None  # a refit.Moments while `refit` gathers this layer's (pruned input, target) moments
+        self.threshold = None  # TEAL-like selection (`set_threshold`): keep the entries whose score reaches it
+        self.counting = True  # counts zeroed and seen inputs; off on a timed decode path (`uncounted`)
+        # The modes other steps put the layer in, each through its own context manager below.
+        self._dense = False  # `computing_dense`: the dense output (a learned correction's training target)
+        self._recording = None  # `recording_scores`: a ScoreSample while a threshold is being calibrated
+        self._moments = None  # `gathering_moments`: a refit.Moments of (pruned input, target)
+        self._held = None  # `holding_masks`: a learned.FrozenMasks while corrections are tuned end to end
         weight = linear.weight
         device = weight.device
         if (input_scale is not None or rotation is not None) != (absorbed_weight is not None):
@@ -199,9 +182,7 @@ class ActSparseLinear(nn.Module):
         elif shift is not None:
             self.register_buffer("weight_rowsum", weight.detach().sum(1))
         if backend == "kernel":  # laid out once: W stays a (transposed) view of the kernel's copy, no second copy
-            from ..kernels import layout_weight
-
-            linear.weight.data = layout_weight(weight.data).t()
+            linear.weight.data = kernels.layout_weight(weight.data).t()
         self.register_buffer("refit_weight", None)  # W′ and b′ of `refit`, used on the pruned input only
         self.register_buffer("refit_bias", None)
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
@@ -212,11 +193,76 @@ class ActSparseLinear(nn.Module):
         like = self.linear.weight
         weight = weight.to(like.device, like.dtype)
         if self.backend == "kernel":  # in the kernel's layout, as W is
-            from ..kernels import layout_weight
-
-            weight = layout_weight(weight).t()
+            weight = kernels.layout_weight(weight).t()
         self.refit_weight = weight
         self.refit_bias = None if bias is None else bias.to(like.device, like.dtype)
+
+    def set_pattern(self, pattern: Pattern) -> None:
+        """Another pattern for this layer (an allocation's choice)."""
+        self.pattern = pattern
+
+    def set_threshold(self, threshold: torch.Tensor | float | None) -> None:
+        """Keep the entries whose score reaches `threshold` (None: the pattern's per-token top-k)."""
+        like = self.linear.weight
+        self.threshold = None if threshold is None else torch.as_tensor(threshold).to(like.device, like.dtype)
+
+    def track_positions(self, positions: TokenPositions) -> None:
+        """Read the absolute positions of the tokens from `positions` (for `dense_tokens`)."""
+        self.positions = positions
+
+    @contextmanager
+    def computing_dense(self):
+        """The layer computes its dense output (in its own basis: exact)."""
+        self._dense = True
+        try:
+            yield
+        finally:
+            self._dense = False
+
+    @contextmanager
+    def recording_scores(self, sample: ScoreSample):
+        """The layer computes its dense output and adds some of the scores it sees to `sample`."""
+        self._recording = sample
+        try:
+            yield sample
+        finally:
+            self._recording = None
+
+    @contextmanager
+    def gathering_moments(self, moments):
+        """The layer adds (pruned input, dense output less add-back) of every call to `moments` (refit)."""
+        self._moments = moments
+        try:
+            yield moments
+        finally:
+            self._moments = None
+
+    @contextmanager
+    def holding_masks(self, masks):
+        """The layer's masks come from `masks.keep(layer, x, channel_weight)` (learned.FrozenMasks)."""
+        self._held = masks
+        try:
+            yield
+        finally:
+            self._held = None
+
+    @contextmanager
+    def uncounted(self):
+        """No counting work (a few small kernels per call): for timed decoding."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
+
+    def reset_counts(self) -> None:
+        self.zeroed.zero_()
+        self.seen.zero_()
+
+    @property
+    def busy(self) -> bool:
+        """Recording scores or gathering moments: what the emulation alone computes."""
+        return self._recording is not None or self._moments is not None
 
     @property
     def pruned_weight(self) -> torch.Tensor:
@@ -250,7 +296,7 @@ class ActSparseLinear(nn.Module):
         elif self.rotation is not None:
             x = x @ self.rotation
         correction = self.correction
-        if self.bypass or (self.pattern.is_dense() and self.shift is None and self.recording is None and correction is None):
+        if self._dense or (self.pattern.is_dense() and self.shift is None and self._recording is None and correction is None):
             return F.linear(x, self.linear.weight, self.linear.bias)
         if self.shift == "static":
             eta = self.shift_vector
@@ -267,15 +313,15 @@ class ActSparseLinear(nn.Module):
         scale = None if correction is None else correction.channel_scale()
         if scale is not None:
             channel_weight = scale.to(x.dtype) if channel_weight is None else channel_weight * scale.to(x.dtype)
-        y = self._kernel(centred, channel_weight) if self.backend == "kernel" else None
+        y = dispatch.decode(self, centred, channel_weight) if self.backend == "kernel" else None
         if y is None:
-            frozen = self.frozen
-            keep, dropped = self._keep(centred, channel_weight) if frozen is None else frozen.keep(self, centred, channel_weight)
+            frozen = self._held
+            keep, dropped = self.keep_mask(centred, channel_weight) if frozen is None else frozen.keep(self, centred, channel_weight)
             if self.counting:
                 self.zeroed += dropped
             # a gradient for the learned scale (none while the masks are frozen: it only moves them)
             if scale is not None and torch.is_grad_enabled() and self.threshold is None and frozen is None:
-                pruned = centred * straight_through(keep, _scores(centred, self.score, channel_weight), self.pattern)
+                pruned = centred * straight_through(keep, weighted_scores(centred, self.score, channel_weight), self.pattern)
             else:
                 pruned = centred * keep
             if self.variance:
@@ -285,73 +331,28 @@ class ActSparseLinear(nn.Module):
         back = self.shift_output if self.shift == "static" else None if eta is None else eta * self.weight_rowsum
         if back is not None:
             y = y + back
-        if self.moments is not None:  # refit: the dense output this pruned input should give, less add-back and bias
+        if self._moments is not None:  # refit: the dense output this pruned input should give, less add-back and bias
             target = F.linear(x, self.linear.weight)
-            self.moments.add(pruned, target if back is None else target - back)
+            self._moments.add(pruned, target if back is None else target - back)
         if correction is not None:
             y = correction.output(y, centred * ~keep, self.linear.weight)
         return y
 
-    def _kernel(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> torch.Tensor | None:
-        """The decode kernel's output for `x`, or None where this call is emulated."""
-        from ..kernels import MAX_ROWS, sparse_linear
-
-        rows = x.numel() // x.shape[-1]
-        if self.recording is not None or self.moments is not None or rows > MAX_ROWS:
-            return None
-        if self.score is not magnitude:
-            _fall_back("a layer ranks by a score function of its own (the kernels rank |x|·channel_weight)")
-            return None
-        if self.threshold is None and not self.pattern.is_nm and not self.pattern.is_dense():
-            _fall_back("a ratio is kept per token by top-k (the kernels take N:M or a calibrated threshold)")
-            return None
-        if self.dense_tokens and x.dim() < 3:
-            return None  # the emulation says why it cannot tell a sequence's first tokens
-        flat = x.reshape(rows, x.shape[-1])
-        dense_rows = None
-        if self.dense_tokens:  # a sequence's first tokens stay dense, flagged to the kernel on the device
-            dense_rows = (self.positions_of(x) < self.dense_tokens).expand(*x.shape[:-1], 1).reshape(rows)
-        if self.threshold is not None:
-            y = sparse_linear(flat, self.pruned_weight.t(), threshold=self.threshold, channel_weight=channel_weight,
-                              bias=self.pruned_bias, dense_rows=dense_rows)
-            if self.counting:  # the scores again, in torch: only where sparsity is being measured
-                dropped = _scores(flat, self.score, channel_weight) < self.threshold
-                self.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
-        else:
-            n, m = (self.pattern.n, self.pattern.m) if self.pattern.is_nm else (None, None)
-            y = sparse_linear(flat, self.pruned_weight.t(), n=n, m=m, channel_weight=channel_weight,
-                              bias=self.pruned_bias, dense_rows=dense_rows)
-            if m and self.counting:  # exactly n of every m kept: the count needs no look at the mask
-                pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
-                self.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
     def _matmul(self, pruned: torch.Tensor, source: tuple | None = None) -> torch.Tensor:
-        """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill through semi-structured sparsity (the
-        operand compressed once for the layers whose `source`, input and mask, is the same)."""
-        if self.backend == "kernel" and self.pattern.is_nm and (self.pattern.n, self.pattern.m) == (2, 4) \
-                and self.recording is None:
-            from ..kernels.prefill import semi_structured_linear, semi_structured_unavailable
-
-            rows = pruned.numel() // pruned.shape[-1]
-            reason = semi_structured_unavailable(rows, self.in_features, self.out_features, pruned.dtype, pruned.device)
-            if self.dense_tokens:
-                reason = "pruning.dense_tokens keeps rows dense, which a 2:4 semi-structured operand cannot hold"
-            if reason is None:
-                y = semi_structured_linear(pruned.reshape(rows, -1), self.pruned_weight, self.pruned_bias, source)
-                return y.reshape(*pruned.shape[:-1], y.shape[-1])
-            _fall_back(reason)
-        return F.linear(pruned, self.pruned_weight, self.pruned_bias)
+        """`pruned Wᵀ + b`; with the kernel backend, 2:4 prefill where it applies (`kernels.dispatch`)."""
+        y = dispatch.prefill(self, pruned, source) if self.backend == "kernel" else None
+        return F.linear(pruned, self.pruned_weight, self.pruned_bias) if y is None else y
 
     def positions_of(self, x: torch.Tensor) -> torch.Tensor:
         return (self.positions or TokenPositions()).of(x)
 
-    def _keep(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.recording is not None:  # calibrating a threshold: stay dense, remember some scores
-            self.recording.add(_scores(x, self.score, channel_weight).detach())
+    def keep_mask(self, x: torch.Tensor, channel_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask of the (centred) input `x`, and how many entries it zeroes."""
+        if self._recording is not None:  # calibrating a threshold: stay dense, remember some scores
+            self._recording.add(weighted_scores(x, self.score, channel_weight).detach())
             keep = torch.ones_like(x, dtype=torch.bool)
         elif self.threshold is not None:
-            keep = _scores(x, self.score, channel_weight) >= self.threshold
+            keep = weighted_scores(x, self.score, channel_weight) >= self.threshold
         else:
             keep, dropped = _last_mask.get(x, self.pattern, self.score, channel_weight)
             if not self.dense_tokens:
@@ -377,14 +378,20 @@ class ActSparseLinear(nn.Module):
 @contextmanager
 def not_counting(model: nn.Module):
     """The wrappers of `model` launch no counting work (a few small kernels per call): for timed decoding."""
-    wrappers = [module for module in model.modules() if isinstance(module, ActSparseLinear)]
-    for wrapper in wrappers:
-        wrapper.counting = False
-    try:
+    with contextlib.ExitStack() as stack:
+        for module in model.modules():
+            if isinstance(module, ActSparseLinear):
+                stack.enter_context(module.uncounted())
         yield
-    finally:
+
+
+@contextmanager
+def computing_dense(wrappers):
+    """The wrapped layers computing their dense output (in their own basis: exact)."""
+    with contextlib.ExitStack() as stack:
         for wrapper in wrappers:
-            wrapper.counting = True
+            stack.enter_context(wrapper.computing_dense())
+        yield
 
 
 @contextmanager
