@@ -13,8 +13,8 @@ plain and its wall time (as in docs/results.md).
 import sys
 from pathlib import Path
 
+from actprune.run.compare import gap_table, pivot
 from actprune.run.results import read_all
-from actprune.run.table import gap_table, pivot
 
 if __name__ == "__main__":
     gap = "--gap" in sys.argv[1:]

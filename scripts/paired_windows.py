@@ -12,7 +12,8 @@ import math
 import sys
 from pathlib import Path
 
-from actprune.run.table import label, paired_gain, pattern_label
+from actprune.run.compare import paired_gain
+from actprune.run.table import label, pattern_label
 
 
 def load(path: str) -> dict:

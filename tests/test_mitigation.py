@@ -345,7 +345,7 @@ def test_non_finite_calibration_statistics_fail_the_layer_by_name():
 def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_window():
     import math
 
-    from actprune.run.table import gap_table
+    from actprune.run.compare import gap_table
 
     def job(method, sparsity, nll, kind="activation", status="ok", minutes=2.0, **pruning):
         mean = sum(nll) / len(nll)

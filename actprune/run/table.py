@@ -1,12 +1,10 @@
 """Results as a reader sees them: the method's label, a row per job, and the tables built from
-rows (the job log, the sweep's end, `actprune-report`, the scripts' pivots)."""
+rows (the job log, the sweep's end, `actprune-report`)."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import math
-from collections import defaultdict
 from pathlib import Path
 
 from ..masks import parse_sparsity
@@ -211,80 +209,3 @@ def write_csv(table: list[dict], path: Path) -> None:
         writer = csv.DictWriter(file, fieldnames=columns(table), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table)
-
-
-def pivot(results: list[dict]) -> str:
-    """Markdown: a row per method label, a column of WikiText-2 perplexity per sparsity pattern.
-    Where a method ran at several batch sizes, the largest relative difference between them is
-    shown in its own column (0 means batch-size invariant)."""
-    cells, batch_spread, patterns = defaultdict(dict), defaultdict(list), []
-    for result in results:
-        if result.get("status") != "ok" or "ppl/wikitext2" not in result["metrics"]:
-            continue
-        pattern = pattern_label(result, result["config"]["pruning"]["sparsity"]) if result["sparsity"]["kind"] != "dense" else "dense"
-        method = label(result)
-        ppl = result["metrics"]["ppl/wikitext2"]
-        batch_spread[(method, pattern)].append(ppl)
-        cells[method].setdefault(pattern, ppl)
-        if pattern not in patterns:
-            patterns.append(pattern)
-    order = {p: i for i, p in enumerate(["dense", "2:4", "4:8", "8:16", "16:32", "0.5"])}
-    patterns.sort(key=lambda p: order.get(p, len(order)))
-    spread = {}
-    for (method, _), values in batch_spread.items():
-        if len(values) > 1:
-            spread[method] = max(spread.get(method, 0.0), (max(values) - min(values)) / min(values))
-    lines = ["| method | " + " | ".join(patterns) + " | batch-size spread |", "|" + " --- |" * (len(patterns) + 2)]
-    for method in sorted(cells, key=lambda m: [cells[m].get(p, float("inf")) for p in patterns]):
-        values = [f"{cells[method][p]:.2f}" if p in cells[method] else "" for p in patterns]
-        lines.append(f"| {method} | " + " | ".join(values) + f" | {f'{spread[method]:.1e}' if method in spread else '-'} |")
-    return "\n".join(lines)
-
-
-def paired_gain(base: list[float], other: list[float]) -> tuple[float, float, int]:
-    """`other`'s mean NLL gain over `base`, window by window: the mean, its standard error, and on
-    how many windows `other` is lower."""
-    gains = [b - o for b, o in zip(base, other, strict=True)]
-    mean = sum(gains) / len(gains)
-    se = math.sqrt(sum((g - mean) ** 2 for g in gains) / (len(gains) - 1) / len(gains)) if len(gains) > 1 else math.nan
-    return mean, se, sum(g > 0 for g in gains)
-
-
-def _is_plain(result: dict) -> bool:
-    """Uniform `act_magnitude` with no score, transform or selection of its own (layers a whole
-    sweep skips may be skipped)."""
-    pruning = result["config"]["pruning"]
-    return (label({"config": {"pruning": {**pruning, "skip_layers": []}}}) == "act_magnitude"
-            and pruning.get("allocation", "uniform") == "uniform")
-
-
-def gap_table(results: list[dict]) -> str:
-    """Markdown: per sparsity pattern, each method's WikiText-2 perplexity, the share of the gap
-    between plain activation pruning (uniform `act_magnitude`, no transforms) and dense it closes,
-    its NLL gain over plain window by window (mean ± SE, windows won) and the job's wall time."""
-    done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
-    dense = next((r for r in done if r["sparsity"]["kind"] == "dense"), None)
-    order = {p: i for i, p in enumerate(["2:4", "4:8", "8:16", "16:32", "0.5"])}
-    patterns = sorted({str(r["config"]["pruning"]["sparsity"]) for r in done if r is not dense}, key=lambda p: (order.get(p, len(order)), p))
-    lines = ["| sparsity | method | perplexity | gap closed | NLL gain over plain (windows lower) | minutes |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    minutes = lambda r: f"{r['timings']['total'] / 60:.1f}" if "total" in r.get("timings", {}) else ""  # noqa: E731
-    if dense is not None:
-        lines.append(f"| dense | {label(dense)} | {dense['metrics']['ppl/wikitext2']:.2f} | | | {minutes(dense)} |")
-    for pattern in patterns:
-        mine = sorted((r for r in done if r is not dense and str(r["config"]["pruning"]["sparsity"]) == pattern),
-                      key=lambda r: r["metrics"]["ppl/wikitext2"])
-        plain = next((r for r in mine if _is_plain(r)), None)
-        for result in mine:
-            ppl, gap, gain = result["metrics"]["ppl/wikitext2"], "", ""
-            if plain is not None and result is not plain:
-                if dense is not None:
-                    base = plain["metrics"]["ppl/wikitext2"]
-                    gap = f"{(base - ppl) / (base - dense['metrics']['ppl/wikitext2']):.1%}"
-                windows = [(r.get("ppl_wikitext2") or {}).get("window_nll") for r in (plain, result)]
-                if all(windows) and len(windows[0]) == len(windows[1]):
-                    mean, se, wins = paired_gain(*windows)
-                    gain = f"{mean:+.3f} ± {se:.3f} ({wins}/{len(windows[0])})"
-            name = f"{label(result)} (plain)" if result is plain else label(result)
-            lines.append(f"| {pattern_label(result, pattern)} | {name} | {ppl:.2f} | {gap} | {gain} | {minutes(result)} |")
-    return "\n".join(lines)
