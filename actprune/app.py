@@ -106,6 +106,7 @@ def main() -> None:
 def run(cfg: DictConfig) -> None:
     from .run.job import run_job  # heavy imports after Hydra has parsed the command line
     from .run.lock import Busy
+    from .run.tracking import sync_hint
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -120,5 +121,7 @@ def run(cfg: DictConfig) -> None:
             raise SystemExit(f"{type(error).__name__}: {error}") from None
         log.error("%s", error)  # the sweep's table shows the refusal; a busy job is its runner's
         return
+    if not multirun and cfg.logger.name == "wandb" and cfg.logger.mode == "offline" and sync_hint(job_dir):
+        print(sync_hint(job_dir), flush=True)  # a sweep's is said once, at its end (run.callbacks)
     if record["status"] != "ok" and not multirun:
         raise SystemExit(f"job failed: {record['error']}")
