@@ -47,8 +47,11 @@ def job_name(overrides) -> str:
 
 def sweep_name(overrides) -> str:
     """A sweep folder name that the same command line gives again (so re-running it resumes):
-    the experiment, if any, and a hash of the overrides that decide what the jobs compute."""
-    kept = sorted(str(o) for o in overrides if not re.match(r"^[+~]?(logger\b|overwrite$)", str(o)))
+    the experiment, if any, and a hash of the overrides that decide what the jobs compute. Like a
+    job's name it leaves out `paths.*`: `make demo` passes paths.data_dir only where ../shared
+    exists, and the same rows elsewhere are the same job; resume compares the data files' sha256
+    (`results.inputs`), so a job that read other data is still not done."""
+    kept = sorted(str(o) for o in overrides if not re.match(r"^[+~]?(logger\b|overwrite$|paths\.)", str(o)))
     experiment = next((o.partition("=")[2] for o in kept if re.match(r"^\+?experiment=", o)), "sweep")
     digest = hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10]
     return re.sub(r"[^\w.-]", "_", experiment) + "-" + digest
@@ -103,6 +106,7 @@ def main() -> None:
 def run(cfg: DictConfig) -> None:
     from .run.job import run_job  # heavy imports after Hydra has parsed the command line
     from .run.lock import Busy
+    from .run.tracking import sync_hint
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -117,5 +121,7 @@ def run(cfg: DictConfig) -> None:
             raise SystemExit(f"{type(error).__name__}: {error}") from None
         log.error("%s", error)  # the sweep's table shows the refusal; a busy job is its runner's
         return
+    if not multirun and cfg.logger.name == "wandb" and cfg.logger.mode == "offline" and sync_hint(job_dir):
+        print(sync_hint(job_dir), flush=True)  # a sweep's is said once, at its end (run.callbacks)
     if record["status"] != "ok" and not multirun:
         raise SystemExit(f"job failed: {record['error']}")

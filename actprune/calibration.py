@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import cache_write, check_jsonl, set_aside
+from .files import cache_write, jsonl_text, set_aside
 from .walk import feed
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,7 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
         raise ValueError(f"calibration.corpus={corpus!r}: allowed values are {['auto', *sorted(CORPORA)]}")
     local, hub = CORPORA[corpus]
     if local and data_dir and (Path(data_dir) / local).is_file():
-        check_jsonl(Path(data_dir) / local)
-        rows = datasets.load_dataset("json", data_files=str(Path(data_dir) / local), split="train", cache_dir=cache_dir)
-        return "\n\n".join(rows["text"]), corpus
+        return jsonl_text(Path(data_dir) / local, cache_dir), corpus
     if hub is None:
         raise FileNotFoundError(f"calibration.corpus={corpus}: {Path(data_dir or '<paths.data_dir>') / local} not found")
     try:

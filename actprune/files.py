@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -37,6 +38,33 @@ def check_jsonl(path: Path, field: str = "text") -> None:
         count += 1
     if count == 0:
         raise ValueError(f"{path} holds no rows: one {{{field!r}: ...}} JSON object per line")
+
+
+@contextmanager
+def quiet_datasets():
+    """datasets without its progress bars: reading a local JSON-lines file prints `Generating train
+    split` otherwise, which is no news. Errors and warnings still show."""
+    import datasets
+
+    if datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def jsonl_text(path: Path, cache_dir: str | None = None) -> str:
+    """The rows of a local JSON-lines file of `{"text": ...}` joined with "\n\n", checked first,
+    read through datasets (cached as Arrow under `cache_dir`)."""
+    import datasets
+
+    check_jsonl(path)
+    with quiet_datasets():
+        rows = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+    return "\n\n".join(rows["text"])
 
 
 def read_text(path: Path, name: str | None = None) -> str:

@@ -111,12 +111,14 @@ def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
     return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
-def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str | None:
-    """Dequantize a GGUF file once into a safetensors folder under `cache_dir`; return that folder,
-    or None where it could not be written (see `publish_folder`)."""
+def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | None, tuple | None]:
+    """Dequantize a GGUF file once into a safetensors folder under `cache_dir`. Returns that folder
+    (None where it could not be written, see `publish_folder`) and the (model, tokenizer) just
+    dequantized, in float32 on the CPU (None where the folder was there already), so that the job
+    that dequantizes does not read the same weights back."""
     target = gguf_cache_folder(path, gguf_file, cache_dir)
     if (target / "config.json").is_file():
-        return str(target)
+        return str(target), None
     log.info("Dequantizing %s once into %s (later runs load it in seconds)", gguf_file, target)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
@@ -126,7 +128,7 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> str | None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
-    return str(target) if publish_folder(target, write) else None
+    return str(target) if publish_folder(target, write) else None, (model, tokenizer)
 
 
 def unquantize(model) -> None:
@@ -220,7 +222,10 @@ def load_model(path: str, gguf_file: str | None, device: torch.device, dtype: to
     """
     check_device_map(device_map)
     if gguf_file:
-        cached = dequantize_gguf(path, gguf_file, cache_dir)
+        cached, dequantized = dequantize_gguf(path, gguf_file, cache_dir)
+        if dequantized is not None and device_map is None:  # the weights just read: no second load
+            model, tokenizer = dequantized
+            return model.to(device=device, dtype=dtype).eval(), tokenizer
         if cached is not None:  # else the GGUF file itself, dequantized again in memory
             path, gguf_file = cached, None
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "gguf_file": gguf_file}

@@ -1,6 +1,8 @@
 """The Hydra command line end to end, on a tiny random model and tokenizer built here."""
 
+import glob
 import json
+from pathlib import Path
 
 import pytest
 
@@ -107,12 +109,22 @@ def test_missing_wikitext_is_a_clear_error(tiny_setup, tmp_path):
     assert "WikiText-2 test split not found" in error and "paths.data_dir" in error
 
 
-def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path):
+def synced(printed: str) -> set[Path]:
+    """The run folders the `wandb sync` hint a command printed (once) names."""
+    (hint,) = [line for line in printed.splitlines() if "wandb sync " in line]
+    return {Path(path) for pattern in hint.partition("wandb sync ")[2].split() for path in glob.glob(pattern)}
+
+
+def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # what a user sees
     args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
     done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=2:4", "benchmark.ppl_wikitext2.max_windows=2")
     assert done.returncode == 0, done.stderr[-3000:]
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    # Offline, W&B's own lines are left out: one says where the run went, one how to upload it.
+    printed = done.stdout + done.stderr
+    assert "wandb:" not in printed and printed.count(f"W&B offline run: {runs[0]}") == 1 and synced(printed) == set(runs)
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["status"] == "ok"
     log = next(runs[0].glob("*.wandb")).read_bytes()  # what `wandb sync` will upload
@@ -122,14 +134,36 @@ def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path)
     assert table["columns"] == ["layer", "measured_sparsity"] and len(table["data"]) == 14
 
 
-def test_a_failed_job_still_finishes_its_wandb_run(tiny_setup, tmp_path):
+def test_a_failed_job_still_finishes_its_wandb_run_and_one_its_plan_refuses_starts_none(tiny_setup, tmp_path):
     args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
-    done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=7:4")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The game began development " * 300 + "\n")  # over the 1024 positions: fails as it runs
+    done = actprune(*args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=2:4", "benchmark=[ppl_wikitext2,generate]",
+                    "benchmark.ppl_wikitext2.max_windows=2", f"benchmark.generate.prompts_file={prompts}")
     assert done.returncode != 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["status"] == "failed"
+    assert result["status"] == "failed" and "max_position_embeddings=1024" in result["error"]
     log = next((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
-    assert b"failed" in log and b"7:4" in log
+    assert b"failed" in log and b"2:4" in log
+    # A fresh clone without WikiText-2: the plan fails before W&B starts and before the model loads.
+    fresh = [a for a in common(tiny_setup, tmp_path / "fresh") if a != "logger=none"]
+    done = actprune(*fresh, "logger=wandb", f"paths.data_dir={tmp_path / 'empty'}", "pruning=act_magnitude", "pruning.sparsity=2:4")
+    result = json.loads((tmp_path / "fresh" / "run" / "results.json").read_text())
+    assert done.returncode != 0 and "WikiText-2 test split not found" in result["error"] and "load" not in result["timings"]
+    assert not (tmp_path / "fresh" / "run" / "wandb").exists()
+
+
+def test_an_offline_sweep_says_where_each_run_went_and_once_how_to_upload_them_all(tiny_setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    args = [a for a in common(tiny_setup, tmp_path / "sweep") if a != "logger=none"]
+    done = actprune("-m", *args, "logger=wandb", "pruning=act_magnitude", "pruning.sparsity=0.5,2:4",
+                    "benchmark.ppl_wikitext2.max_windows=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    jobs = set((tmp_path / "sweep").glob("*/wandb/offline-run-*"))
+    assert "wandb:" not in printed and len(jobs) == 2 and all(printed.count(f"W&B offline run: {run}") == 1 for run in jobs)
+    summary = set((tmp_path / "sweep").glob("wandb/offline-run-*"))
+    assert len(summary) == 1 and synced(printed) == jobs | summary
 
 
 def test_only_an_explicit_fallback_measures_other_text_and_says_so(tiny_setup, tmp_path):

@@ -47,6 +47,31 @@ def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
     assert perplexity(again, tokenizer_again, text, seqlen=64, max_windows=1)["ppl"] < 50  # a trained model, not noise
 
 
+def test_the_job_that_dequantizes_a_gguf_file_reads_the_weights_once(tiny_setup, tmp_path, monkeypatch):
+    """It writes the cache from the model it dequantized and runs on that model; later jobs read the cache."""
+    from transformers import AutoTokenizer
+
+    from .tiny import llama
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tiny.gguf").write_bytes(b"GGUF")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    loads = []
+
+    def from_pretrained(path, **kwargs):
+        loads.append((str(path), kwargs.get("gguf_file")))
+        return llama()
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda path, **kwargs: tokenizer)
+    model, _ = models.load_model(str(tmp_path / "m"), "tiny.gguf", torch.device("cpu"), torch.float32, str(tmp_path))
+    assert loads == [(str(tmp_path / "m"), "tiny.gguf")] and not model.training
+    (cached,) = (tmp_path / "gguf").iterdir()
+    assert (cached / "model.safetensors").is_file()
+    models.load_model(str(tmp_path / "m"), "tiny.gguf", torch.device("cpu"), torch.float32, str(tmp_path))
+    assert loads[1:] == [(str(cached), None)]
+
+
 def test_several_gpus_give_each_job_of_a_sweep_its_own(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

@@ -77,3 +77,17 @@ def test_per_window_nll_is_recorded_and_a_paired_comparison_reads_it(tmp_path, c
     printed = capsys.readouterr().out
     wins = sum(p > d for p, d in zip(pruned["window_nll"], dense["window_nll"]))
     assert f"ppl {dense['ppl']:.2f}" in printed and f"lower on {wins}/6 windows" in printed
+
+
+def test_local_rows_are_read_without_the_datasets_progress_bars(tiny_setup, tmp_path, capfd):
+    """A local file read into a fresh Arrow cache prints no `Generating train split`; bars stay on for others."""
+    import datasets
+
+    from actprune.calibration import corpus_text
+    from actprune.eval.perplexity import wikitext2_test_text
+
+    text, source = wikitext2_test_text(str(tiny_setup["data"]), cache_dir=str(tmp_path / "cache"))
+    calibration, _ = corpus_text("wikitext2_validation", str(tiny_setup["data"]), str(tmp_path / "cache"))
+    assert source.endswith("test.jsonl") and text.startswith(" = Valkyria") and calibration != text
+    assert "Generating" not in capfd.readouterr().err
+    assert not datasets.are_progress_bars_disabled()

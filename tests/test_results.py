@@ -119,3 +119,23 @@ def test_a_transforms_options_are_named_unless_a_lone_word():
         {"name": "refit", "ridge": 0.01}, {"name": "learnable", "lr": 0.01, "epochs": 4}]}
     assert table.transform_names(pruning) == [
         "variance", "shift:static", "refit(ridge=[0.1, 1.0])", "refit(ridge=0.01)", "learnable(lr=0.01,epochs=4)"]
+
+
+def test_a_benchmark_of_ones_own_has_a_column_in_the_sweeps_table_and_the_report(tmp_path):
+    """docs/extending.md's `toy_accuracy` records `toy/accuracy`: no table knows it, every table shows it."""
+    def record(metrics):
+        return {"status": "ok", "results_version": results.VERSION, "model": "llama", "metrics": metrics,
+                "config": {"model": {"path": "/models/llama"}, "pruning": {"method": "act_magnitude", "sparsity": "2:4"}}}
+
+    own = record({"ppl/wikitext2": 8.0, "toy/accuracy": 0.25, "toy/tokens": 12, "generate/prefill_ms": 3.0,
+                  "lm_eval/piqa/acc_stderr": 0.1})
+    plain = record({"ppl/wikitext2": 9.0})
+    header, _, first, second = table.table([("own", own), ("plain", plain)]).splitlines()
+    assert header.split() == ["job", "method", "sparsity", "perplexity", "text", "mean_acc", "toy/accuracy", "toy/tokens",
+                              "measured", "layers", "status"]
+    assert first.split()[6:8] == ["0.2500", "12.0000"] and second.split()[6:8] == ["-", "-"]
+    results.write(tmp_path / "own" / "results.json", own)
+    results.write(tmp_path / "plain" / "results.json", plain)
+    rows = table.rows([tmp_path])
+    assert {"toy/accuracy", "toy/tokens"} <= set(table.columns(rows)) and "generate/prefill_ms" not in table.columns(rows)
+    assert "| toy/accuracy | toy/tokens |" in table.markdown(rows) and "| 0.2500 | 12 |" in table.markdown(rows)

@@ -15,7 +15,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from actprune import reuse
-from actprune.app import CONF_DIR
+from actprune.app import CONF_DIR, sweep_name
 from actprune.eval import perplexity as ppl_benchmark
 from actprune.run import job
 from actprune.run.tracking import Tracker
@@ -91,6 +91,24 @@ def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
     assert "2 done before" in out(again) and list((tmp_path / "outputs" / "multiruns").iterdir()) == folders
     other = actprune("-m", *args, "pruning=act_magnitude", "pruning.sparsity=0.25", WINDOWS, cwd=tmp_path)
     assert other.returncode == 0 and len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
+    # paths.* never names the folder (make demo passes paths.data_dir only where ../shared exists): the
+    # same rows elsewhere resume, other rows are not done but refused, naming the inputs.
+    moved = shutil.copytree(tiny_setup["data"], tmp_path / "moved")
+    again = actprune("-m", *[a.replace(str(tiny_setup["data"]), str(moved)) for a in args], "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    assert "2 done before" in out(again) and len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
+    data = tmp_path / "other"
+    shutil.copytree(tiny_setup["data"], data)
+    (data / "wikitext-2-raw-v1" / "test.jsonl").write_text('{"text": "Other rows , other words ."}\n' * 200)
+    changed = actprune("-m", *[a.replace(str(tiny_setup["data"]), str(data)) for a in args], "pruning=act_magnitude",
+                       "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    assert changed.returncode != 0 and "inputs differ" in out(changed) and "0 done before" in out(changed)
+    assert len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
+
+
+def test_where_data_and_caches_are_never_names_a_sweep_folder():
+    assert sweep_name(["experiment=demo"]) == sweep_name(["experiment=demo", "paths.data_dir=/work/shared/data"])
+    assert sweep_name(["experiment=demo"]) == sweep_name(["experiment=demo", "paths.cache_dir=/tmp/c", "logger=none"])
+    assert sweep_name(["experiment=demo"]) != sweep_name(["experiment=demo", "pruning.sparsity=2:4"])
 
 
 @pytest.mark.cli

@@ -162,3 +162,27 @@ def test_lm_evals_task_index_is_built_once_per_process(tmp_path, monkeypatch):
         assert {task.config.task for task in tasks} == {"piqa", "arc_easy"}
         assert [len(list(task.eval_docs)) for task in tasks] == [1, 1]  # the local rows
     assert built.count(True) == 1
+
+
+def test_requests_longer_than_the_context_are_counted_in_one_line_and_local_rows_read_quietly(tiny_setup, tmp_path, caplog, capfd):
+    """lm_eval warns once per request it cuts (twice on screen); the job says how many, once. Other
+    records of that logger pass."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from .tiny import llama
+
+    model = llama(vocab_size=256, max_position_embeddings=10)  # 8 of the 12 piqa requests are longer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    chosen = options(tasks=["piqa"], batch_size=4)
+    tasks, _, _ = zeroshot.prepare(chosen, str(tiny_setup["data"]), tmp_path)
+    with caplog.at_level(logging.WARNING):
+        zeroshot.evaluate(model, tokenizer, chosen, tasks, seed=0)
+    assert not [r for r in caplog.records if "Truncating" in r.getMessage()]
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "actprune.eval.zeroshot"]
+    assert said == "lm_eval cut 8 requests longer than the model's context (10 tokens) from the left"
+    printed = capfd.readouterr().err
+    assert "Truncating" not in printed and "Generating validation split" not in printed
+    other = logging.LogRecord("lm_eval.models.huggingface", logging.ERROR, "", 0, "CUDA out of memory", None, None)
+    assert zeroshot.Truncations().filter(other)

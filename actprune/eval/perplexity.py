@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..files import check_jsonl
+from ..files import jsonl_text
 from ..reuse import cached
 from . import Env, Measured, benchmark
 
@@ -35,9 +35,7 @@ def wikitext2_test_text(data_dir: str | None, fallback: bool = False, cache_dir:
 
     local = Path(data_dir) / WIKITEXT2_TEST if data_dir else None
     if local is not None and local.is_file():
-        check_jsonl(local)
-        rows = datasets.load_dataset("json", data_files=str(local), split="train", cache_dir=cache_dir)
-        return "\n\n".join(rows["text"]), str(local)
+        return jsonl_text(local, cache_dir), str(local)
     try:
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
         return "\n\n".join(rows["text"]), "datasets:wikitext/wikitext-2-raw-v1/test"

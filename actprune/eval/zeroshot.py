@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import yaml
 
+from ..files import quiet_datasets
 from . import Env, Measured, benchmark
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,25 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, 
     loaded = manager.load_task_or_group([task for task in tasks if task not in overrides]) if len(overrides) < len(tasks) else {}
     if overrides:
         local = TaskManager(include_path=str(work_dir), include_defaults=False)
-        loaded |= local.load_task_or_group(list(overrides))
+        with quiet_datasets():  # local rows: no `Generating validation split` bars
+            loaded |= local.load_task_or_group(list(overrides))
     return list(loaded.values()), sources, fewshot
+
+
+class Truncations(logging.Filter):
+    """Counts lm_eval's `... Truncating N tokens from the left.` warnings instead of letting each
+    through (one per request longer than the model's context: BoolQ passages on a 512-token model
+    gave 89, each printed twice); every other record passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "tokens from the left" in record.getMessage():
+            self.count += 1
+            return False
+        return True
 
 
 def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
@@ -135,18 +153,26 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
 
     # lm_eval ignores simple_evaluate's batch_size for a model object: it belongs to HFLM.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
-    output = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=options.num_fewshot,
-        limit=options.limit,
-        apply_chat_template=options.apply_chat_template,
-        log_samples=False,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    truncations, lm_log = Truncations(), logging.getLogger(HFLM.__module__)
+    lm_log.addFilter(truncations)
+    try:
+        output = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=options.num_fewshot,
+            limit=options.limit,
+            apply_chat_template=options.apply_chat_template,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        lm_log.removeFilter(truncations)
+    if truncations.count:
+        log.warning("lm_eval cut %d requests longer than the model's context (%d tokens) from the left",
+                    truncations.count, lm.max_length)
     metrics, rows = {}, []
     for task, scores in output["results"].items():
         row = {"task": task}

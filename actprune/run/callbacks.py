@@ -10,7 +10,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .. import reuse
-from . import results, table
+from . import results, table, tracking
 
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 UNJUDGED = ("the end of the sweep did not judge its jobs: its callback (actprune.run.callbacks.SweepEnd) "
@@ -105,3 +105,5 @@ def write_report(config: DictConfig, sweep_dir: Path) -> None:
     logger = config.logger
     if logger.name == "wandb" and logger.mode != "disabled":
         report.log_to_wandb(written, sweep_dir.name, logger.project, logger.entity, logger.mode, sweep_dir)
+        if logger.mode == "offline":  # once per sweep: its jobs' runs and its summary run
+            print(tracking.sync_hint(sweep_dir), flush=True)

@@ -173,10 +173,8 @@ def new_record(cfg: DictConfig, name: str, group: str, inputs: dict) -> dict:
     }
 
 
-def stages(cfg: DictConfig, job_dir: Path, slot: int | None, record: dict) -> None:
-    """Plan, load, calibrate, prune, evaluate; each stage's value goes into `record` as it comes."""
-    job = plan_job(cfg, job_dir, slot)
-    record.update(job.record)
+def stages(cfg: DictConfig, job: JobPlan, record: dict) -> None:
+    """Load, calibrate, prune, evaluate the planned job; each stage's value goes into `record` as it comes."""
     torch.manual_seed(cfg.seed)
     loaded = load(job, cfg)
     record["timings"]["load"] = loaded.seconds
@@ -231,8 +229,11 @@ def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None
     record = new_record(cfg, name, group, inputs)
     tracker = None
     try:
+        job = plan_job(cfg, job_dir, slot)
+        record.update(job.record)
+        # W&B starts once every setting and the data are checked: a job its plan refuses fails in seconds.
         tracker = tracking.Tracker(cfg.logger, job_dir, group=group, name=name, config=record["config"])
-        stages(cfg, job_dir, slot, record)
+        stages(cfg, job, record)
         record["status"] = "ok"
     except Exception as error:
         record["status"] = "failed"

@@ -14,6 +14,7 @@ import csv
 import hashlib
 from pathlib import Path
 
+from . import tracking
 from .table import markdown, rows, write_csv, zeroed_fraction
 
 
@@ -156,7 +157,8 @@ def log_to_wandb(written: dict[str, Path], group: str, project: str, entity: str
     # One summary run per sweep folder: a sweep run again updates it instead of adding another.
     run_id = "summary-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
     run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, mode=mode, group=group,
-                     name=f"{group}-summary", job_type="summary", dir=str(run_dir), reinit="finish_previous")
+                     name=f"{group}-summary", job_type="summary", dir=str(run_dir), reinit="finish_previous",
+                     settings=tracking.settings(mode))
     media = {"summary/table": wandb.Table(columns=data[0], data=data[1:])}
     media.update({f"summary/{key}": wandb.Image(str(path)) for key, path in written.items() if key.endswith("_plot")})
     run.log(media)
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {path}")
     if args.wandb:
         log_to_wandb(written, args.paths[0].name, args.project, args.entity, args.mode, out)
+        if args.mode == "offline":
+            print(tracking.sync_hint(out))
 
 
 if __name__ == "__main__":

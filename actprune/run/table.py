@@ -13,6 +13,12 @@ from .results import read_all
 FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text", "seqlen", "windows", "calibration"]
 SPEED = ["decode_tok_s", "speedup", "backend"]  # the generate benchmark's; shown where a job has them
 TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
+KNOWN = ("ppl/", "lm_eval/", "generate/")  # the built-in benchmarks' metrics, shown in the columns above
+
+
+def other_metrics(metrics: dict) -> dict:
+    """The metrics of benchmarks the tables do not know (one's own, e.g. `toy/accuracy`): a column each."""
+    return {key: value for key, value in metrics.items() if not key.startswith(KNOWN)}
 
 
 def transform_names(pruning: dict) -> list[str]:
@@ -89,9 +95,10 @@ def table(rows: list[tuple[str, dict]]) -> str:
                 for name, result in rows]
     found = [(name, result, row(result)) for name, result in rows]
     speed = any(cells["decode_tok_s"] is not None or cells["speedup"] is not None for _, _, cells in found)
-    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc",
+    others = sorted({key for _, result, _ in found for key in other_metrics(result.get("metrics") or {})})
+    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", *others,
               *(("tok/s", "speedup", "backend") if speed else ()), "measured", "layers", "status")
-    number = lambda value, spec=".4f": format(value, spec) if isinstance(value, float) else "-"  # noqa: E731
+    number = lambda value, spec=".4f": format(float(value), spec) if isinstance(value, (int, float)) else "-"  # noqa: E731
     lines = [header]
     for name, result, cells in found:
         lines.append((
@@ -103,6 +110,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
             number(cells["perplexity"]),
             cells["text"] or "-",
             number(cells["mean_acc"]),
+            *(number(cells.get(key)) for key in others),
             *((number(cells["decode_tok_s"], ".1f"), number(cells["speedup"], ".2f"), cells["backend"] or "-")
               if speed else ()),
             number(cells["measured_sparsity"]),
@@ -151,6 +159,7 @@ def row(result: dict, folder: str | None = None) -> dict:
     for key, value in metrics.items():
         if key.startswith("lm_eval/") and key.endswith("/acc"):
             found[key.removeprefix("lm_eval/").removesuffix("/acc")] = value
+    found.update({key: value for key, value in other_metrics(metrics).items() if key not in found})
     return found
 
 

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 LOGGERS = ("wandb", "none")
 MODES = ("offline", "online", "disabled")
+
+
+def settings(mode: str):
+    """Offline, W&B's own lines (about 25 a run) are left out: a job says where its run went, and a
+    command says once how to upload them all (`sync_hint`). Online, W&B's lines hold the run's link."""
+    import wandb
+
+    return wandb.Settings(silent=mode == "offline")
+
+
+def sync_hint(folder: Path) -> str | None:
+    """`wandb sync` of every offline run below `folder` (a job's; a sweep's jobs and its summary run),
+    None where there is none."""
+    folder = Path(folder)
+    depths = sorted({len(run.relative_to(folder).parts) - 2 for run in folder.rglob("wandb/offline-run-*")})
+    if not depths:
+        return None
+    patterns = [str(folder.joinpath(*["*"] * depth, "wandb", "offline-run-*")) for depth in depths]
+    return "W&B runs are offline; upload them with: wandb sync " + " ".join(patterns)
 
 
 def check(logger_cfg) -> None:
@@ -22,6 +43,7 @@ class Tracker:
     def __init__(self, logger_cfg, job_dir: Path, group: str, name: str, config: dict):
         check(logger_cfg)
         self.run = None
+        self.offline = logger_cfg.mode == "offline"
         if logger_cfg.name != "wandb":
             return
         import wandb
@@ -34,7 +56,8 @@ class Tracker:
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity,
                                   mode=logger_cfg.mode, dir=str(job_dir), group=group, name=name, job_type="prune-eval",
-                                  tags=list(logger_cfg.tags), config=config, reinit="finish_previous")
+                                  tags=list(logger_cfg.tags), config=config, reinit="finish_previous",
+                                  settings=settings(logger_cfg.mode))
         except Exception as error:  # an unwritable folder, a bad key: say how to go on without W&B
             raise RuntimeError(f"W&B could not start a run in {job_dir} ({type(error).__name__}: {error}); "
                                f"logger=none runs the job without W&B") from error
@@ -80,5 +103,8 @@ class Tracker:
         self.run.summary["status"] = status
         if error:
             self.run.summary["error"] = error
+        folder = self.run.settings.sync_dir
         self.run.finish(exit_code=0 if status == "ok" else 1)
         self.run = None
+        if self.offline:
+            log.info("W&B offline run: %s", folder)
