@@ -50,7 +50,7 @@ def sweep_name(overrides) -> str:
     the experiment, if any, and a hash of the overrides that decide what the jobs compute. Like a
     job's name it leaves out `paths.*`: `make demo` passes paths.data_dir only where ../shared
     exists, and the same rows elsewhere are the same job; resume compares the data files' sha256
-    (`results.inputs`), so a job that read other data is still not done."""
+    (`job.inputs`), so a job that read other data is still not done."""
     kept = sorted(str(o) for o in overrides if not re.match(r"^[+~]?(logger\b|overwrite$|paths\.)", str(o)))
     experiment = next((o.partition("=")[2] for o in kept if re.match(r"^\+?experiment=", o)), "sweep")
     digest = hashlib.sha1("\n".join(kept).encode()).hexdigest()[:10]

@@ -139,3 +139,28 @@ def test_a_benchmark_of_ones_own_has_a_column_in_the_sweeps_table_and_the_report
     rows = table.rows([tmp_path])
     assert {"toy/accuracy", "toy/tokens"} <= set(table.columns(rows)) and "generate/prefill_ms" not in table.columns(rows)
     assert "| toy/accuracy | toy/tokens |" in table.markdown(rows) and "| 0.2500 | 12 |" in table.markdown(rows)
+
+
+def test_every_key_a_job_writes_is_in_the_schema_and_the_docs(tiny_setup, tmp_path):
+    """results.py owns the keys: a job writes no top-level key it does not list, besides each
+    benchmark's details (under its name) and what its prepare() returned; docs/outputs.md names each."""
+    from pathlib import Path
+
+    from actprune.run.job import plan_job, run_job
+
+    from .helpers import job_config
+
+    overrides = ("pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.score=weight_norm",
+                 "pruning.transforms=[variance,{name:refit,ridge:1.0,min_tokens_per_dim:0}]", "calibration.windows=4",
+                 "calibration.seqlen=32",
+                 "benchmark=[ppl_wikitext2,lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.limit=2",
+                 "benchmark.ppl_wikitext2.max_windows=2")
+    cfg = job_config(tiny_setup, tmp_path, *overrides)
+    record = run_job(cfg, tmp_path / "job", "g", "job")
+    assert record["status"] == "ok", record["error"]
+    prepared = plan_job(cfg, tmp_path / "plan").record
+    extra = set(record) - set(results.SCHEMA) - set(cfg.benchmark) - set(prepared)
+    assert not extra, extra
+    assert {"refit", "calibration", "parameters", "model"} <= set(record)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "outputs.md").read_text()
+    assert [key for key in results.SCHEMA if f"`{key}`" not in docs] == []

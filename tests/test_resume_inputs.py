@@ -15,7 +15,7 @@ import torch
 from actprune import files, models
 from actprune.eval import Env
 from actprune.eval.generate import Generate, GenerateOptions
-from actprune.run import results
+from actprune.run import job, results
 from actprune.run.job import plan_job, run_job
 
 from .helpers import actprune, common, job_config
@@ -33,11 +33,11 @@ def other_data(setup, folder, text="A different test split entirely , with other
 
 
 def test_settings_name_the_data_and_model_files_by_content(tiny_setup, tmp_path):
-    recorded = results.settings(job_config(tiny_setup, tmp_path))
+    recorded = job.settings(job_config(tiny_setup, tmp_path))
     record = {"status": "ok", "results_version": results.VERSION, "config": recorded}
     moved = shutil.copytree(tiny_setup["data"], tmp_path / "moved")  # the same rows elsewhere: the same job
-    assert results.state(record, results.settings(job_config(tiny_setup, tmp_path, f"paths.data_dir={moved}"))) == "done"
-    other = results.settings(job_config(tiny_setup, tmp_path, f"paths.data_dir={other_data(tiny_setup, tmp_path / 'b')}"))
+    assert results.state(record, job.settings(job_config(tiny_setup, tmp_path, f"paths.data_dir={moved}"))) == "done"
+    other = job.settings(job_config(tiny_setup, tmp_path, f"paths.data_dir={other_data(tiny_setup, tmp_path / 'b')}"))
     assert results.state(record, other) == "changed"
     assert not results.same_settings(recorded, {"inputs": other["inputs"]})
     assert recorded["inputs"]["model"] == other["inputs"]["model"] and recorded["inputs"]["version"] == results.VERSION
@@ -52,7 +52,7 @@ def test_settings_digest_the_prompts_and_lm_eval_files_read(tiny_setup, tmp_path
     prompts.write_text("Once upon a time\n")
     cfg = job_config(tiny_setup, tmp_path, "benchmark=[lm_eval,generate]", "benchmark.lm_eval.tasks=[piqa]",
                      f"benchmark.generate.prompts_file={prompts}")
-    data = results.settings(cfg)["inputs"]["data"]
+    data = job.settings(cfg)["inputs"]["data"]
     assert set(data) == {"lm_eval/piqa/validation", "generate_prompts", "calibration"}
     assert data["generate_prompts"] == files.digest(prompts)
 

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..registry import Registry
+from ..run.results import RESERVED
 
 
 @dataclass
@@ -42,12 +43,6 @@ class Measured:
 
 
 BENCHMARKS = Registry("benchmark")
-# Top-level keys of results.json that a benchmark's name or prepare() record must not take.
-RESERVED = {"status", "results_version", "error", "traceback", "job", "group", "config", "metrics", "sparsity",
-            "replaced_layers", "timings", "versions", "host", "model", "device", "dtype", "parameters",
-            "calibration", "learned", "refit"}
-
-
 def benchmark(name: str):
     """Register a benchmark class under `name` (its config: `benchmark.<name>`)."""
 

@@ -159,7 +159,7 @@ class Generate:
 
     @staticmethod
     def data_files(options, data_dir: str | None) -> dict[str, Path]:
-        """The local files a job with these options reads (results.inputs digests them)."""
+        """The local files a job with these options reads (actprune.run.job.inputs digests them)."""
         prompts_file = options.get("prompts_file")
         return {"generate_prompts": Path(prompts_file)} if prompts_file and Path(prompts_file).is_file() else {}
 

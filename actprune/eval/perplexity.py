@@ -117,7 +117,7 @@ class WikiText2Perplexity:
 
     @staticmethod
     def data_files(options, data_dir: str | None) -> dict[str, Path]:
-        """The local files a job with these options reads (results.inputs digests them)."""
+        """The local files a job with these options reads (actprune.run.job.inputs digests them)."""
         local = Path(data_dir) / WIKITEXT2_TEST if data_dir else None
         return {"wikitext2_test": local} if local is not None and local.is_file() else {}
 

@@ -227,7 +227,7 @@ class LmEval:
 
     @staticmethod
     def data_files(options, data_dir: str | None) -> dict[str, str]:
-        """The local files a job with these options reads (results.inputs digests them)."""
+        """The local files a job with these options reads (actprune.run.job.inputs digests them)."""
         return {f"lm_eval/{task}/{split}": path for task in options.get("tasks") or []
                 for split, path in local_rows(data_dir, str(task)).items()}
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import models, reuse
 from ..activation.refit import check_tokens
-from ..calibration import Calibration, check_settings, check_text, corpus_text, model_fingerprint
-from ..eval import RESERVED, Env, build
+from ..calibration import CORPORA, Calibration, check_settings, check_text, corpus_text, model_fingerprint
+from ..eval import BENCHMARKS, Env, build
+from ..files import digest
 from ..planning import PruningPlan, plan
 from ..sparsify import SparsityReport, sparsify_
 from . import results, table, tracking
@@ -88,7 +87,7 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     record = {}
     for name, benchmark in benchmarks.items():
         prepared = benchmark.prepare(env)
-        taken = sorted(set(prepared) & RESERVED)
+        taken = sorted(set(prepared) & results.RESERVED)
         if taken:
             raise ValueError(f"benchmark {name}: prepare() returned {taken}, keys results.json keeps for itself")
         record.update(prepared)
@@ -154,23 +153,43 @@ def evaluate(job: JobPlan, loaded: Loaded, report: SparsityReport, evaluation: E
             evaluation.details[name] = measured.details
 
 
-def new_record(cfg: DictConfig, name: str, group: str, inputs: dict) -> dict:
-    """A running job's record; its config holds the `inputs` it reads (results.settings), which a
-    later run compares."""
-    return {
-        "status": "running",
-        "results_version": results.VERSION,
-        "error": None,
-        "job": name,
-        "group": group,
-        "config": {**OmegaConf.to_container(cfg, resolve=True), "inputs": inputs},
-        "metrics": {},
-        "sparsity": {},
-        "replaced_layers": None,
-        "timings": {},
-        "versions": results.versions(),
-        "host": {"name": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
-    }
+# What a job computes; a finished job counts as done for a later run only if these agree.
+SETTINGS = ("model", "pruning", "benchmark", "calibration", "seed", "device")
+
+
+def settings(cfg) -> dict:
+    """The parts of a job's config that determine its numbers (not where or how it logs), and the
+    `inputs` it reads (a job records them in its config)."""
+    found = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+             for key in SETTINGS if key in cfg}
+    return {**found, "inputs": inputs(cfg)}
+
+
+def inputs(cfg) -> dict:
+    """What a job reads, beyond its settings: the sha256 of each local data file (the same rows in
+    another paths.data_dir are the same), the model's files (`model_fingerprint`: their folder, sizes
+    and times) and VERSION. From the config alone, before any model is loaded; a model.path that
+    cannot be resolved is left out (None), and the job's plan fails on it, naming it. Data read from
+    the hub (datasets) are named by the settings only."""
+    data_dir = cfg.paths.data_dir
+    files = {}
+    for name, options in cfg.benchmark.items():
+        if options is not None and hasattr(BENCHMARKS.get(name), "data_files"):
+            files.update(BENCHMARKS[name].data_files(options, data_dir))
+    corpus = "wikitext2_validation" if cfg.calibration.corpus == "auto" else cfg.calibration.corpus  # auto, offline
+    local = CORPORA.get(corpus, (None, None))[0]
+    if local and data_dir and (Path(data_dir) / local).is_file():
+        files["calibration"] = Path(data_dir) / local
+    try:
+        model = model_fingerprint(*models.resolve_source(cfg.model))
+    except ValueError:
+        model = None
+    return {"data": {key: digest(path) for key, path in sorted(files.items())}, "model": model, "version": results.VERSION}
+
+
+def new_record(cfg: DictConfig, name: str, group: str, read: dict) -> dict:
+    """A running job's record, its config with the `inputs` it reads."""
+    return results.new({**OmegaConf.to_container(cfg, resolve=True), "inputs": read}, name, group)
 
 
 def stages(cfg: DictConfig, job: JobPlan, record: dict) -> None:
@@ -181,22 +200,12 @@ def stages(cfg: DictConfig, job: JobPlan, record: dict) -> None:
     try:
         record["parameters"] = sum(p.numel() for p in loaded.model.parameters())
         report = prune(job, loaded, calibrate(job, loaded, cfg))
-        record["replaced_layers"] = report.replaced_layers
-        record["timings"].update(report.seconds)
-        if report.calibration is not None:
-            record["calibration"] = report.calibration
-        if report.refit is not None:
-            record["refit"] = report.refit
-        if report.learned is not None:
-            record["learned"] = report.learned
+        results.add_pruning(record, report)
         evaluation = Evaluation()
         try:
             evaluate(job, loaded, report, evaluation)
         finally:  # a failed job still records what its earlier benchmarks measured
-            record["timings"].update(evaluation.seconds)
-            record["metrics"] = evaluation.metrics
-            record.update(evaluation.details)
-            record["sparsity"] = report.summary()
+            results.add_evaluation(record, evaluation.metrics, evaluation.details, evaluation.seconds, report.summary())
         report.restore_(loaded.model)
     except BaseException:
         reuse.forget(job.env.model_key)  # a job that failed part way may have left the model altered
@@ -212,7 +221,7 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | N
     `slot` (the job's number in a sweep) picks its GPU when several are visible and `device=auto`.
     """
     with JobLock(job_dir):
-        current = results.settings(cfg)
+        current = settings(cfg)
         try:
             path = results.claim(job_dir, current, cfg.get("overwrite", False))
         except results.AlreadyDone as done:
@@ -224,9 +233,9 @@ def run_job(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | N
         return _run(cfg, job_dir, group, name, slot, path, current["inputs"])
 
 
-def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None, path: Path, inputs: dict) -> dict:
+def _run(cfg: DictConfig, job_dir: Path, group: str, name: str, slot: int | None, path: Path, read: dict) -> dict:
     started = time.perf_counter()
-    record = new_record(cfg, name, group, inputs)
+    record = new_record(cfg, name, group, read)
     tracker = None
     try:
         job = plan_job(cfg, job_dir, slot)

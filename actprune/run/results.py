@@ -1,15 +1,19 @@
-"""One `results.json` per job, written atomically and never over a finished job's file."""
+"""One `results.json` per job, written atomically and never over a finished job's file: the one
+module that knows its keys (`SCHEMA`), writes a record (`new`, `add_pruning`, `add_evaluation`,
+`write`) and reads records back (`previous`, `read_all`, `read_jobs`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from ..files import atomic_write, digest, set_aside
+from ..files import atomic_write, set_aside
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -20,6 +24,68 @@ REFUSED = "refused.json"  # a later command that this folder's finished job refu
 # run again instead of being resumed as done.
 VERSION = 3
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
+
+
+# The top-level keys of results.json and what each holds (docs/outputs.md says each at length). Beside
+# them: one key per benchmark (its details) and the keys its `prepare()` returned, which may take none of these.
+SCHEMA = {
+    "status": "ok, failed, interrupted (Ctrl-C) or, while it runs, running (refused.json: refused)",
+    "results_version": "the VERSION of the code that wrote it",
+    "error": "why it failed, in one line",
+    "traceback": "of a failed job",
+    "job": "its name, from its overrides",
+    "group": "its sweep folder",
+    "config": "the resolved config, with `inputs`: the data and model files it read",
+    "metrics": "what the benchmarks measured, by name (a failed job keeps those that ran before)",
+    "sparsity": "what was pruned and the sparsity measured (SparsityReport.summary)",
+    "replaced_layers": "how many projections the method was applied to",
+    "timings": "seconds: load, calibration, prune, each step and benchmark, total",
+    "versions": "python, torch, transformers, actprune, git commit",
+    "host": "name, pid, SLURM job id",
+    "model": "the model's name",
+    "device": "where it ran",
+    "dtype": "its weights' dtype",
+    "parameters": "the model's parameter count",
+    "calibration": "the calibration used, where the method learns from it",
+    "refit": "closed-form weights: per layer the held-out errors and the ridge chosen",
+    "learned": "learned corrections: trained (with their losses) or loaded, and where",
+}
+RESERVED = frozenset(SCHEMA)
+
+
+def new(config: dict, name: str, group: str) -> dict:
+    """A running job's record; `config` (resolved) holds the `inputs` it reads, which a later run compares."""
+    return {
+        "status": "running",
+        "results_version": VERSION,
+        "error": None,
+        "job": name,
+        "group": group,
+        "config": config,
+        "metrics": {},
+        "sparsity": {},
+        "replaced_layers": None,
+        "timings": {},
+        "versions": versions(),
+        "host": {"name": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
+    }
+
+
+def add_pruning(record: dict, report) -> None:
+    """What `sparsify_` did (a SparsityReport), as far as it is known before the benchmarks run."""
+    record["replaced_layers"] = report.replaced_layers
+    record["timings"].update(report.seconds)
+    for key in ("calibration", "refit", "learned"):
+        if getattr(report, key) is not None:
+            record[key] = getattr(report, key)
+
+
+def add_evaluation(record: dict, metrics: dict, details: dict, seconds: dict, sparsity: dict) -> None:
+    """What the benchmarks measured (each one's details under its name) and the sparsity they saw."""
+    record["timings"].update(seconds)
+    record["metrics"] = metrics
+    record.update(details)
+    record["sparsity"] = sparsity
 
 
 def versions() -> dict:
@@ -39,46 +105,6 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         found["git_commit"] = None
     return found
-
-
-# What a job computes; a finished job counts as done for a later run only if these agree.
-SETTINGS = ("model", "pruning", "benchmark", "calibration", "seed", "device")
-
-
-def settings(cfg) -> dict:
-    """The parts of a job's config that determine its numbers (not where or how it logs), and the
-    `inputs` it reads (a job records them in its config)."""
-    from omegaconf import OmegaConf
-
-    found = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-             for key in SETTINGS if key in cfg}
-    return {**found, "inputs": inputs(cfg)}
-
-
-def inputs(cfg) -> dict:
-    """What a job reads, beyond its settings: the sha256 of each local data file (the same rows in
-    another paths.data_dir are the same), the model's files (`model_fingerprint`: their folder, sizes
-    and times) and VERSION. From the config alone, before any model is loaded; a model.path that
-    cannot be resolved is left out (None), and the job's plan fails on it, naming it. Data read from
-    the hub (datasets) are named by the settings only."""
-    from .. import models
-    from ..calibration import CORPORA, model_fingerprint
-    from ..eval import BENCHMARKS
-
-    data_dir = cfg.paths.data_dir
-    files = {}
-    for name, options in cfg.benchmark.items():
-        if options is not None and hasattr(BENCHMARKS.get(name), "data_files"):
-            files.update(BENCHMARKS[name].data_files(options, data_dir))
-    corpus = "wikitext2_validation" if cfg.calibration.corpus == "auto" else cfg.calibration.corpus  # auto, offline
-    local = CORPORA.get(corpus, (None, None))[0]
-    if local and data_dir and (Path(data_dir) / local).is_file():
-        files["calibration"] = Path(data_dir) / local
-    try:
-        model = model_fingerprint(*models.resolve_source(cfg.model))
-    except ValueError:
-        model = None
-    return {"data": {key: digest(path) for key, path in sorted(files.items())}, "model": model, "version": VERSION}
 
 
 def same_settings(recorded: dict, current: dict) -> bool:
