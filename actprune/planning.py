@@ -19,7 +19,7 @@ from .activation.learned import check_rank
 from .activation.recipe import needed_statistics
 from .activation.scores import get_score
 from .activation.transforms import Transforms, parse_transforms
-from .activation.wrapper import BACKENDS
+from .activation.wrapper import BACKENDS, ActSparseLinear
 from .config import PruningConfig
 from .masks import Pattern, parse_sparsity
 from .methods import METHODS, Method, get_method
@@ -98,6 +98,10 @@ def plan(model: nn.Module, config) -> PruningPlan:
     for index in indices:
         if not 0 <= index < len(layers):
             raise ValueError(f"pruning.layers contains {index}: allowed values are 0..{len(layers) - 1}")
+    pruned = [name for name, module in layers.named_modules() if isinstance(module, ActSparseLinear)]
+    if pruned:
+        raise ValueError(f"{prefix}.{pruned[0]} and {len(pruned) - 1} other layers are pruned already: plan and "
+                         f"sparsify_ a dense model (`report.restore_(model)` undoes sparsify_(..., keep_dense=True))")
     available = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})
     unknown = [name for name in config.target_modules if name not in available]
     if unknown or not config.target_modules:

@@ -257,7 +257,7 @@ EXTENDING = "docs/extending.md"
 
 
 def test_every_python_block_is_one_of_the_examples_run_here():
-    assert list(python_blocks()) == [f"{EXTENDING}:{line}" for line in (9, 28, 43, 75)]
+    assert list(python_blocks()) == [f"{EXTENDING}:{line}" for line in (9, 28, 43, 75, 127)]
 
 
 def test_the_library_examples_run():
@@ -289,3 +289,20 @@ def test_the_extension_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     found = all_ok(tmp_path / "sweep", 2)
     assert all(0 <= r["metrics"]["toy/accuracy"] <= 1 for r in found.values())
+
+
+def test_the_score_and_transform_example_takes_effect():
+    """The block as written, then a job's pruning with them on stories260k: 2:4 reached, in the flipped basis."""
+    code = python_blocks()[f"{EXTENDING}:127"] + f"""
+from transformers import AutoModelForCausalLM
+from actprune import sparsify_
+model = AutoModelForCausalLM.from_pretrained({str(STORIES)!r})
+config = {{"method": "act_magnitude", "sparsity": "2:4", "score": "absmax_weighted", "transforms": ["sign_flip"]}}
+report = sparsify_(model, config, torch.randint(0, 100, (2, 32)))
+with torch.no_grad():
+    model(torch.randint(0, 100, (1, 16)))
+layer = next(iter(report.layers.values()))
+print(report.summary()["measured"], bool((layer.input_scale == -1).all()))
+"""
+    (line,) = run_python(code)
+    assert line == "0.5 True"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from actprune import sparsify_
+from actprune import plan, sparsify_
 from actprune.activation import ActSparseLinear
 from actprune.config import PROJECTIONS
 from actprune.masks import parse_sparsity
@@ -201,3 +201,13 @@ def test_the_report_says_what_measured_sparsity_covers():
     assert "padding included" in covers["plain"] and "still read every input" not in covers["plain"]
     assert "per-token shift" in covers["shift"] and "low-rank correction reads" in covers["lowrank"]
     assert covers["weight"] == "the fraction of zero weights in the pruned layers"
+
+
+def test_a_model_pruned_already_is_refused_and_restore_is_named():
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "2:4"}
+    report = sparsify_(model, config, keep_dense=True)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj and 13 other layers are pruned already: .*restore_"):
+        plan(model, config)
+    report.restore_(model)
+    assert plan(model, config).targets
