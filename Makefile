@@ -33,10 +33,12 @@ test: $(STAMP)  ## every test (what CI runs)
 test-fast: $(STAMP)  ## the unit tests, for every edit
 	$(BIN)/python -m pytest -m "not cli and not integration and not slow" $(ARGS)
 
-lint: $(STAMP)  ## ruff: pyflakes, pycodestyle, import order
+lint: $(STAMP)  ## ruff: the format, pyflakes, pycodestyle, import order
+	$(BIN)/ruff format --check actprune tests scripts hydra_plugins
 	$(BIN)/ruff check actprune tests scripts hydra_plugins
 
-fmt: $(STAMP)  ## fix what ruff can (import order)
+fmt: $(STAMP)  ## ruff: format, and fix what it can (import order)
+	$(BIN)/ruff format actprune tests scripts hydra_plugins
 	$(BIN)/ruff check --fix actprune tests scripts hydra_plugins
 
 bench: $(STAMP)  ## the emulation's prefill cost

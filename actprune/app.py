@@ -17,8 +17,14 @@ from .config import register_configs
 
 log = logging.getLogger(__name__)
 # The configs: inside the package where it was installed from a wheel, else the checkout's conf/.
-CONF_DIR = next((d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
-                 if (d / "config.yaml").is_file()), Path(__file__).resolve().parent / "conf")
+CONF_DIR = next(
+    (
+        d
+        for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+        if (d / "config.yaml").is_file()
+    ),
+    Path(__file__).resolve().parent / "conf",
+)
 
 # Overrides that say where or how a job logs, not what it computes, stay out of its name.
 UNNAMED = re.compile(r"^(hydra\.|paths\.|logger\b|device$|experiment$|overwrite$)")
@@ -36,8 +42,10 @@ def job_name(overrides) -> str:
         key, _, value = override.lstrip("+~").replace("\\", "").partition("=")
         if not UNNAMED.match(key):
             named.append((key, value))
-    parts = [re.sub(r"[^\w.:=+,\[\]-]", "_", f"{key}={Path(value.rstrip('/')).name if '/' in value else value}")
-             for key, value in named]
+    parts = [
+        re.sub(r"[^\w.:=+,\[\]-]", "_", f"{key}={Path(value.rstrip('/')).name if '/' in value else value}")
+        for key, value in named
+    ]
     name = ",".join(parts) or "default"
     if any("/" in value for _, value in named) or len(name) > 200:
         digest = hashlib.sha1("\n".join(f"{key}={value}" for key, value in named).encode()).hexdigest()[:8]
@@ -77,7 +85,9 @@ def check_benchmarks(arguments: list[str]) -> None:
     if any(a.startswith("hydra.searchpath") for a in arguments):
         return  # configs of one's own: Hydra looks there too
     try:
-        overrides = OverridesParser.create().parse_overrides([a for a in arguments if "=" in a and not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in arguments if "=" in a and not a.startswith("-")]
+        )
     except Exception:  # Hydra reports its own syntax errors
         return
     available = sorted(path.stem for path in (CONF_DIR / "benchmark").glob("*.yaml"))

@@ -48,7 +48,9 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
     if local and data_dir and (Path(data_dir) / local).is_file():
         return jsonl_text(Path(data_dir) / local, cache_dir), corpus
     if hub is None:
-        raise FileNotFoundError(f"calibration.corpus={corpus}: {Path(data_dir or '<paths.data_dir>') / local} not found")
+        raise FileNotFoundError(
+            f"calibration.corpus={corpus}: {Path(data_dir or '<paths.data_dir>') / local} not found"
+        )
     try:
         return "\n\n".join(datasets.load_dataset(hub[0], hub[1], split=hub[2])["text"]), corpus
     except Exception as error:  # offline and not cached
@@ -62,9 +64,13 @@ def corpus_text(corpus: str, data_dir: str | None, cache_dir: str | None = None)
 
 def check_settings(count: int, seqlen: int, max_positions: int | None = None) -> None:
     if count < 1 or seqlen < 2:
-        raise ValueError(f"calibration.windows={count}, calibration.seqlen={seqlen}: allowed values are windows >= 1, seqlen >= 2")
+        raise ValueError(
+            f"calibration.windows={count}, calibration.seqlen={seqlen}: allowed values are windows >= 1, seqlen >= 2"
+        )
     if max_positions is not None and seqlen > max_positions:
-        raise ValueError(f"calibration.seqlen={seqlen} is longer than the model's context, max_position_embeddings={max_positions}")
+        raise ValueError(
+            f"calibration.seqlen={seqlen} is longer than the model's context, max_position_embeddings={max_positions}"
+        )
 
 
 def check_text(text: str, count: int, seqlen: int) -> None:
@@ -72,9 +78,11 @@ def check_text(text: str, count: int, seqlen: int) -> None:
     tokens aside) cannot hold `count` non-overlapping windows is refused."""
     most = len(text.encode("utf-8")) + 2
     if count * seqlen > most:
-        raise ValueError(f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
-                         f"more than the calibration text can hold (at most {most}), and windows do not overlap: "
-                         f"lower calibration.windows or calibration.seqlen")
+        raise ValueError(
+            f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
+            f"more than the calibration text can hold (at most {most}), and windows do not overlap: "
+            f"lower calibration.windows or calibration.seqlen"
+        )
 
 
 def window_starts(tokens: int, count: int, seqlen: int, seed: int) -> list[int]:
@@ -82,9 +90,11 @@ def window_starts(tokens: int, count: int, seqlen: int, seed: int) -> list[int]:
     `phase + k × seqlen` (phase and slots seeded, in seeded order), so that no two windows share a
     token: a subset held out (refit's) is never also fitted on."""
     if count * seqlen > tokens:
-        raise ValueError(f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
-                         f"more than the calibration text's {tokens}, and windows do not overlap: lower "
-                         f"calibration.windows or calibration.seqlen")
+        raise ValueError(
+            f"calibration.windows={count} x calibration.seqlen={seqlen} = {count * seqlen} tokens: "
+            f"more than the calibration text's {tokens}, and windows do not overlap: lower "
+            f"calibration.windows or calibration.seqlen"
+        )
     generator = torch.Generator().manual_seed(seed)
     phase = int(torch.randint(0, min(seqlen, tokens - count * seqlen + 1), (), generator=generator))
     slots = torch.randperm((tokens - phase) // seqlen, generator=generator)[:count]
@@ -100,8 +110,9 @@ def sample_windows(tokenizer, text: str, count: int, seqlen: int, seed: int) -> 
 
 
 @torch.no_grad()
-def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tensor,
-            second_moment: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+def collect(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tensor, second_moment: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
     """Run the (dense) model over `batches`; per layer and input channel: count, mean, var, l2,
     absmax, and with `second_moment` the matrix Σ x xᵀ. Layers fed the very same tensor (q/k/v,
     gate/up) share one set of statistics."""
@@ -117,7 +128,15 @@ def collect(model: nn.Module, layers: dict[str, nn.Linear], batches: torch.Tenso
                 return
             last["input"], last["name"] = weakref.ref(x), name
             x = x.detach().reshape(-1, x.shape[-1]).double()
-            acc = sums.setdefault(name, {"count": 0, "sum": 0, "sumsq": 0, "absmax": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)})
+            acc = sums.setdefault(
+                name,
+                {
+                    "count": 0,
+                    "sum": 0,
+                    "sumsq": 0,
+                    "absmax": torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device),
+                },
+            )
             acc["count"] += x.shape[0]
             acc["sum"] = acc["sum"] + x.sum(0)
             acc["sumsq"] = acc["sumsq"] + (x * x).sum(0)
@@ -191,8 +210,14 @@ class Calibration:
     corrections are kept for later jobs.
     """
 
-    def __init__(self, windows: torch.Tensor, corpus: str = "given", seed: int | None = None,
-                 model_id: str | None = None, cache_dir: str | None = None):
+    def __init__(
+        self,
+        windows: torch.Tensor,
+        corpus: str = "given",
+        seed: int | None = None,
+        model_id: str | None = None,
+        cache_dir: str | None = None,
+    ):
         self.windows = windows
         self.corpus, self.seed = corpus, seed
         self.model_id, self.cache_dir = model_id, cache_dir
@@ -201,18 +226,33 @@ class Calibration:
         self.seconds = 0.0  # spent tokenizing and on statistics (read from the cache or collected)
 
     @classmethod
-    def from_text(cls, tokenizer, text: str, corpus: str, calibration_cfg, model_id: str | None = None,
-                  cache_dir: str | None = None) -> Calibration:
+    def from_text(
+        cls,
+        tokenizer,
+        text: str,
+        corpus: str,
+        calibration_cfg,
+        model_id: str | None = None,
+        cache_dir: str | None = None,
+    ) -> Calibration:
         c, tic = calibration_cfg, time.perf_counter()
-        calibration = cls(sample_windows(tokenizer, text, c.windows, c.seqlen, c.seed), corpus, c.seed, model_id, cache_dir)
+        calibration = cls(
+            sample_windows(tokenizer, text, c.windows, c.seqlen, c.seed), corpus, c.seed, model_id, cache_dir
+        )
         calibration.seconds = time.perf_counter() - tic  # tokenizing counts as calibration time
         return calibration
 
     def record(self) -> dict:
         """What `results.json` says about the calibration a job used."""
         count, seqlen = self.windows.shape
-        return {"corpus": self.corpus, "windows": count, "seqlen": seqlen, "seed": self.seed,
-                "tokens": self.windows.numel(), **self.used}
+        return {
+            "corpus": self.corpus,
+            "windows": count,
+            "seqlen": seqlen,
+            "seed": self.seed,
+            "tokens": self.windows.numel(),
+            **self.used,
+        }
 
     def cache_file(self, kind: str, parts: dict, suffix: str) -> Path | None:
         """Where something computed from these windows for this model is kept; None without a cache."""
@@ -232,7 +272,12 @@ class Calibration:
 
     def _statistics(self, model: nn.Module, layers: dict[str, nn.Linear], second_moment: bool) -> dict:
         dtype = str(next(model.parameters()).dtype)
-        parts = {"layers": sorted(layers), "second_moment": second_moment, "dtype": dtype, "code": code_digest(collect, feed)}
+        parts = {
+            "layers": sorted(layers),
+            "second_moment": second_moment,
+            "dtype": dtype,
+            "code": code_digest(collect, feed),
+        }
         path = self.cache_file("calibration", parts, ".pt")
         if path is not None and path.is_file():
             try:
@@ -240,8 +285,13 @@ class Calibration:
                 _check_statistics(stats, layers, second_moment)
             except Exception as error:  # truncated, another format, another model's: never trusted
                 kept = set_aside(path, "corrupt")
-                log.warning("calibration cache %s is unreadable (%s: %s): set aside as %s, computing again",
-                            path, type(error).__name__, error, kept)
+                log.warning(
+                    "calibration cache %s is unreadable (%s: %s): set aside as %s, computing again",
+                    path,
+                    type(error).__name__,
+                    error,
+                    kept,
+                )
             else:
                 log.info("calibration cache hit: %s", path)
                 self.used.update(cache_file=str(path), cache="hit")

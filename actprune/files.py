@@ -73,8 +73,9 @@ def read_text(path: Path, name: str | None = None) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{name or path}: not UTF-8 text (byte {error.start}: {error.reason}); "
-                         f"a binary file?") from None
+        raise ValueError(
+            f"{name or path}: not UTF-8 text (byte {error.start}: {error.reason}); a binary file?"
+        ) from None
 
 
 _DIGESTS: dict[tuple, str] = {}

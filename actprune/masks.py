@@ -90,8 +90,10 @@ def topk_keep_mask(scores: torch.Tensor, n: int, m: int, resolve_ties: bool | No
         room = n - above.sum(-1, keepdim=True, dtype=count)
         keep = above | (at_cut & (at_cut.cumsum(-1, dtype=count) <= room))
         if not keep.is_cuda and int(keep.sum()) != keep.numel() // m * n:  # on CUDA this would synchronise
-            raise FloatingPointError(f"NaN scores: a group keeps fewer than {n} of {m} entries (a NaN in a pruned "
-                                     f"layer's input or in its score weights)")
+            raise FloatingPointError(
+                f"NaN scores: a group keeps fewer than {n} of {m} entries (a NaN in a pruned "
+                f"layer's input or in its score weights)"
+            )
     return keep.flatten(-2)
 
 

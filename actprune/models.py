@@ -106,7 +106,11 @@ def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
     import transformers
 
     local = Path(path) / gguf_file
-    key = f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}" if local.is_file() else f"{path}/{gguf_file}"
+    key = (
+        f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}"
+        if local.is_file()
+        else f"{path}/{gguf_file}"
+    )
     key += f"|transformers {transformers.__version__}"
     return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
@@ -202,7 +206,9 @@ def locate(model_cfg, cache_dir: str, resolved: tuple[str, str | None] | None = 
             if problem is None:
                 return str(cached), None
             kept = set_aside(cached, "corrupt")
-            log.warning("dequantized model %s is unusable (%s): set aside as %s, dequantizing again", cached, problem, kept)
+            log.warning(
+                "dequantized model %s is unusable (%s): set aside as %s, dequantizing again", cached, problem, kept
+            )
     return path, gguf_file
 
 
@@ -214,8 +220,15 @@ def check_device_map(device_map: str | None) -> None:
         raise ValueError(f"model.device_map={device_map!r}: allowed values are null, {', '.join(DEVICE_MAPS)}")
 
 
-def load_model(path: str, gguf_file: str | None, device: torch.device, dtype: torch.dtype, cache_dir: str,
-               trust_remote_code: bool = False, device_map: str | None = None):
+def load_model(
+    path: str,
+    gguf_file: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache_dir: str,
+    trust_remote_code: bool = False,
+    device_map: str | None = None,
+):
     """Load model and tokenizer from a hub id, a local folder or a GGUF file, on `device` in `dtype`.
 
     `device_map` (CUDA only; e.g. `auto`) spreads a model larger than one GPU over all visible ones.

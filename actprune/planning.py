@@ -74,25 +74,33 @@ def plan(model: nn.Module, config) -> PruningPlan:
     if config.selection not in SELECTIONS:
         raise ValueError(f"pruning.selection={config.selection!r}: allowed values are {list(SELECTIONS)}")
     if config.selection == "threshold" and pattern.is_nm:
-        raise ValueError(f"pruning.selection=threshold with pruning.sparsity={pattern}: a calibrated threshold "
-                         f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M")
+        raise ValueError(
+            f"pruning.selection=threshold with pruning.sparsity={pattern}: a calibrated threshold "
+            f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M"
+        )
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
     if method.kind != "dense":  # a sweep may cross the dense model with allocation: nothing to allocate there
         allocation.check(config.allocation, config.allocation_choices, pattern, config.allocation_budget)
     if config.allocation != "uniform" and method.kind == "weight":  # weight methods would run uniform, unsaid
         supported = sorted(name for name, m in METHODS.items() if m.kind == "activation")
-        raise ValueError(f"pruning.allocation={config.allocation} with pruning.method={method.name}: allocation "
-                         f"is for activation methods ({supported}); allowed with weight methods: uniform")
+        raise ValueError(
+            f"pruning.allocation={config.allocation} with pruning.method={method.name}: allocation "
+            f"is for activation methods ({supported}); allowed with weight methods: uniform"
+        )
     if config.backend not in BACKENDS:
         raise ValueError(f"pruning.backend={config.backend!r}: allowed values are {list(BACKENDS)}")
     problems = kernels.unsupported(method.kind, method.name, pattern, config.selection, transforms.names)
     if config.backend == "kernel" and method.kind != "dense" and problems:
-        raise ValueError(f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {kernels.SUPPORT}; "
-                         f"pruning.backend=emulate runs everything")
+        raise ValueError(
+            f"pruning.backend=kernel: {'; '.join(problems)}. Supported: {kernels.SUPPORT}; "
+            f"pruning.backend=emulate runs everything"
+        )
     if config.blocksize < 1 or config.percdamp < 0:
-        raise ValueError(f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
-                         f"values are blocksize >= 1 and percdamp >= 0")
+        raise ValueError(
+            f"pruning.blocksize={config.blocksize}, pruning.percdamp={config.percdamp}: allowed "
+            f"values are blocksize >= 1 and percdamp >= 0"
+        )
     prefix, layers = decoder_layers(model)
     indices = range(len(layers)) if config.layers is None else config.layers
     for index in indices:
@@ -100,8 +108,10 @@ def plan(model: nn.Module, config) -> PruningPlan:
             raise ValueError(f"pruning.layers contains {index}: allowed values are 0..{len(layers) - 1}")
     pruned = [name for name, module in layers.named_modules() if isinstance(module, ActSparseLinear)]
     if pruned:
-        raise ValueError(f"{prefix}.{pruned[0]} and {len(pruned) - 1} other layers are pruned already: plan and "
-                         f"sparsify_ a dense model (`report.restore_(model)` undoes sparsify_(..., keep_dense=True))")
+        raise ValueError(
+            f"{prefix}.{pruned[0]} and {len(pruned) - 1} other layers are pruned already: plan and "
+            f"sparsify_ a dense model (`report.restore_(model)` undoes sparsify_(..., keep_dense=True))"
+        )
     available = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})
     unknown = [name for name in config.target_modules if name not in available]
     if unknown or not config.target_modules:
@@ -118,7 +128,9 @@ def plan(model: nn.Module, config) -> PruningPlan:
     for skip in config.skip_layers:
         matched = [name for name in targets if fnmatch.fnmatch(name, skip)]
         if not matched:
-            raise ValueError(f"pruning.skip_layers: {skip!r} matches no targeted layer (names look like {next(iter(targets))!r})")
+            raise ValueError(
+                f"pruning.skip_layers: {skip!r} matches no targeted layer (names look like {next(iter(targets))!r})"
+            )
         for name in matched:
             skipped.append(name)
             del targets[name]
@@ -152,13 +164,18 @@ def plan(model: nn.Module, config) -> PruningPlan:
                 f"{pattern.m} ({len(uneven)} such layers); choose another M or drop it from "
                 f"pruning.target_modules"
             )
-    return PruningPlan(config, method, pattern, transforms, list(targets), sorted(skipped),
-                       _needs(method, config, pattern, transforms))
+    return PruningPlan(
+        config, method, pattern, transforms, list(targets), sorted(skipped), _needs(method, config, pattern, transforms)
+    )
 
 
 def _needs(method: Method, config: PruningConfig, pattern: Pattern, transforms: Transforms) -> Needs:
     if method.kind == "activation":
-        steps = (config.selection == "threshold" or transforms.learnable is not None
-                 or transforms.refit is not None or config.allocation != "uniform")
+        steps = (
+            config.selection == "threshold"
+            or transforms.learnable is not None
+            or transforms.refit is not None
+            or config.allocation != "uniform"
+        )
         return Needs(frozenset(needed_statistics(config.score, transforms)), steps)
     return Needs(windows=method.layerwise is not None and not pattern.is_dense())

@@ -28,6 +28,7 @@ PIPELINES = {
     "dense": lambda model, plan, targets, calibration: Pruned(dict(targets)),
 }
 
+
 @dataclass
 class SparsityReport:
     """What `sparsify_` did; `summary()` reads the measured sparsity from the layers as they ran."""
@@ -107,20 +108,30 @@ class SparsityReport:
             return "nothing is pruned"
         if self.kind == "weight":
             return "the fraction of zero weights in the pruned layers"
-        text = ("the fraction of pruned layers' input entries the masks zeroed, over every token the benchmarks "
-                "fed (padding included, e.g. lm_eval's; generate's timed runs are not counted, its warm-up is)")
+        text = (
+            "the fraction of pruned layers' input entries the masks zeroed, over every token the benchmarks "
+            "fed (padding included, e.g. lm_eval's; generate's timed runs are not counted, its warm-up is)"
+        )
         wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
-        dense_reads = [reason for reason, used in (
-            ("a per-token shift reads it to find η", any(w.shift in ("mean", "median") for w in wrappers)),
-            ("the low-rank correction reads the dropped entries",
-             any(w.correction is not None and w.correction.u is not None for w in wrappers))) if used]
+        dense_reads = [
+            reason
+            for reason, used in (
+                ("a per-token shift reads it to find η", any(w.shift in ("mean", "median") for w in wrappers)),
+                (
+                    "the low-rank correction reads the dropped entries",
+                    any(w.correction is not None and w.correction.u is not None for w in wrappers),
+                ),
+            )
+            if used
+        ]
         if dense_reads:
             text += "; the layers still read every input (" + ", ".join(dense_reads) + ")"
         return text
 
 
-def sparsify_(model: nn.Module, config, calibration: Calibration | torch.Tensor | None = None,
-              keep_dense: bool = False) -> SparsityReport:
+def sparsify_(
+    model: nn.Module, config, calibration: Calibration | torch.Tensor | None = None, keep_dense: bool = False
+) -> SparsityReport:
     """Prune `model` in place as `config` (a PruningConfig, dict, DictConfig, or a `plan` of them) says.
 
     Activation methods replace each target `nn.Linear` by a wrapper that masks its input per
@@ -156,8 +167,9 @@ def sparsify_(model: nn.Module, config, calibration: Calibration | torch.Tensor 
     report.thresholds = records.get("thresholds", {})
     if method.kind == "weight":
         with torch.no_grad():
-            report.weight_sparsity = {name: float((linear.weight == 0).sum()) / linear.weight.numel()
-                                      for name, linear in targets.items()}
+            report.weight_sparsity = {
+                name: float((linear.weight == 0).sum()) / linear.weight.numel() for name, linear in targets.items()
+            }
     if needs:
         report.calibration = calibration.record()
     return report

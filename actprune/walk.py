@@ -123,8 +123,15 @@ class LayerInputs:
         return [name for name in targets if name.startswith(f"{self.prefix}.{index}.")]
 
 
-def layer_by_layer(model: nn.Module, windows: torch.Tensor, targets, visit, desc: str, streams: int = 1,
-                   context: contextlib.AbstractContextManager | None = None) -> None:
+def layer_by_layer(
+    model: nn.Module,
+    windows: torch.Tensor,
+    targets,
+    visit,
+    desc: str,
+    streams: int = 1,
+    context: contextlib.AbstractContextManager | None = None,
+) -> None:
     """Go through the decoder layers in order, each fed the windows as the layers before it, already
     changed, produce them. `hidden` holds `streams` lists of per-window hidden states (e.g. a
     corrected sparse stream and the dense one); for each layer holding some of `targets`,

@@ -32,7 +32,9 @@ class LayerInputStatistics:
 
 
 @torch.no_grad()
-def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], calibration: Calibration | None) -> Pruned:
+def apply_(
+    model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], calibration: Calibration | None
+) -> Pruned:
     """Zero the weights of `targets` in place as `plan.method` says."""
     done = Pruned(dict(targets))
     if plan.pattern.is_dense():
@@ -57,8 +59,10 @@ def _layerwise_(model, plan, targets, windows, seconds) -> None:
         nonlocal pruning
         [stream] = hidden
         mine = {name: targets[name] for name in names}
-        seen = {name: LayerInputStatistics(linear.in_features, method.layerwise == "hessian", linear.weight.device)
-                for name, linear in mine.items()}
+        seen = {
+            name: LayerInputStatistics(linear.in_features, method.layerwise == "hessian", linear.weight.device)
+            for name, linear in mine.items()
+        }
         handles = [linear.register_forward_pre_hook(seen[name].add) for name, linear in mine.items()]
         try:
             walk.run(index, stream)

@@ -22,9 +22,15 @@ from actprune.masks import parse_sparsity
 
 
 def stack(hidden: int, intermediate: int, device, dtype) -> dict[str, nn.Linear]:
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-              "o_proj": (hidden, hidden), "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate),
-              "down_proj": (intermediate, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, hidden),
+        "v_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
     return {name: nn.Linear(i, o, bias=False, device=device, dtype=dtype) for name, (i, o) in shapes.items()}
 
 
@@ -71,8 +77,10 @@ def bench(device: torch.device, args) -> None:
     repeats = args.repeats or (50 if cuda else 7)
     torch.manual_seed(0)
     dense = stack(args.hidden, args.intermediate, device, dtype)
-    inputs = [torch.randn(tokens, width, device=device, dtype=dtype)
-              for width in (args.hidden, args.hidden, args.hidden, args.intermediate)]
+    inputs = [
+        torch.randn(tokens, width, device=device, dtype=dtype)
+        for width in (args.hidden, args.hidden, args.hidden, args.intermediate)
+    ]
     for setting in args.settings.split(","):
         pattern = parse_sparsity(setting)
         pruned = {name: ActSparseLinear(linear, pattern) for name, linear in dense.items()}
@@ -84,16 +92,26 @@ def bench(device: torch.device, args) -> None:
             dense_ms.append(timed(lambda: forward(dense, *inputs), device))
             pruned_ms.append(timed(lambda: forward(pruned, *inputs), device))
         dense_median, pruned_median = statistics.median(dense_ms), statistics.median(pruned_ms)
-        print(json.dumps({
-            "setting": setting,
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "dtype": str(dtype).removeprefix("torch."),
-            "shape": {"tokens": tokens, "hidden": args.hidden, "intermediate": args.intermediate, "projections": 7},
-            "threads": torch.get_num_threads(),
-            "dense_ms": round(dense_median, 3),
-            "pruned_ms": round(pruned_median, 3),
-            "ratio": round(pruned_median / dense_median, 3),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "setting": setting,
+                    "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "shape": {
+                        "tokens": tokens,
+                        "hidden": args.hidden,
+                        "intermediate": args.intermediate,
+                        "projections": 7,
+                    },
+                    "threads": torch.get_num_threads(),
+                    "dense_ms": round(dense_median, 3),
+                    "pruned_ms": round(pruned_median, 3),
+                    "ratio": round(pruned_median / dense_median, 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

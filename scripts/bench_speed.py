@@ -49,8 +49,15 @@ MAX_COPIES = 512
 
 def projections(hidden: int, intermediate: int, kv: int) -> dict[str, tuple[int, int]]:
     """(in, out) of the seven projections of a decoder layer."""
-    return {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
-            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+    return {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
+    }
 
 
 def selection(pattern: str, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -152,7 +159,7 @@ def bench_decode_cuda(args, device, dtype, base: dict) -> None:
     for model in args.shapes:
         for projection, (width, out) in projections(*MODELS[model]).items():
             copies = min(MAX_COPIES, max(2, math.ceil(flush_bytes / (width * out * size))))
-            weights = [torch.randn(out, width, device=device, dtype=dtype) / width ** 0.5 for _ in range(copies)]
+            weights = [torch.randn(out, width, device=device, dtype=dtype) / width**0.5 for _ in range(copies)]
             laid_out = [layout_weight(weight) for weight in weights]
             for pattern in args.patterns:
                 for batch in args.batches:
@@ -164,20 +171,33 @@ def bench_decode_cuda(args, device, dtype, base: dict) -> None:
                     x_bytes = x.numel() * size
                     sparse_bytes = int(keep.any(0).sum()) * out * size + x_bytes
                     dense_bytes = width * out * size + x_bytes
-                    emit(**base, part="decode", backend="triton", model=model, projection=projection,
-                         shape={"in": width, "out": out}, pattern=pattern, batch=batch,
-                         kept_columns=round(float(keep.any(0).float().mean()), 4),
-                         dense_ms=round(dense_ms, 5), sparse_ms=round(sparse_ms, 5),
-                         speedup=round(dense_ms / sparse_ms, 3),
-                         bandwidth_fraction=round(sparse_bytes / (sparse_ms / 1000) / bandwidth, 3),
-                         dense_bandwidth_fraction=round(dense_bytes / (dense_ms / 1000) / bandwidth, 3),
-                         timing=dense.mode if dense.mode == sparse.mode else f"{dense.mode}/{sparse.mode}")
+                    emit(
+                        **base,
+                        part="decode",
+                        backend="triton",
+                        model=model,
+                        projection=projection,
+                        shape={"in": width, "out": out},
+                        pattern=pattern,
+                        batch=batch,
+                        kept_columns=round(float(keep.any(0).float().mean()), 4),
+                        dense_ms=round(dense_ms, 5),
+                        sparse_ms=round(sparse_ms, 5),
+                        speedup=round(dense_ms / sparse_ms, 3),
+                        bandwidth_fraction=round(sparse_bytes / (sparse_ms / 1000) / bandwidth, 3),
+                        dense_bandwidth_fraction=round(dense_bytes / (dense_ms / 1000) / bandwidth, 3),
+                        timing=dense.mode if dense.mode == sparse.mode else f"{dense.mode}/{sparse.mode}",
+                    )
             del weights, laid_out
 
 
 def bench_decode_emulated(args, device, dtype, base: dict) -> None:
-    emit(**base, part="decode", note="kernel times need a CUDA GPU: these lines time the emulation "
-                                     "(ActSparseLinear) against F.linear on this device, not the Triton kernels")
+    emit(
+        **base,
+        part="decode",
+        note="kernel times need a CUDA GPU: these lines time the emulation "
+        "(ActSparseLinear) against F.linear on this device, not the Triton kernels",
+    )
     for model in args.shapes:
         for projection, (width, out) in projections(*MODELS[model]).items():
             linear = nn.Linear(width, out, bias=False, device=device, dtype=dtype)
@@ -188,34 +208,59 @@ def bench_decode_emulated(args, device, dtype, base: dict) -> None:
                     kwargs, keep = selection(pattern, x)
                     wrapped.set_threshold(kwargs.get("threshold"))
                     wrapped(x)  # warm-up
-                    dense_ms, sparse_ms = interleaved([lambda: cpu_ms(lambda: F.linear(x, linear.weight)),
-                                                       lambda: cpu_ms(lambda: wrapped(x))], args.repeats)
-                    emit(**base, part="decode", backend="emulate", model=model, projection=projection,
-                         shape={"in": width, "out": out}, pattern=pattern, batch=batch,
-                         kept_columns=round(float(keep.any(0).float().mean()), 4),
-                         dense_ms=round(dense_ms, 4), sparse_ms=round(sparse_ms, 4),
-                         speedup=round(dense_ms / sparse_ms, 3))
+                    dense_ms, sparse_ms = interleaved(
+                        [lambda: cpu_ms(lambda: F.linear(x, linear.weight)), lambda: cpu_ms(lambda: wrapped(x))],
+                        args.repeats,
+                    )
+                    emit(
+                        **base,
+                        part="decode",
+                        backend="emulate",
+                        model=model,
+                        projection=projection,
+                        shape={"in": width, "out": out},
+                        pattern=pattern,
+                        batch=batch,
+                        kept_columns=round(float(keep.any(0).float().mean()), 4),
+                        dense_ms=round(dense_ms, 4),
+                        sparse_ms=round(sparse_ms, 4),
+                        speedup=round(dense_ms / sparse_ms, 3),
+                    )
 
 
 def bench_prefill(args, device, dtype, base: dict) -> None:
     tokens = args.prefill_tokens
     for model in args.shapes:
         for projection, (width, out) in projections(*MODELS[model]).items():
-            line = dict(base, part="prefill", pattern="2:4", model=model, projection=projection,
-                        shape={"in": width, "out": out}, tokens=tokens)
+            line = dict(
+                base,
+                part="prefill",
+                pattern="2:4",
+                model=model,
+                projection=projection,
+                shape={"in": width, "out": out},
+                tokens=tokens,
+            )
             reason = semi_structured_unavailable(tokens, width, out, dtype, device)
             if reason is not None:
                 emit(**line, unavailable=reason)
                 continue
             x = torch.randn(tokens, width, device=device, dtype=dtype)
-            weight = torch.randn(out, width, device=device, dtype=dtype) / width ** 0.5
+            weight = torch.randn(out, width, device=device, dtype=dtype) / width**0.5
             pruned = x * topk_keep_mask(x.abs(), 2, 4)
-            timers = [Eager(lambda: F.linear(x, weight)),
-                      Eager(lambda: semi_structured_linear(x * topk_keep_mask(x.abs(), 2, 4), weight)),
-                      Eager(lambda: semi_structured_linear(pruned, weight))]
+            timers = [
+                Eager(lambda: F.linear(x, weight)),
+                Eager(lambda: semi_structured_linear(x * topk_keep_mask(x.abs(), 2, 4), weight)),
+                Eager(lambda: semi_structured_linear(pruned, weight)),
+            ]
             dense_ms, sparse_ms, compressed_mm_ms = interleaved(timers, args.repeats)
-            emit(**line, dense_ms=round(dense_ms, 4), sparse_ms=round(sparse_ms, 4),
-                 compressed_mm_ms=round(compressed_mm_ms, 4), speedup=round(dense_ms / sparse_ms, 3))
+            emit(
+                **line,
+                dense_ms=round(dense_ms, 4),
+                sparse_ms=round(sparse_ms, 4),
+                compressed_mm_ms=round(compressed_mm_ms, 4),
+                speedup=round(dense_ms / sparse_ms, 3),
+            )
 
 
 def bench_end_to_end(args, device, dtype, base: dict) -> None:
@@ -229,11 +274,19 @@ def bench_end_to_end(args, device, dtype, base: dict) -> None:
     backend = "kernel" if device.type == "cuda" else "emulate"  # the interpreter would time Python, not a kernel
     settings = [{"sparsity": p} for p in args.patterns if ":" in p]
     if args.data_dir:
-        settings += [{"sparsity": float(p), "selection": "threshold"} for p in args.patterns if p[0].isdigit() and ":" not in p]
+        settings += [
+            {"sparsity": float(p), "selection": "threshold"} for p in args.patterns if p[0].isdigit() and ":" not in p
+        ]
     for setting in settings:
-        overrides = [f"device={device}", f"model.dtype={str(dtype).removeprefix('torch.')}", "logger=none",
-                     "pruning=act_magnitude", f"pruning.backend={backend}", *[f"pruning.{k}={v}" for k, v in setting.items()],
-                     *([f"paths.data_dir={args.data_dir}", "calibration.corpus=wikitext2_validation"] if args.data_dir else [])]
+        overrides = [
+            f"device={device}",
+            f"model.dtype={str(dtype).removeprefix('torch.')}",
+            "logger=none",
+            "pruning=act_magnitude",
+            f"pruning.backend={backend}",
+            *[f"pruning.{k}={v}" for k, v in setting.items()],
+            *([f"paths.data_dir={args.data_dir}", "calibration.corpus=wikitext2_validation"] if args.data_dir else []),
+        ]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
         with open_dict(cfg):
@@ -245,10 +298,19 @@ def bench_end_to_end(args, device, dtype, base: dict) -> None:
             result = measure(loaded.model, loaded.tokenizer, PROMPTS, args.new_tokens, args.e2e_repeats)
         finally:
             report.restore_(loaded.model)
-        emit(**base, part="end_to_end", backend=backend, model="SmolLM2-135M-Instruct", pattern=str(setting["sparsity"]),
-             selection=setting.get("selection", "topk"), prompts=len(PROMPTS), new_tokens=args.new_tokens,
-             dense_tokens_per_s=round(result["dense"]["decode_tokens_per_s"], 2),
-             pruned_tokens_per_s=round(result["decode_tokens_per_s"], 2), speedup=round(result["decode_speedup"], 3))
+        emit(
+            **base,
+            part="end_to_end",
+            backend=backend,
+            model="SmolLM2-135M-Instruct",
+            pattern=str(setting["sparsity"]),
+            selection=setting.get("selection", "topk"),
+            prompts=len(PROMPTS),
+            new_tokens=args.new_tokens,
+            dense_tokens_per_s=round(result["dense"]["decode_tokens_per_s"], 2),
+            pruned_tokens_per_s=round(result["decode_tokens_per_s"], 2),
+            speedup=round(result["decode_speedup"], 3),
+        )
 
 
 def main() -> None:

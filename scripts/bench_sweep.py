@@ -33,7 +33,8 @@ def perplexities(folder: Path) -> dict:
         record = json.loads(path.read_text())
         pruning = record["config"]["pruning"]
         found[(pruning["method"], str(pruning["sparsity"]))] = next(
-            value for key, value in record["metrics"].items() if key.startswith("ppl/"))
+            value for key, value in record["metrics"].items() if key.startswith("ppl/")
+        )
     return found
 
 
@@ -44,18 +45,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_sweep"))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    common = ["logger=none", "model.seqlen=512", f"paths.data_dir={args.data_dir}",
-              "benchmark.ppl_wikitext2.fallback_text=true", f"benchmark.ppl_wikitext2.max_windows={args.windows}"]
+    common = [
+        "logger=none",
+        "model.seqlen=512",
+        f"paths.data_dir={args.data_dir}",
+        "benchmark.ppl_wikitext2.fallback_text=true",
+        f"benchmark.ppl_wikitext2.max_windows={args.windows}",
+    ]
 
-    sweep = actprune("-m", *common, "pruning=" + ",".join(sorted({m for m, _ in JOBS})),
-                     "pruning.sparsity=" + ",".join(dict.fromkeys(s for _, s in JOBS)), f"hydra.sweep.dir={args.out / 'sweep'}")
-    singles = [actprune(*common, f"pruning={method}", f"pruning.sparsity={sparsity}",
-                        f"hydra.run.dir={args.out / 'single' / f'{method}-{sparsity}'}") for method, sparsity in JOBS]
+    sweep = actprune(
+        "-m",
+        *common,
+        "pruning=" + ",".join(sorted({m for m, _ in JOBS})),
+        "pruning.sparsity=" + ",".join(dict.fromkeys(s for _, s in JOBS)),
+        f"hydra.sweep.dir={args.out / 'sweep'}",
+    )
+    singles = [
+        actprune(
+            *common,
+            f"pruning={method}",
+            f"pruning.sparsity={sparsity}",
+            f"hydra.run.dir={args.out / 'single' / f'{method}-{sparsity}'}",
+        )
+        for method, sparsity in JOBS
+    ]
 
     same = perplexities(args.out / "sweep") == perplexities(args.out / "single")
     print(f"{len(JOBS)} jobs, {args.windows} windows of 512 tokens each, SmolLM2-135M on CPU")
     print(f"one sweep (model, data, tokenized text loaded once): {sweep:7.1f} s")
-    print(f"six single runs:                                   {sum(singles):7.1f} s  ({', '.join(f'{s:.1f}' for s in singles)})")
+    print(
+        f"six single runs:                                   {sum(singles):7.1f} s  ({', '.join(f'{s:.1f}' for s in singles)})"
+    )
     print(f"ratio sweep / single runs: {sweep / sum(singles):.2f}   (goal <= 0.5); same perplexities: {same}")
     if not same:
         raise SystemExit("the sweep and the single runs disagree")

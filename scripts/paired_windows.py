@@ -29,16 +29,20 @@ def main(paths: list[str]) -> None:
         raise SystemExit(__doc__)
     baseline = load(paths[0])
     base = baseline["ppl_wikitext2"]["window_nll"]
-    print(f"baseline {label(baseline)} {pattern_label(baseline, baseline['sparsity'].get('pattern'))}: ppl {math.exp(sum(base) / len(base)):.2f}")
+    print(
+        f"baseline {label(baseline)} {pattern_label(baseline, baseline['sparsity'].get('pattern'))}: ppl {math.exp(sum(base) / len(base)):.2f}"
+    )
     for path in paths[1:]:
         other = load(path)
         mine = other["ppl_wikitext2"]["window_nll"]
         if len(mine) != len(base):
             raise SystemExit(f"{path}: {len(mine)} windows, the baseline {len(base)}: not the same text")
         mean, se, wins = paired_gain(base, mine)
-        print(f"{label(other)} {pattern_label(other, other['sparsity'].get('pattern'))}: ppl {math.exp(sum(mine) / len(mine)):.2f}; "
-              f"mean NLL gain {mean:+.4f} ± {se:.4f} (SE), t = {mean / se:.1f}; "
-              f"lower on {wins}/{len(mine)} windows")
+        print(
+            f"{label(other)} {pattern_label(other, other['sparsity'].get('pattern'))}: ppl {math.exp(sum(mine) / len(mine)):.2f}; "
+            f"mean NLL gain {mean:+.4f} ± {se:.4f} (SE), t = {mean / se:.1f}; "
+            f"lower on {wins}/{len(mine)} windows"
+        )
 
 
 if __name__ == "__main__":

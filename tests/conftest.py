@@ -86,11 +86,23 @@ def tiny_setup(tmp_path_factory):
     (data_dir / "lm_eval" / "piqa").mkdir(parents=True)
     with open(data_dir / "lm_eval" / "piqa" / "validation.jsonl", "w") as file:
         for i in range(6):
-            file.write(json.dumps({"goal": f"How to start the game {i}?", "sol1": "Press start.", "sol2": "Carry over the work.", "label": i % 2}) + "\n")
+            file.write(
+                json.dumps(
+                    {
+                        "goal": f"How to start the game {i}?",
+                        "sol1": "Press start.",
+                        "sol2": "Carry over the work.",
+                        "label": i % 2,
+                    }
+                )
+                + "\n"
+            )
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
     model_dir = root / "tiny-llama"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(model_dir)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(model_dir)
     llama(vocab_size=256, intermediate_size=96, max_position_embeddings=1024).save_pretrained(model_dir)
     return {"model": model_dir, "data": data_dir, "root": root}

@@ -42,7 +42,9 @@ def random_windows():
 
 
 def actprune(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "actprune", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def _default_sigint() -> None:
@@ -55,8 +57,13 @@ def _default_sigint() -> None:
 def measuring(args) -> tuple[subprocess.Popen, bytes]:
     """A job started in a subprocess, returned once it is measuring perplexity (past plan and load),
     with what it printed so far (tqdm writes no newline, so the output is read as it comes)."""
-    process = subprocess.Popen([sys.executable, "-m", "actprune", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "actprune", *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_default_sigint,
+    )
     seen = b""
     while b"wikitext2 windows" not in seen:
         chunk = os.read(process.stdout.fileno(), 4096)
@@ -68,9 +75,15 @@ def measuring(args) -> tuple[subprocess.Popen, bytes]:
 
 
 def common(setup, sweep_dir):
-    return [f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
-            f"paths.cache_dir={setup['root'] / 'cache'}", "logger=none", f"hydra.sweep.dir={sweep_dir}",
-            f"hydra.run.dir={sweep_dir}/run"]
+    return [
+        f"model.path={setup['model']}",
+        "model.seqlen=32",
+        f"paths.data_dir={setup['data']}",
+        f"paths.cache_dir={setup['root'] / 'cache'}",
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.run.dir={sweep_dir}/run",
+    ]
 
 
 def results_in(folder: Path) -> dict:
@@ -79,10 +92,18 @@ def results_in(folder: Path) -> dict:
 
 def job_config(setup, tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"model.path={setup['model']}", "model.seqlen=32", f"paths.data_dir={setup['data']}",
-            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none",
-            *([WINDOWS] if not any(o.startswith("benchmark=") for o in overrides) else []), *overrides])
+        cfg = compose(
+            "config",
+            overrides=[
+                f"model.path={setup['model']}",
+                "model.seqlen=32",
+                f"paths.data_dir={setup['data']}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                "logger=none",
+                *([WINDOWS] if not any(o.startswith("benchmark=") for o in overrides) else []),
+                *overrides,
+            ],
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     return cfg

@@ -22,9 +22,10 @@ def test_the_knapsack_gives_more_to_sensitive_layers_and_keeps_the_budget():
     widths = {"a": 64, "b": 64, "c": 128}
     chosen = allocate(errors, widths, lambda n: Fraction(n, 8), 4)
     assert sum(widths[n] * chosen[n] for n in chosen) == sum(widths.values()) * 4
-    brute = min(((x, y, z) for x in (2, 4, 6) for y in (2, 4, 6) for z in (2, 4, 6)
-                 if 64 * x + 64 * y + 128 * z == 256 * 4),
-                key=lambda c: errors["a"][c[0]] + errors["b"][c[1]] + errors["c"][c[2]])
+    brute = min(
+        ((x, y, z) for x in (2, 4, 6) for y in (2, 4, 6) for z in (2, 4, 6) if 64 * x + 64 * y + 128 * z == 256 * 4),
+        key=lambda c: errors["a"][c[0]] + errors["b"][c[1]] + errors["c"][c[2]],
+    )
     assert (chosen["a"], chosen["b"], chosen["c"]) == brute
 
 
@@ -64,8 +65,11 @@ def test_a_calibrated_allocation_keeps_the_targets_fraction_of_weights_with_uneq
 
 def test_an_inputs_budget_keeps_the_targets_fraction_of_inputs_and_says_what_it_keeps_of_weights():
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated",
-                               "allocation_budget": "inputs"}, WINDOWS)
+    report = sparsify_(
+        model,
+        {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated", "allocation_budget": "inputs"},
+        WINDOWS,
+    )
     per_layer = report.allocation["per_layer"]
     assert kept_over(model, per_layer, lambda layer: layer.in_features) == Fraction(1, 2)
     assert report.summary()["kept_by_weight"] == pytest.approx(float(kept_over(model, per_layer, weight_size)))
@@ -76,11 +80,14 @@ def test_an_inputs_budget_keeps_the_targets_fraction_of_inputs_and_says_what_it_
     assert report.summary()["measured"] == pytest.approx(0.5)  # measured weighs the inputs by width too
 
 
-@pytest.mark.parametrize("config,kept", [
-    ({"sparsity": "2:4"}, 0.5),
-    ({"sparsity": "8:16", "skip_layers": ["*.down_proj"]}, 0.5),
-    ({"sparsity": 0.3, "selection": "threshold"}, 0.7),  # a threshold's target ratio
-])
+@pytest.mark.parametrize(
+    "config,kept",
+    [
+        ({"sparsity": "2:4"}, 0.5),
+        ({"sparsity": "8:16", "skip_layers": ["*.down_proj"]}, 0.5),
+        ({"sparsity": 0.3, "selection": "threshold"}, 0.7),  # a threshold's target ratio
+    ],
+)
 def test_every_activation_job_records_its_kept_fraction_by_weight(config, kept):
     report = sparsify_(llama(), {"method": "act_magnitude", **config}, WINDOWS)
     assert report.summary()["kept_by_weight"] == pytest.approx(kept)
@@ -103,8 +110,9 @@ def test_a_non_finite_layer_error_is_refused_naming_the_layer_and_the_choice():
 @pytest.mark.parametrize("selection", ["topk", "threshold"])
 def test_ratios_are_allocated_per_layer_too(selection):
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": 0.5, "selection": selection,
-                               "allocation": "calibrated"}, WINDOWS)
+    report = sparsify_(
+        model, {"method": "act_magnitude", "sparsity": 0.5, "selection": selection, "allocation": "calibrated"}, WINDOWS
+    )
     ratios = {name: float(p) for name, p in report.allocation["per_layer"].items()}
     assert len(set(ratios.values())) > 1
     assert kept_over(model, report.allocation["per_layer"], weight_size) == Fraction(1, 2)
@@ -120,8 +128,12 @@ def test_ratios_are_allocated_per_layer_too(selection):
 
 
 def test_allocated_rows_are_labelled_apart_from_uniform_ones_with_the_kept_fraction_of_weights():
-    result = {"status": "ok", "sparsity": {"kind": "activation", "pattern": "8:16", "kept_by_weight": 0.549},
-              "metrics": {}, "config": {"pruning": {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}}}
+    result = {
+        "status": "ok",
+        "sparsity": {"kind": "activation", "pattern": "8:16", "kept_by_weight": 0.549},
+        "metrics": {},
+        "config": {"pruning": {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}},
+    }
     assert table.row(result)["sparsity"] == "8:16 mean (w 0.549)"
     assert table.zeroed_fraction("8:16 mean (w 0.549)") == 0.5
     assert "8:16 mean (w 0.549)" in table.table([("job", result)])
@@ -131,21 +143,30 @@ def test_allocated_rows_are_labelled_apart_from_uniform_ones_with_the_kept_fract
     assert table.row(uniform)["sparsity"] == "8:16"
 
 
-@pytest.mark.parametrize("config,words", [
-    ({"allocation": "greedy"}, "pruning.allocation='greedy': allowed values are \\['uniform', 'calibrated'\\]"),
-    ({"allocation": "calibrated", "sparsity": 0.0}, "a sparsity of 0: there is nothing to allocate"),
-    ({"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.2, 0.4]}, "include the target's 0.5"),
-    ({"allocation": "calibrated", "allocation_choices": [4, 6]}, "include the target's N=8"),
-    ({"allocation": "calibrated", "allocation_choices": [8, 16]}, "integers 1 <= N < 16"),
-    ({"allocation": "calibrated", "allocation_budget": "flops"},
-     "pruning.allocation_budget='flops': allowed values are \\['weights', 'inputs'\\]"),
-    # each decimal of a ratio makes the knapsack ten times larger
-    ({"allocation": "calibrated", "sparsity": 0.3333}, "pruning.sparsity=0.3333 .* at most 2 decimals"),
-    ({"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.333, 0.5, 0.667]},
-     "pruning.allocation_choices=.* at most 2 decimals"),
-    ({"allocation": "calibrated", "method": "weight_magnitude", "sparsity": "2:4"},
-     "pruning.allocation=calibrated with pruning.method=weight_magnitude: .*\\['act_magnitude'\\].* uniform"),
-])
+@pytest.mark.parametrize(
+    "config,words",
+    [
+        ({"allocation": "greedy"}, "pruning.allocation='greedy': allowed values are \\['uniform', 'calibrated'\\]"),
+        ({"allocation": "calibrated", "sparsity": 0.0}, "a sparsity of 0: there is nothing to allocate"),
+        ({"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.2, 0.4]}, "include the target's 0.5"),
+        ({"allocation": "calibrated", "allocation_choices": [4, 6]}, "include the target's N=8"),
+        ({"allocation": "calibrated", "allocation_choices": [8, 16]}, "integers 1 <= N < 16"),
+        (
+            {"allocation": "calibrated", "allocation_budget": "flops"},
+            "pruning.allocation_budget='flops': allowed values are \\['weights', 'inputs'\\]",
+        ),
+        # each decimal of a ratio makes the knapsack ten times larger
+        ({"allocation": "calibrated", "sparsity": 0.3333}, "pruning.sparsity=0.3333 .* at most 2 decimals"),
+        (
+            {"allocation": "calibrated", "sparsity": 0.5, "allocation_choices": [0.333, 0.5, 0.667]},
+            "pruning.allocation_choices=.* at most 2 decimals",
+        ),
+        (
+            {"allocation": "calibrated", "method": "weight_magnitude", "sparsity": "2:4"},
+            "pruning.allocation=calibrated with pruning.method=weight_magnitude: .*\\['act_magnitude'\\].* uniform",
+        ),
+    ],
+)
 def test_bad_allocation_settings_name_the_key_before_loading(config, words):
     with torch.device("meta"):  # a skeleton, as a job checks before loading any weight
         skeleton = llama()
@@ -156,4 +177,7 @@ def test_bad_allocation_settings_name_the_key_before_loading(config, words):
 def test_a_sweep_may_cross_the_dense_model_with_allocation():
     assert plan(llama(), {"method": "dense", "sparsity": 0.0, "allocation": "calibrated"}).targets == []
     with pytest.raises(ValueError, match="pruning.allocation_budget='flops'"):  # checked where it applies
-        plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", "allocation": "calibrated", "allocation_budget": "flops"})
+        plan(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "allocation": "calibrated", "allocation_budget": "flops"},
+        )

@@ -38,13 +38,16 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("config", [
-    {"sparsity": "2:4"},
-    {"sparsity": "8:16", "score": "weight_norm", "transforms": [{"name": "shift", "mode": "static"}]},
-    {"sparsity": "16:32", "transforms": ["hadamard", "shift"]},
-    {"sparsity": 0.5, "selection": "threshold", "score": "amber"},
-    {"sparsity": "2:4", "dense_tokens": 2},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"sparsity": "2:4"},
+        {"sparsity": "8:16", "score": "weight_norm", "transforms": [{"name": "shift", "mode": "static"}]},
+        {"sparsity": "16:32", "transforms": ["hadamard", "shift"]},
+        {"sparsity": 0.5, "selection": "threshold", "score": "amber"},
+        {"sparsity": "2:4", "dense_tokens": 2},
+    ],
+)
 def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls):
     base = qwen2(num_hidden_layers=1)  # q/k/v biases
     emulated, kernel = copy.deepcopy(base), copy.deepcopy(base)
@@ -62,7 +65,9 @@ def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls)
     assert kernel_calls == [2] * 3 * 7
     if config.get("selection") != "threshold":
         dense_share = config.get("dense_tokens", 0) / 8
-        assert report.summary()["measured"] == pytest.approx(parse_sparsity(config["sparsity"]).target() * (1 - dense_share))
+        assert report.summary()["measured"] == pytest.approx(
+            parse_sparsity(config["sparsity"]).target() * (1 - dense_share)
+        )
 
 
 def test_a_decode_step_of_the_dense_tokens_stays_dense_under_the_kernel(kernel_calls):
@@ -131,14 +136,25 @@ def test_prefill_without_a_semi_structured_kernel_is_emulated_and_says_why(caplo
     assert "pruning.backend=kernel emulates some calls: 2:4 semi-structured" in caplog.text
 
 
-@pytest.mark.parametrize("config,words", [
-    ({"method": "act_magnitude", "backend": "gpu"}, "pruning.backend='gpu': allowed values are \\['emulate', 'kernel'\\]"),
-    ({"method": "weight_magnitude", "sparsity": "2:4", "backend": "kernel"}, "pruning.method=weight_magnitude prunes weights"),
-    ({"method": "act_magnitude", "sparsity": 0.5, "backend": "kernel"}, "with selection=topk ranks a whole token"),
-    ({"method": "act_magnitude", "sparsity": "8:64", "backend": "kernel"}, "groups larger than 32"),
-    ({"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel", "transforms": ["variance"]},
-     "pruning.transforms has \\['variance'\\]"),
-])
+@pytest.mark.parametrize(
+    "config,words",
+    [
+        (
+            {"method": "act_magnitude", "backend": "gpu"},
+            "pruning.backend='gpu': allowed values are \\['emulate', 'kernel'\\]",
+        ),
+        (
+            {"method": "weight_magnitude", "sparsity": "2:4", "backend": "kernel"},
+            "pruning.method=weight_magnitude prunes weights",
+        ),
+        ({"method": "act_magnitude", "sparsity": 0.5, "backend": "kernel"}, "with selection=topk ranks a whole token"),
+        ({"method": "act_magnitude", "sparsity": "8:64", "backend": "kernel"}, "groups larger than 32"),
+        (
+            {"method": "act_magnitude", "sparsity": "2:4", "backend": "kernel", "transforms": ["variance"]},
+            "pruning.transforms has \\['variance'\\]",
+        ),
+    ],
+)
 def test_what_has_no_kernel_is_refused_naming_what_is_supported(config, words):
     with pytest.raises(ValueError, match=words) as error:
         plan(llama(), config)
@@ -162,8 +178,11 @@ def test_a_kernel_job_on_a_cpu_without_the_interpreter_fails_before_loading(tiny
     cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.backend=kernel")
     assert plan_job(cfg, tmp_path).pruning.config.backend == "kernel"  # the interpreter is on in the tests
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(ValueError, match="pruning.backend=kernel on cpu in float32: CPU tensors run the Triton kernels "
-                                         "only under TRITON_INTERPRET=1.*pruning.backend=emulate runs everywhere"):
+    with pytest.raises(
+        ValueError,
+        match="pruning.backend=kernel on cpu in float32: CPU tensors run the Triton kernels "
+        "only under TRITON_INTERPRET=1.*pruning.backend=emulate runs everywhere",
+    ):
         plan_job(cfg, tmp_path)
     dense = job_config(tiny_setup, tmp_path, "pruning=dense", "pruning.backend=kernel")
     assert plan_job(dense, tmp_path).pruning.targets == []  # nothing to compute: a sweep may cross it with dense

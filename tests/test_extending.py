@@ -68,7 +68,9 @@ def extension(tmp_path):
     (tmp_path / "ext" / "my_ext.py").write_text(TOY_BENCHMARK + TOY_METHOD)
     (tmp_path / "conf" / "benchmark").mkdir(parents=True)
     (tmp_path / "conf" / "pruning").mkdir(parents=True)
-    (tmp_path / "conf" / "benchmark" / "toy_accuracy.yaml").write_text("# @package benchmark.toy_accuracy\ntokens: 12\n")
+    (tmp_path / "conf" / "benchmark" / "toy_accuracy.yaml").write_text(
+        "# @package benchmark.toy_accuracy\ntokens: 12\n"
+    )
     (tmp_path / "conf" / "pruning" / "act_random.yaml").write_text("method: act_random\nsparsity: 0.5\n")
     return tmp_path
 
@@ -76,11 +78,19 @@ def extension(tmp_path):
 @pytest.mark.cli
 def test_a_benchmark_and_a_method_of_ones_own_run_from_the_command_line(tiny_setup, extension, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(extension / "ext"))
-    args = [*common(tiny_setup, extension / "sweep"), "imports=[my_ext]", f"hydra.searchpath=[file://{extension / 'conf'}]",
-            "benchmark=[ppl_wikitext2,toy_accuracy]", "benchmark.ppl_wikitext2.max_windows=2"]
+    args = [
+        *common(tiny_setup, extension / "sweep"),
+        "imports=[my_ext]",
+        f"hydra.searchpath=[file://{extension / 'conf'}]",
+        "benchmark=[ppl_wikitext2,toy_accuracy]",
+        "benchmark.ppl_wikitext2.max_windows=2",
+    ]
     done = actprune("-m", *args, "pruning=act_random,act_magnitude")
     assert done.returncode == 0, done.stderr[-3000:]
-    found = {r["config"]["pruning"]["method"]: r for r in (json.loads(p.read_text()) for p in (extension / "sweep").rglob("results.json"))}
+    found = {
+        r["config"]["pruning"]["method"]: r
+        for r in (json.loads(p.read_text()) for p in (extension / "sweep").rglob("results.json"))
+    }
     assert set(found) == {"act_random", "act_magnitude"}
     for record in found.values():
         assert record["status"] == "ok", record.get("traceback")
@@ -88,10 +98,17 @@ def test_a_benchmark_and_a_method_of_ones_own_run_from_the_command_line(tiny_set
         assert record["toy_text"].startswith("the game") and "ppl/wikitext2" in record["metrics"]
         assert record["sparsity"]["measured"] == 0.5 and record["replaced_layers"] == 14
     # Bad options of a new benchmark fail before the model loads, naming the key.
-    bad = actprune(*common(tiny_setup, extension / "bad"), "imports=[my_ext]", f"hydra.searchpath=[file://{extension / 'conf'}]",
-                   "benchmark=[toy_accuracy]", "benchmark.toy_accuracy.tokens=1")
+    bad = actprune(
+        *common(tiny_setup, extension / "bad"),
+        "imports=[my_ext]",
+        f"hydra.searchpath=[file://{extension / 'conf'}]",
+        "benchmark=[toy_accuracy]",
+        "benchmark.toy_accuracy.tokens=1",
+    )
     record = json.loads((extension / "bad" / "run" / "results.json").read_text())
-    assert bad.returncode != 0 and "benchmark.toy_accuracy.tokens=1" in record["error"] and "load" not in record["timings"]
+    assert (
+        bad.returncode != 0 and "benchmark.toy_accuracy.tokens=1" in record["error"] and "load" not in record["timings"]
+    )
 
 
 def test_a_benchmark_checks_its_options_against_its_schema():
@@ -104,15 +121,18 @@ def test_a_benchmark_checks_its_options_against_its_schema():
 
 def test_a_method_says_what_it_needs_from_calibration():
     model = llama()
-    needs = {name: plan(model, config).needs for name, config in {
-        "plain": {"method": "act_magnitude", "sparsity": "2:4"},
-        "clact": {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"},
-        "pca": {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["pca"]},
-        "threshold": {"method": "act_magnitude", "sparsity": 0.5, "selection": "threshold"},
-        "wanda": {"method": "weight_wanda", "sparsity": "2:4"},
-        "wanda_dense": {"method": "weight_wanda", "sparsity": 0.0},
-        "magnitude": {"method": "weight_magnitude", "sparsity": "2:4"},
-    }.items()}
+    needs = {
+        name: plan(model, config).needs
+        for name, config in {
+            "plain": {"method": "act_magnitude", "sparsity": "2:4"},
+            "clact": {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"},
+            "pca": {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["pca"]},
+            "threshold": {"method": "act_magnitude", "sparsity": 0.5, "selection": "threshold"},
+            "wanda": {"method": "weight_wanda", "sparsity": "2:4"},
+            "wanda_dense": {"method": "weight_wanda", "sparsity": 0.0},
+            "magnitude": {"method": "weight_magnitude", "sparsity": "2:4"},
+        }.items()
+    }
     assert not needs["plain"] and not needs["magnitude"] and not needs["wanda_dense"]
     assert needs["clact"].statistics == {"l2"} and not needs["clact"].windows
     assert needs["pca"].statistics == {"second_moment"}
@@ -146,8 +166,14 @@ def test_a_score_and_a_transform_of_ones_own_take_effect():
 
     try:
         model, windows = llama(), torch.randint(0, 256, (2, 16))
-        config = {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["down_proj"], "layers": [0],
-                  "score": "weighted_absmax_test", "transforms": ["sign_flip_test"]}
+        config = {
+            "method": "act_magnitude",
+            "sparsity": "2:4",
+            "target_modules": ["down_proj"],
+            "layers": [0],
+            "score": "weighted_absmax_test",
+            "transforms": ["sign_flip_test"],
+        }
         assert plan(model, config).needs.statistics == {"absmax"}
         linear, seen = model.model.layers[0].mlp.down_proj, []
         hook = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].abs().amax((0, 1))))
@@ -159,7 +185,9 @@ def test_a_score_and_a_transform_of_ones_own_take_effect():
         [layer] = sparsify_(model, config, windows).layers.values()
         assert torch.equal(layer.input_scale, -torch.ones_like(layer.input_scale))
         torch.testing.assert_close(layer.channel_weight, expected)
-        with pytest.raises(ValueError, match=r"pruning.score='nope' is unknown: allowed values are \[.*'weighted_absmax_test'"):
+        with pytest.raises(
+            ValueError, match=r"pruning.score='nope' is unknown: allowed values are \[.*'weighted_absmax_test'"
+        ):
             plan(model, {**config, "score": "nope"})
     finally:
         SCORES.pop("weighted_absmax_test")

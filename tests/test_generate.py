@@ -19,8 +19,12 @@ from .conftest import SHARED_DATA, STORIES, needs_shared
 from .helpers import VARIANTS, actprune, job_config, random_windows
 from .tiny import gemma3_text, llama
 
-LEARNABLE = {"transforms": [{"name": "shift", "mode": "static"}, {"name": "learnable", "forms": ["affine", "scale", "lowrank"],
-                                                                   "rank": 2, "steps": 3, "batch_size": 2}]}
+LEARNABLE = {
+    "transforms": [
+        {"name": "shift", "mode": "static"},
+        {"name": "learnable", "forms": ["affine", "scale", "lowrank"], "rank": 2, "steps": 3, "batch_size": 2},
+    ]
+}
 
 
 def cached_logits(model, ids, prefill: int) -> torch.Tensor:
@@ -34,16 +38,26 @@ def cached_logits(model, ids, prefill: int) -> torch.Tensor:
 
 
 REFIT = {"name": "refit", "min_tokens_per_dim": 0}  # the tiny calibration is too small for the default guard
-FITTED = [{"transforms": [REFIT]}, {"allocation": "calibrated"},
-          {"allocation": "calibrated", "transforms": [{"name": "shift", "mode": "static"}, REFIT, LEARNABLE["transforms"][1]]}]
+FITTED = [
+    {"transforms": [REFIT]},
+    {"allocation": "calibrated"},
+    {
+        "allocation": "calibrated",
+        "transforms": [{"name": "shift", "mode": "static"}, REFIT, LEARNABLE["transforms"][1]],
+    },
+]
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, LEARNABLE, *FITTED, {"dense_tokens": 3}, {"dense_tokens": 3, "transforms": ["shift"]}])
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS, LEARNABLE, *FITTED, {"dense_tokens": 3}, {"dense_tokens": 3, "transforms": ["shift"]}]
+)
 @pytest.mark.parametrize("sparsity,selection", [("2:4", "topk"), (0.5, "topk"), (0.5, "threshold")])
 def test_cached_decoding_gives_the_logits_of_a_full_forward(variant, sparsity, selection):
     """float64, so that the order of a sum cannot flip a mask: any difference is a different mask."""
     model = llama().double()
-    sparsify_(model, {"method": "act_magnitude", "sparsity": sparsity, "selection": selection, **variant}, random_windows())
+    sparsify_(
+        model, {"method": "act_magnitude", "sparsity": sparsity, "selection": selection, **variant}, random_windows()
+    )
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
@@ -70,7 +84,9 @@ def test_sliding_window_layers_decode_as_they_forward():
     sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16", "dense_tokens": 2})
     ids = torch.randint(0, 256, (2, 14))  # longer than the sliding window of 8
     with torch.no_grad():
-        torch.testing.assert_close(cached_logits(model, ids, 3), model(ids, use_cache=False).logits, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(
+            cached_logits(model, ids, 3), model(ids, use_cache=False).logits, rtol=1e-9, atol=1e-9
+        )
 
 
 def test_restore_removes_the_position_hooks():
@@ -113,12 +129,17 @@ def test_measure_times_pruned_and_dense_and_writes_the_pruned_text(tiny_setup):
     sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4"})
     result = measure(model, tokenizer, ["The game began", "It retained"], 5, repeats=2)
     assert result["decode_tokens"] == result["dense"]["decode_tokens"] == 2 * 2 * 4
-    assert result["decode_speedup"] == pytest.approx(result["decode_tokens_per_s"] / result["dense"]["decode_tokens_per_s"])
+    assert result["decode_speedup"] == pytest.approx(
+        result["decode_tokens_per_s"] / result["dense"]["decode_tokens_per_s"]
+    )
     expected = greedy(model, tokenizer("It retained", return_tensors="pt").input_ids, 5)["tokens"]
     with unwrapped(model):
         dense = greedy(model, tokenizer("It retained", return_tensors="pt").input_ids, 5)["tokens"]
-    assert result["samples"][1] == {"prompt": "It retained", "completion": tokenizer.decode(expected, skip_special_tokens=True),
-                                    "dense_completion": tokenizer.decode(dense, skip_special_tokens=True)}
+    assert result["samples"][1] == {
+        "prompt": "It retained",
+        "completion": tokenizer.decode(expected, skip_special_tokens=True),
+        "dense_completion": tokenizer.decode(dense, skip_special_tokens=True),
+    }
     assert any(isinstance(m, ActSparseLinear) for m in model.modules())  # wrapped again after the dense runs
     plain = measure(llama(), tokenizer, ["The game began"], 3)
     assert "dense" not in plain and plain["decode_speedup"] == 1.0 and "no layer is wrapped" in plain["baseline"]
@@ -156,14 +177,17 @@ def test_timed_decoding_launches_no_counting_work(tiny_setup):
     assert all(layer.counting for layer in report.layers.values())  # on again after the timed runs
 
 
-@pytest.mark.parametrize("options,words", [
-    ({"max_new_tokens": 1}, "max_new_tokens >= 2"),
-    ({"repeats": 0}, "repeats >= 1"),
-    ({"prompts": ["a"], "prompts_file": "p.txt"}, "prompts or prompts_file, not both"),
-    ({"prompts_file": "/nonexistent/prompts.txt"}, "prompts_file=/nonexistent/prompts.txt: no such file"),
-    ({"prompts": [""]}, "non-empty strings"),
-    ({"max_tokens": 3}, "benchmark.generate"),
-])
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"max_new_tokens": 1}, "max_new_tokens >= 2"),
+        ({"repeats": 0}, "repeats >= 1"),
+        ({"prompts": ["a"], "prompts_file": "p.txt"}, "prompts or prompts_file, not both"),
+        ({"prompts_file": "/nonexistent/prompts.txt"}, "prompts_file=/nonexistent/prompts.txt: no such file"),
+        ({"prompts": [""]}, "non-empty strings"),
+        ({"max_tokens": 3}, "benchmark.generate"),
+    ],
+)
 def test_bad_generate_options_fail_before_loading(options, words, tmp_path):
     from actprune.eval import Env
 
@@ -186,13 +210,25 @@ def test_prompts_come_from_a_file_or_the_built_in_list(tmp_path):
 
 @pytest.mark.cli
 def test_a_job_records_decode_speed_and_samples(tiny_setup, tmp_path):
-    cfg = job_config(tiny_setup, tmp_path, "benchmark=[ppl_wikitext2,generate]", "benchmark.ppl_wikitext2.max_windows=2",
-                     "benchmark.generate.max_new_tokens=4", "pruning=act_magnitude", "pruning.sparsity=2:4")
+    cfg = job_config(
+        tiny_setup,
+        tmp_path,
+        "benchmark=[ppl_wikitext2,generate]",
+        "benchmark.ppl_wikitext2.max_windows=2",
+        "benchmark.generate.max_new_tokens=4",
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+    )
     record = run_job(cfg, tmp_path, "group", "job")
     assert record["status"] == "ok", record.get("traceback")
     metrics = record["metrics"]
-    for key in ("generate/decode_tokens_per_s", "generate/dense_decode_tokens_per_s", "generate/decode_speedup",
-                "generate/prefill_ms", "generate/ttft_ms"):
+    for key in (
+        "generate/decode_tokens_per_s",
+        "generate/dense_decode_tokens_per_s",
+        "generate/decode_speedup",
+        "generate/prefill_ms",
+        "generate/ttft_ms",
+    ):
         assert metrics[key] > 0, key
     assert "generate/peak_memory_mb" not in metrics  # CUDA only
     details = record["generate"]
@@ -215,10 +251,18 @@ def test_the_dense_model_is_nn_linear_again_after_unwrapped_errors():
 @needs_shared
 @pytest.mark.cli
 def test_stories260k_generates_text_and_logs_speed_and_samples_to_wandb(tmp_path):
-    done = actprune(f"model.path={STORIES}", "model.seqlen=256", f"paths.data_dir={SHARED_DATA}", "logger=wandb",
-                    "benchmark=[ppl_wikitext2,generate]", "benchmark.ppl_wikitext2.max_windows=2",
-                    "benchmark.generate.max_new_tokens=12", "pruning=act_magnitude", "pruning.sparsity=2:4",
-                    f"hydra.run.dir={tmp_path}")
+    done = actprune(
+        f"model.path={STORIES}",
+        "model.seqlen=256",
+        f"paths.data_dir={SHARED_DATA}",
+        "logger=wandb",
+        "benchmark=[ppl_wikitext2,generate]",
+        "benchmark.ppl_wikitext2.max_windows=2",
+        "benchmark.generate.max_new_tokens=12",
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "ok" and record["metrics"]["generate/decode_speedup"] > 0

@@ -7,22 +7,39 @@ from actprune.run.job import plan_job
 from .helpers import job_config
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["model.seqlen=1"], ["benchmark.ppl_wikitext2.seqlen=1", "seqlen >= 2"]),
-    (["benchmark.ppl_wikitext2.max_windows=0"], ["max_windows=0", "max_windows >= 1 or null"]),
-    (["benchmark.ppl_wikitext2.batch_size=0"], ["batch_size=0", "batch_size >= 1"]),
-    (["model.seqlen=4096"], ["seqlen=4096", "max_position_embeddings=1024"]),
-    (["benchmark=[lm_eval]", "benchmark.lm_eval.batch_size=0"], ["benchmark.lm_eval.batch_size=0", "batch_size >= 1"]),
-    (["pruning=act_magnitude", "pruning.score=clact", "calibration.seqlen=2000"], ["calibration.seqlen=2000", "max_position_embeddings=1024"]),
-    (["pruning=weight_wanda", "calibration.windows=0"], ["calibration.windows=0", "windows >= 1"]),
-    (["pruning=weight_sparsegpt", "pruning.sparsity=2:4", "pruning.blocksize=6"], ["pruning.blocksize=6", "multiple of 4"]),
-    (["pruning=act_magnitude", "pruning.layers=[]"], ["no layer is left to prune"]),
-    (["+benchmark.ppl_wikitext2.windows=3"], ["benchmark.ppl_wikitext2", "windows"]),
-    (["benchmark=[lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.num_fewshot=-1"], ["num_fewshot=-1"]),
-    (["imports=[no_such_module_here]"], ["imports: cannot import 'no_such_module_here'", "PYTHONPATH"]),
-    (["pruning=weight_wanda", "calibration.windows=40", "calibration.seqlen=1000"],
-     ["calibration.windows=40 x calibration.seqlen=1000", "windows do not overlap"]),
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["model.seqlen=1"], ["benchmark.ppl_wikitext2.seqlen=1", "seqlen >= 2"]),
+        (["benchmark.ppl_wikitext2.max_windows=0"], ["max_windows=0", "max_windows >= 1 or null"]),
+        (["benchmark.ppl_wikitext2.batch_size=0"], ["batch_size=0", "batch_size >= 1"]),
+        (["model.seqlen=4096"], ["seqlen=4096", "max_position_embeddings=1024"]),
+        (
+            ["benchmark=[lm_eval]", "benchmark.lm_eval.batch_size=0"],
+            ["benchmark.lm_eval.batch_size=0", "batch_size >= 1"],
+        ),
+        (
+            ["pruning=act_magnitude", "pruning.score=clact", "calibration.seqlen=2000"],
+            ["calibration.seqlen=2000", "max_position_embeddings=1024"],
+        ),
+        (["pruning=weight_wanda", "calibration.windows=0"], ["calibration.windows=0", "windows >= 1"]),
+        (
+            ["pruning=weight_sparsegpt", "pruning.sparsity=2:4", "pruning.blocksize=6"],
+            ["pruning.blocksize=6", "multiple of 4"],
+        ),
+        (["pruning=act_magnitude", "pruning.layers=[]"], ["no layer is left to prune"]),
+        (["+benchmark.ppl_wikitext2.windows=3"], ["benchmark.ppl_wikitext2", "windows"]),
+        (
+            ["benchmark=[lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.num_fewshot=-1"],
+            ["num_fewshot=-1"],
+        ),
+        (["imports=[no_such_module_here]"], ["imports: cannot import 'no_such_module_here'", "PYTHONPATH"]),
+        (
+            ["pruning=weight_wanda", "calibration.windows=40", "calibration.seqlen=1000"],
+            ["calibration.windows=40 x calibration.seqlen=1000", "windows do not overlap"],
+        ),
+    ],
+)
 def test_bad_settings_fail_in_the_plan(tiny_setup, tmp_path, overrides, words):
     with pytest.raises(ValueError) as error:
         plan_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "job")
@@ -39,17 +56,27 @@ def test_a_plan_records_where_its_data_and_model_come_from(tiny_setup, tmp_path)
     assert list(job.benchmarks) == ["ppl_wikitext2"]
 
 
-@pytest.mark.parametrize("arguments", [["benchmark=[nope,ppl_wikitext2]"], ["-m", "benchmark=[lm_eval],[nope]"], ["+benchmark=[nope]"]])
+@pytest.mark.parametrize(
+    "arguments", [["benchmark=[nope,ppl_wikitext2]"], ["-m", "benchmark=[lm_eval],[nope]"], ["+benchmark=[nope]"]]
+)
 def test_an_unknown_benchmark_names_those_there_are(arguments):
     from actprune.app import check_benchmarks
 
-    with pytest.raises(SystemExit, match=r"unknown \['nope'\]; available benchmarks are \['generate', 'lm_eval', 'ppl_wikitext2'\]"):
+    with pytest.raises(
+        SystemExit, match=r"unknown \['nope'\]; available benchmarks are \['generate', 'lm_eval', 'ppl_wikitext2'\]"
+    ):
         check_benchmarks(arguments)
     check_benchmarks(["benchmark=[ppl_wikitext2,lm_eval]", "pruning=dense"])
 
 
-@pytest.mark.parametrize("content,words", [("", "holds no rows"), ('{"text": "a"}\n{"text": \n', "line 2: not JSON"),
-                                           ('{"text": "a"}\n{"body": "b"}\n', "line 2: a row needs a 'text' field")])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ("", "holds no rows"),
+        ('{"text": "a"}\n{"text": \n', "line 2: not JSON"),
+        ('{"text": "a"}\n{"body": "b"}\n', "line 2: a row needs a 'text' field"),
+    ],
+)
 def test_a_broken_wikitext_file_is_named_with_its_line(tiny_setup, tmp_path, content, words):
     data = tmp_path / "data" / "wikitext-2-raw-v1"
     data.mkdir(parents=True)

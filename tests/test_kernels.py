@@ -65,7 +65,9 @@ def integer_case(rows, width, out, dtype, seed=0):
     then match bit for bit, rounding included. The weight starts with the identity, so the first `width`
     outputs are the masked input itself and any mask flip shows."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(1, 5, (rows, width), generator=generator) * (torch.randint(0, 2, (rows, width), generator=generator) * 2 - 1)
+    x = torch.randint(1, 5, (rows, width), generator=generator) * (
+        torch.randint(0, 2, (rows, width), generator=generator) * 2 - 1
+    )
     weight = torch.cat([torch.eye(width), torch.randint(-64, 65, (out, width), generator=generator).float()])
     channel_weight = torch.tensor([0.5, 1.0, 1.5, 2.0])[torch.randint(0, 4, (width,), generator=generator)]
     bias = torch.randint(-8, 9, (width + out,), generator=generator)
@@ -128,7 +130,9 @@ def test_scores_are_rounded_to_the_dtype(dtype):
     channel_weight = torch.tensor([1.0, 1 - eps, 1.0, 1.0], device=DEVICE, dtype=dtype)
     keep, reference = emulate(x, torch.eye(4, device=DEVICE, dtype=dtype), n=2, m=4, channel_weight=channel_weight)
     assert keep.tolist() == [[True, True, False, False]]
-    y = sparse_linear(x, layout_weight(torch.eye(4, device=DEVICE, dtype=dtype)), n=2, m=4, channel_weight=channel_weight)
+    y = sparse_linear(
+        x, layout_weight(torch.eye(4, device=DEVICE, dtype=dtype)), n=2, m=4, channel_weight=channel_weight
+    )
     assert torch.equal(y, reference)
 
 
@@ -140,8 +144,9 @@ def test_each_row_has_its_own_mask(pattern):
     keep, reference = emulate(x, weight, channel_weight=channel_weight, bias=bias, **kwargs)
     assert len({tuple(row.tolist()) for row in keep}) == MAX_ROWS  # every row has a mask of its own
     batch = sparse_linear(x, weight_t, channel_weight=channel_weight, bias=bias, **kwargs)
-    alone = torch.cat([sparse_linear(row[None], weight_t, channel_weight=channel_weight, bias=bias, **kwargs)
-                       for row in x])
+    alone = torch.cat(
+        [sparse_linear(row[None], weight_t, channel_weight=channel_weight, bias=bias, **kwargs) for row in x]
+    )
     assert torch.equal(batch, alone)
     assert torch.equal(batch, reference)
 
@@ -217,8 +222,10 @@ def test_decode_unavailable_says_why(monkeypatch):
 
 
 def test_import_needs_no_triton():
-    script = ("import sys; sys.modules['triton'] = None; import torch, actprune.kernels as k; "
-              "print(k.decode_unavailable(torch.device('cpu'), torch.float32))")
+    script = (
+        "import sys; sys.modules['triton'] = None; import torch, actprune.kernels as k; "
+        "print(k.decode_unavailable(torch.device('cpu'), torch.float32))"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("triton is not importable")
 
@@ -263,7 +270,9 @@ def test_prefill_pads_rows_and_compresses_an_input_shared_by_layers_once(monkeyp
         torch.testing.assert_close(y, (x * keep) @ weight.T)
     assert compressed == [(32, 64)]
     x.mul_(2)  # changed in place: compressed again
-    torch.testing.assert_close(prefill.semi_structured_linear(x * keep, weights[0], source=(x, keep)), (x * keep) @ weights[0].T)
+    torch.testing.assert_close(
+        prefill.semi_structured_linear(x * keep, weights[0], source=(x, keep)), (x * keep) @ weights[0].T
+    )
     prefill.semi_structured_linear(x * keep, weights[0])  # no source: nothing is shared
     assert compressed == [(32, 64)] * 3
 
@@ -273,7 +282,7 @@ def test_prefill_pads_rows_and_compresses_an_input_shared_by_layers_once(monkeyp
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_cuda_layer_shapes_match_the_emulation(pattern, dtype):
     for width, out in ((576, 192), (1536, 576), (4096, 1024), (14336, 4096)):
-        weight = torch.randn(out, width, device="cuda", dtype=dtype) / width ** 0.5
+        weight = torch.randn(out, width, device="cuda", dtype=dtype) / width**0.5
         weight_t = layout_weight(weight)
         channel_weight = weight.float().norm(dim=0).to(dtype)
         bias = torch.randn(out, device="cuda", dtype=dtype)
@@ -293,7 +302,7 @@ def test_cuda_semi_structured_prefill_matches_the_emulation(dtype):
     if reason is not None:
         pytest.skip(reason)
     x = torch.randn(rows, width, device="cuda", dtype=dtype)
-    weight = torch.randn(out, width, device="cuda", dtype=dtype) / width ** 0.5
+    weight = torch.randn(out, width, device="cuda", dtype=dtype) / width**0.5
     bias = torch.randn(out, device="cuda", dtype=dtype)
     keep, reference = emulate(x, weight, n=2, m=4, bias=bias)
     for layout in (weight, layout_weight(weight).t()):  # as nn.Linear holds it, and as a view of the kernels' copy

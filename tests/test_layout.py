@@ -36,15 +36,17 @@ def imports(path: Path) -> set[str]:
 def test_no_import_circles():
     modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     # A module's own packages are imported before it, always: an edge to them is no circle of the code's.
-    graph = {name: {m for m in imports(path) if m in modules and m != name and not name.startswith(m + ".")}
-             for name, path in modules.items()}
+    graph = {
+        name: {m for m in imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+        for name, path in modules.items()
+    }
     cycles, state = [], {}
 
     def visit(node, stack):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

@@ -78,17 +78,31 @@ def test_a_saved_correction_loads_into_bit_identical_outputs(tmp_path):
 
 def test_bad_learnable_options_are_clear_errors():
     with pytest.raises(ValueError, match="learnable forms=\\['gain'\\]: allowed values are"):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["gain"]}]})
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["gain"]}]},
+        )
     with pytest.raises(ValueError, match="learnable has no option \\['learning_rate'\\]"):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]})
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "learning_rate": 1}]},
+        )
     with pytest.raises(ValueError, match="learnable schedule='linear': allowed values are \\['cosine', 'constant'\\]"):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "schedule": "linear"}]})
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "schedule": "linear"}]},
+        )
     with pytest.raises(ValueError, match="learnable e2e_steps=-1: allowed values are integers >= 0"):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "e2e_steps": -1}]})
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "e2e_steps": -1}]},
+        )
 
 
 @pytest.mark.cli
-def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_correction(tiny_setup, tmp_path, monkeypatch):
+def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_correction(
+    tiny_setup, tmp_path, monkeypatch
+):
     seen = []
     train = learned.train_
 
@@ -97,8 +111,13 @@ def test_a_job_trains_on_calibration_text_only_and_a_second_job_reuses_the_corre
         return train(model, layers, batches, options)
 
     monkeypatch.setattr(learned, "train_", spy)
-    overrides = ["pruning=act_magnitude", "pruning.sparsity=2:4", "calibration.windows=4", "calibration.seqlen=16",
-                 "pruning.transforms=[{name:learnable,steps:5,rank:2}]"]
+    overrides = [
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        "calibration.windows=4",
+        "calibration.seqlen=16",
+        "pruning.transforms=[{name:learnable,steps:5,rank:2}]",
+    ]
     reuse.release()
     first = job.run_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "first", "g", "first")
     assert first["status"] == "ok", first.get("traceback")
@@ -135,8 +154,15 @@ def test_the_saved_correction_is_logged_as_a_wandb_artifact(tmp_path):
     tuned = tmp_path / "learned" / "tuned.safetensors"
     tuned.write_bytes(b"tuned weights")
     tracker = Tracker(logger, tmp_path / "tuned_job", group="g", name="n", config={})
-    tracker.log_results({"status": "ok", "metrics": {}, "sparsity": {}, "timings": {},
-                         "learned": {"file": str(path), "end_to_end": {"file": str(tuned)}}})
+    tracker.log_results(
+        {
+            "status": "ok",
+            "metrics": {},
+            "sparsity": {},
+            "timings": {},
+            "learned": {"file": str(path), "end_to_end": {"file": str(tuned)}},
+        }
+    )
     tracker.finish("ok")
     log = offline_wandb_log(tmp_path / "tuned_job")
     assert b"correction-tuned" in log and b"correction-abc" not in log  # the end-to-end tuned ones, which the model ran
@@ -172,9 +198,21 @@ def test_the_learning_rate_warms_up_then_decays_to_zero_on_a_cosine():
 
 def test_early_stopping_keeps_each_layers_best_state_when_the_rate_is_far_too_high():
     model = llama()
-    config = {"method": "act_magnitude", "sparsity": "2:4",
-              "transforms": [{**ALL, "forms": ["affine", "lowrank"], "lr": 3.0, "steps": 40, "evals": 8, "patience": 1,
-                              "schedule": "constant"}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [
+            {
+                **ALL,
+                "forms": ["affine", "lowrank"],
+                "lr": 3.0,
+                "steps": 40,
+                "evals": 8,
+                "patience": 1,
+                "schedule": "constant",
+            }
+        ],
+    }
     losses = sparsify_(model, config, BATCHES).learned["mse"]
     for value in losses.values():
         assert value["after"] <= value["before"] and value["after"] <= value["last"]
@@ -183,8 +221,11 @@ def test_early_stopping_keeps_each_layers_best_state_when_the_rate_is_far_too_hi
 
 def test_end_to_end_tuning_brings_the_next_token_distribution_closer_to_the_dense_model():
     model = llama()
-    config = {"method": "act_magnitude", "sparsity": "2:4",
-              "transforms": [{**ALL, "steps": 5, "warmup": 1, "e2e_steps": 10, "e2e_lr": 1e-3, "e2e_batch_size": 3}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [{**ALL, "steps": 5, "warmup": 1, "e2e_steps": 10, "e2e_lr": 1e-3, "e2e_batch_size": 3}],
+    }
     # Random tokens have nothing to generalise from: the held-out windows (the last two) repeat tuned ones.
     learned = sparsify_(model, config, torch.cat([BATCHES[:2]] * 4)).learned
     tuned = learned["end_to_end"]
@@ -203,9 +244,13 @@ def test_end_to_end_tuning_that_raises_the_kl_is_undone():
     with torch.no_grad():
         assert torch.equal(tuned_model(IDS).logits, plain_model(IDS).logits)  # the layer-wise corrections, put back
 
+
 def test_jobs_that_differ_only_in_end_to_end_options_share_the_layer_wise_fit(tmp_path):
     layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
-    tuned = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 4, "e2e_lr": 1e-3, "e2e_batch_size": 2}]}
+    tuned = {
+        **layerwise,
+        "transforms": [{**layerwise["transforms"][0], "e2e_steps": 4, "e2e_lr": 1e-3, "e2e_batch_size": 2}],
+    }
     calibration = lambda: Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path))  # noqa: E731
     model = lambda: (torch.manual_seed(0), llama())[1]  # noqa: E731  the one model "tiny" names
     first = sparsify_(model(), layerwise, calibration()).learned
@@ -217,7 +262,9 @@ def test_jobs_that_differ_only_in_end_to_end_options_share_the_layer_wise_fit(tm
     with torch.no_grad():
         expected = tuned_model(IDS).logits
     other = {**tuned, "transforms": [{**tuned["transforms"][0], "e2e_lr": 3e-3}]}
-    assert sparsify_(model(), other, calibration()).learned["end_to_end"]["cache"] == "miss"  # other options: tuned again
+    assert (
+        sparsify_(model(), other, calibration()).learned["end_to_end"]["cache"] == "miss"
+    )  # other options: tuned again
     loaded = model()
     third = sparsify_(loaded, tuned, calibration()).learned
     assert third["end_to_end"] == {"file": second["end_to_end"]["file"], "cache": "hit"}
@@ -234,13 +281,44 @@ def learnable_config(**options):
     return {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", **options}]}
 
 
-BAD_OPTIONS = [("epochs", 0), ("epochs", -1), ("epochs", 2.5), ("epochs", "4"), ("steps", -5), ("steps", 0),
-               ("steps", 2.5), ("batch_size", 0), ("batch_size", 1.5), ("batch_size", True), ("e2e_batch_size", 0),
-               ("e2e_steps", 2.5), ("e2e_steps", -1), ("lr", "abc"), ("lr", 0), ("lr", -1e-3), ("lr", float("inf")),
-               ("lr", float("nan")), ("e2e_lr", 0), ("e2e_lr", "abc"), ("grad_clip", -1), ("grad_clip", 0),
-               ("weight_decay", -0.1), ("warmup", -1), ("warmup", 1.5), ("evals", 0), ("patience", 0),
-               ("patience", -1), ("seed", -1), ("seed", 1.5), ("rank", 0), ("rank", -2), ("rank", 2.5),
-               ("forms", "affine"), ("forms", []), ("schedule", "linear")]
+BAD_OPTIONS = [
+    ("epochs", 0),
+    ("epochs", -1),
+    ("epochs", 2.5),
+    ("epochs", "4"),
+    ("steps", -5),
+    ("steps", 0),
+    ("steps", 2.5),
+    ("batch_size", 0),
+    ("batch_size", 1.5),
+    ("batch_size", True),
+    ("e2e_batch_size", 0),
+    ("e2e_steps", 2.5),
+    ("e2e_steps", -1),
+    ("lr", "abc"),
+    ("lr", 0),
+    ("lr", -1e-3),
+    ("lr", float("inf")),
+    ("lr", float("nan")),
+    ("e2e_lr", 0),
+    ("e2e_lr", "abc"),
+    ("grad_clip", -1),
+    ("grad_clip", 0),
+    ("weight_decay", -0.1),
+    ("warmup", -1),
+    ("warmup", 1.5),
+    ("evals", 0),
+    ("patience", 0),
+    ("patience", -1),
+    ("seed", -1),
+    ("seed", 1.5),
+    ("rank", 0),
+    ("rank", -2),
+    ("rank", 2.5),
+    ("forms", "affine"),
+    ("forms", []),
+    ("schedule", "linear"),
+]
 
 
 @pytest.mark.parametrize(("key", "value"), BAD_OPTIONS)
@@ -250,15 +328,36 @@ def test_every_bad_learnable_option_is_refused_before_the_model_loads(key, value
 
 
 def test_good_learnable_options_pass_the_check():
-    options = {"forms": ["affine", "lowrank"], "rank": 4, "lr": 1, "epochs": 1, "steps": None, "batch_size": 1,
-               "warmup": 0, "grad_clip": 0.5, "weight_decay": 0, "seed": 0, "schedule": "constant", "evals": 1,
-               "patience": 1, "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
+    options = {
+        "forms": ["affine", "lowrank"],
+        "rank": 4,
+        "lr": 1,
+        "epochs": 1,
+        "steps": None,
+        "batch_size": 1,
+        "warmup": 0,
+        "grad_clip": 0.5,
+        "weight_decay": 0,
+        "seed": 0,
+        "schedule": "constant",
+        "evals": 1,
+        "patience": 1,
+        "e2e_steps": 0,
+        "e2e_lr": 1e-4,
+        "e2e_batch_size": 1,
+    }
     assert list(plan(meta_llama(), learnable_config(**options)).transforms) == [("learnable", options)]
 
 
 def test_the_plan_carries_every_learnable_and_refit_option_with_its_default():
-    transforms = plan(meta_llama(), {"method": "act_magnitude", "sparsity": "2:4",
-                                     "transforms": [{"name": "refit", "ridge": 1.0}, {"name": "learnable", "lr": 0.5}]}).transforms
+    transforms = plan(
+        meta_llama(),
+        {
+            "method": "act_magnitude",
+            "sparsity": "2:4",
+            "transforms": [{"name": "refit", "ridge": 1.0}, {"name": "learnable", "lr": 0.5}],
+        },
+    ).transforms
     assert transforms.names == ["refit", "learnable"]
     assert transforms.learnable == {"forms": list(learned.FORMS), "rank": learned.RANK, **learned.TRAINING, "lr": 0.5}
     assert transforms.refit == {**refit.DEFAULTS, "ridge": [1.0]}
@@ -267,7 +366,9 @@ def test_the_plan_carries_every_learnable_and_refit_option_with_its_default():
 def test_a_rank_that_reaches_a_layers_full_rank_is_refused_before_loading():
     # The narrowest target is k_proj, 32 x 64: at rank 32 its low-rank term is W, the dense layer back.
     for rank in (32, 100000):
-        with pytest.raises(ValueError, match=f"learnable rank={rank} reaches the full rank of .*k_proj.*allowed values are 1..31"):
+        with pytest.raises(
+            ValueError, match=f"learnable rank={rank} reaches the full rank of .*k_proj.*allowed values are 1..31"
+        ):
             plan(meta_llama(), learnable_config(rank=rank))
     plan(meta_llama(), learnable_config(rank=31))
     plan(meta_llama(), learnable_config(rank=100000, forms=["affine"]))  # no low-rank term: the rank is unused
@@ -295,7 +396,9 @@ def initial_corrections(monkeypatch):
     train = learned.train_
 
     def spy(model, layers, windows, options):
-        states.update({name: {k: v.clone() for k, v in w.correction.state_dict().items()} for name, w in layers.items()})
+        states.update(
+            {name: {k: v.clone() for k, v in w.correction.state_dict().items()} for name, w in layers.items()}
+        )
         return train(model, layers, windows, options)
 
     monkeypatch.setattr(learned, "train_", spy)
@@ -305,8 +408,11 @@ def initial_corrections(monkeypatch):
 def test_early_stopping_waits_patience_measurements_and_keeps_the_initial_state_when_nothing_improves(monkeypatch):
     measured, initial = never_improving(monkeypatch), initial_corrections(monkeypatch)
     model = llama()
-    config = {"method": "act_magnitude", "sparsity": "2:4",
-              "transforms": [{**ALL, "lr": 0.01, "steps": 40, "evals": 8, "patience": 2, "schedule": "constant"}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [{**ALL, "lr": 0.01, "steps": 40, "evals": 8, "patience": 2, "schedule": "constant"}],
+    }
     losses = sparsify_(model, config, BATCHES).learned["mse"]
     # every 40 // 8 = 5 steps a measurement; the one before training, then two without a new best
     assert measured == [0, 0, 0, 1, 1, 1] and all(value["steps"] == 10 for value in losses.values()), losses
@@ -319,8 +425,11 @@ def test_early_stopping_waits_patience_measurements_and_keeps_the_initial_state_
 @pytest.mark.parametrize("e2e_steps", [0, 3])
 def test_no_gradient_is_left_on_the_corrections_after_training(e2e_steps):
     model = llama()
-    config = {"method": "act_magnitude", "sparsity": "2:4",
-              "transforms": [{**ALL, "steps": 5, "e2e_steps": e2e_steps, "e2e_batch_size": 2}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [{**ALL, "steps": 5, "e2e_steps": e2e_steps, "e2e_batch_size": 2}],
+    }
     learned_report = sparsify_(model, config, BATCHES).learned
     assert ("end_to_end" in learned_report) == bool(e2e_steps)
     params = [p for layer in wrappers(model).values() for p in layer.correction.parameters()]
@@ -329,7 +438,11 @@ def test_no_gradient_is_left_on_the_corrections_after_training(e2e_steps):
 
 def test_layer_wise_training_that_diverges_keeps_each_layers_best_state():
     model = llama()
-    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "lr": 1e6, "steps": 20, "warmup": 1}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [{**ALL, "lr": 1e6, "steps": 20, "warmup": 1}],
+    }
     losses = sparsify_(model, config, BATCHES).learned["mse"]
     assert any(value["diverged"] for value in losses.values()), losses
     assert all(value["after"] <= value["before"] for value in losses.values()), losses
@@ -340,7 +453,10 @@ def test_layer_wise_training_that_diverges_keeps_each_layers_best_state():
 
 def test_end_to_end_tuning_that_diverges_is_undone():
     layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
-    diverging = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 5, "e2e_lr": 1e8, "warmup": 1}]}
+    diverging = {
+        **layerwise,
+        "transforms": [{**layerwise["transforms"][0], "e2e_steps": 5, "e2e_lr": 1e8, "warmup": 1}],
+    }
     plain_model, tuned_model = (torch.manual_seed(0), llama())[1], (torch.manual_seed(0), llama())[1]
     sparsify_(plain_model, layerwise, BATCHES)
     tuned = sparsify_(tuned_model, diverging, BATCHES).learned["end_to_end"]
@@ -410,8 +526,11 @@ def test_end_to_end_tuning_holds_each_batchs_masks_and_guards_on_held_out_window
 
     monkeypatch.setattr(learned, "_kl", spy)
     windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(3))
-    config = {"method": "act_magnitude", "sparsity": "2:4",
-              "transforms": [{**ALL, "steps": 3, "e2e_steps": 6, "e2e_batch_size": 2}]}
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [{**ALL, "steps": 3, "e2e_steps": 6, "e2e_batch_size": 2}],
+    }
     tuned = sparsify_(llama(), config, windows).learned["end_to_end"]
     assert tuned["guard_windows"] == [6, 7]  # the last quarter
     tuning = [call for call in calls if call[1]]
@@ -425,14 +544,15 @@ def test_held_masks_are_replayed_whatever_the_parameters_became():
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)
-    layer = ActSparseLinear(linear, parse_sparsity("2:4"),
-                            correction=learned.Correction(linear.weight, forms=["shift", "lowrank"], rank=2))
+    layer = ActSparseLinear(
+        linear, parse_sparsity("2:4"), correction=learned.Correction(linear.weight, forms=["shift", "lowrank"], rank=2)
+    )
     x = torch.randn(5, 16)
     masks = learned.FrozenMasks([layer])
     with torch.no_grad():
         with masks.held():
             layer(x)
-        (recorded, _), = masks.masks[layer]
+        ((recorded, _),) = masks.masks[layer]
         layer.correction.shift.normal_()  # moves which entries are kept
         centred = x - layer.correction.shift
         assert not torch.equal(layer.keep_mask(centred, None)[0], recorded)
@@ -454,15 +574,17 @@ def test_each_layer_is_trained_towards_the_dense_models_own_output_of_that_layer
     unpruned model computes there, while the student stream runs through the corrected layers."""
     model = llama()
     outputs = []  # each decoder layer's output, in the order they run
-    hooks = [layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-             for layer in model.model.layers]
+    hooks = [
+        layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+        for layer in model.model.layers
+    ]
     with torch.no_grad():
         for window in BATCHES:
             model(window[None])
     for hook in hooks:
         hook.remove()
     layers = len(model.model.layers)
-    dense = [outputs[w * layers:(w + 1) * layers] for w in range(len(BATCHES))]
+    dense = [outputs[w * layers : (w + 1) * layers] for w in range(len(BATCHES))]
     seen = {}
     mse = learned._mse
 

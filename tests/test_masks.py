@@ -47,15 +47,39 @@ def test_token_mask_does_not_depend_on_other_tokens():
     assert torch.equal(keep[2:3, 4:5], alone)
     x_changed = x.clone()
     x_changed[0] *= 100
-    assert torch.equal(pattern_keep_mask(x_changed.abs(), parse_sparsity(0.5))[1:], pattern_keep_mask(x.abs(), parse_sparsity(0.5))[1:])
+    assert torch.equal(
+        pattern_keep_mask(x_changed.abs(), parse_sparsity(0.5))[1:], pattern_keep_mask(x.abs(), parse_sparsity(0.5))[1:]
+    )
 
 
-@pytest.mark.parametrize("value,expected", [(0.5, Pattern(ratio=0.5)), ("2:4", Pattern(n=2, m=4)), (" 8 : 16 ", Pattern(n=8, m=16)), ("0.25", Pattern(ratio=0.25)), (0, Pattern(ratio=0.0))])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (0.5, Pattern(ratio=0.5)),
+        ("2:4", Pattern(n=2, m=4)),
+        (" 8 : 16 ", Pattern(n=8, m=16)),
+        ("0.25", Pattern(ratio=0.25)),
+        (0, Pattern(ratio=0.0)),
+    ],
+)
 def test_parse_sparsity(value, expected):
     assert parse_sparsity(value) == expected
 
 
-@pytest.mark.parametrize("value,words", [(1.0, "outside [0, 1)"), (-0.1, "outside [0, 1)"), ("4:4", "1 <= N < M"), ("0:4", "1 <= N < M"), ("5:4", "1 <= N < M"), ("2-4", "malformed"), ("half", "malformed"), (True, "expected"), ([2, 4], "type")])
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        (1.0, "outside [0, 1)"),
+        (-0.1, "outside [0, 1)"),
+        ("4:4", "1 <= N < M"),
+        ("0:4", "1 <= N < M"),
+        ("5:4", "1 <= N < M"),
+        ("2-4", "malformed"),
+        ("half", "malformed"),
+        (True, "expected"),
+        ([2, 4], "type"),
+    ],
+)
 def test_bad_sparsity_names_the_key_and_allowed_values(value, words):
     with pytest.raises(ValueError, match="pruning.sparsity") as error:
         parse_sparsity(value)

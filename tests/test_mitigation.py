@@ -88,7 +88,9 @@ def test_scaling_changes_only_which_entries_are_kept():
     layer = copy.deepcopy(linear)
     options = wrapper_options(layer, "magnitude", parse_transforms(["scaling"]), {"absmax": torch.rand(16) * 5 + 0.1})
     scaled = ActSparseLinear(layer, parse_sparsity("2:4"), **options)
-    keep = (x * options["input_scale"].float()).abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(-1).flatten(-2) < 2
+    keep = (x * options["input_scale"].float()).abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(
+        -1
+    ).flatten(-2) < 2
     torch.testing.assert_close(scaled(x), (x * keep) @ linear.weight.T + linear.bias)  # the original W
 
 
@@ -143,7 +145,11 @@ def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
 
     first, record = statistics("tiny")
     again, record_again = statistics("tiny")
-    assert record["cache"] == "miss" and record_again["cache"] == "hit" and record["cache_file"] == record_again["cache_file"]
+    assert (
+        record["cache"] == "miss"
+        and record_again["cache"] == "hit"
+        and record["cache_file"] == record_again["cache_file"]
+    )
     assert record["corpus"] == "c4" and record["windows"] == 2 and record["seqlen"] == 8 and record["tokens"] == 16
     assert all(torch.equal(first[n]["l2"], again[n]["l2"]) for n in first)
     options.seed = 1
@@ -155,18 +161,27 @@ def test_statistics_are_cached_and_keyed_by_their_inputs(tmp_path):
 
 @needs_shared
 def test_calibration_corpora_never_read_the_test_split():
-    test_text = "\n\n".join(__import__("json").loads(row)["text"] for row in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl"))
-    for corpus, expected in (("wikitext2_validation", "wikitext2_validation"), ("c4", "c4"), ("auto", "wikitext2_validation")):
+    test_text = "\n\n".join(
+        __import__("json").loads(row)["text"] for row in open(SHARED_DATA / "wikitext-2-raw-v1" / "test.jsonl")
+    )
+    for corpus, expected in (
+        ("wikitext2_validation", "wikitext2_validation"),
+        ("c4", "c4"),
+        ("auto", "wikitext2_validation"),
+    ):
         text, source = calibration.corpus_text(corpus, str(SHARED_DATA))  # auto: the hub is offline here
         assert source == expected and len(text) > 100_000 and text[:5000] not in test_text
 
 
-@pytest.mark.parametrize("config,words", [
-    ({"score": "wanda"}, ["pruning.score='wanda'", "clact", "weight_norm"]),
-    ({"transforms": ["rotate"]}, ["pruning.transforms", "'rotate'", "shift", "variance"]),
-    ({"transforms": [{"name": "shift", "mode": "mode"}]}, ["shift mode='mode'", "median, mean, static"]),
-    ({"score": "clact"}, ["score=clact", "pass calibration="]),
-])
+@pytest.mark.parametrize(
+    "config,words",
+    [
+        ({"score": "wanda"}, ["pruning.score='wanda'", "clact", "weight_norm"]),
+        ({"transforms": ["rotate"]}, ["pruning.transforms", "'rotate'", "shift", "variance"]),
+        ({"transforms": [{"name": "shift", "mode": "mode"}]}, ["shift mode='mode'", "median, mean, static"]),
+        ({"score": "clact"}, ["score=clact", "pass calibration="]),
+    ],
+)
 def test_bad_scores_and_transforms_are_clear_errors(config, words):
     with pytest.raises(ValueError) as error:
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", **config})
@@ -212,7 +227,9 @@ def test_dense_tokens_keep_the_first_tokens_of_each_sequence_exact():
 
 def test_skip_layers_stay_dense_and_are_counted():
     model = llama(num_hidden_layers=3)
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "skip_layers": ["*.layers.1.*", "*.down_proj"]})
+    report = sparsify_(
+        model, {"method": "act_magnitude", "sparsity": "2:4", "skip_layers": ["*.layers.1.*", "*.down_proj"]}
+    )
     assert report.replaced_layers == 3 * 7 - 7 - 2
     assert len(report.summary()["skipped_layers"]) == 9
     assert isinstance(model.model.layers[1].self_attn.q_proj, nn.Linear)
@@ -235,7 +252,9 @@ def test_a_static_shift_is_the_calibration_mean_in_the_final_basis_whatever_the_
     outputs, vectors = [], []
     for transforms in ([static, rotation], [rotation, static]):
         model = copy.deepcopy(base)
-        report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}, calibration_windows)
+        report = sparsify_(
+            model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}, calibration_windows
+        )
         vectors.append(report.layers["model.layers.1.mlp.down_proj"].shift_vector)
         with torch.no_grad():
             outputs.append(model(ids).logits)
@@ -244,7 +263,9 @@ def test_a_static_shift_is_the_calibration_mean_in_the_final_basis_whatever_the_
     # ...and it is the mean of what the mask sees: the layer's calibration inputs in the final basis.
     seen = []
     dense = copy.deepcopy(base)
-    dense.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    dense.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
     with torch.no_grad():
         for window in calibration_windows:
             dense(window[None])
@@ -274,8 +295,10 @@ def test_a_corrupt_statistics_file_is_set_aside_and_computed_again(tmp_path, cap
     first = Calibration(windows, model_id="tiny", cache_dir=str(tmp_path))
     expected = first.statistics(model, targets)
     path = tmp_path / "calibration" / first.used["cache_file"].rsplit("/", 1)[-1]
-    for damage in (lambda: path.write_bytes(path.read_bytes()[:100]),  # truncated
-                   lambda: torch.save({name: {"mean": torch.zeros(3)} for name in targets}, path)):  # another format
+    for damage in (
+        lambda: path.write_bytes(path.read_bytes()[:100]),  # truncated
+        lambda: torch.save({name: {"mean": torch.zeros(3)} for name in targets}, path),
+    ):  # another format
         damage()
         again = Calibration(windows, model_id="tiny", cache_dir=str(tmp_path))
         stats = again.statistics(model, targets)
@@ -338,7 +361,9 @@ def test_non_finite_calibration_statistics_fail_the_layer_by_name():
     stats = calibration.statistics(model, targets)
     stats["model.layers.0.self_attn.q_proj"]["l2"][3] = float("nan")
     calibration.statistics = lambda *args, **kwargs: stats
-    with pytest.raises(FloatingPointError, match=r"model.layers.0.self_attn.q_proj: pruning.score=clact.*\['channel_weight'\]"):
+    with pytest.raises(
+        FloatingPointError, match=r"model.layers.0.self_attn.q_proj: pruning.score=clact.*\['channel_weight'\]"
+    ):
         sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "score": "clact"}, calibration)
 
 
@@ -349,9 +374,14 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
 
     def job(method, sparsity, nll, kind="activation", status="ok", minutes=2.0, **pruning):
         mean = sum(nll) / len(nll)
-        return {"status": status, "sparsity": {"kind": kind}, "metrics": {"ppl/wikitext2": math.exp(mean)},
-                "ppl_wikitext2": {"window_nll": nll}, "timings": {"total": minutes * 60},
-                "config": {"pruning": {"method": method, "sparsity": sparsity, **pruning}}}
+        return {
+            "status": status,
+            "sparsity": {"kind": kind},
+            "metrics": {"ppl/wikitext2": math.exp(mean)},
+            "ppl_wikitext2": {"window_nll": nll},
+            "timings": {"total": minutes * 60},
+            "config": {"pruning": {"method": method, "sparsity": sparsity, **pruning}},
+        }
 
     dense = job("dense", 0.0, [2.0, 2.0, 2.0], kind="dense")
     plain = job("act_magnitude", "8:16", [3.0, 3.2, 2.8])
@@ -363,13 +393,19 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     gap = (math.exp(3.0) - math.exp(2.6333333333333333)) / (math.exp(3.0) - math.exp(2.0))
     gains = [0.5, 0.7, -0.1]
     se = statistics.stdev(gains) / math.sqrt(3)
-    assert lines[3] == (f"| 8:16 | act_magnitude score=weight_norm | {math.exp(2.6333333333333333):.2f} | {gap:.1%} | "
-                        f"+0.367 ± {se:.3f} (2/3) | 30.0 |")
+    assert lines[3] == (
+        f"| 8:16 | act_magnitude score=weight_norm | {math.exp(2.6333333333333333):.2f} | {gap:.1%} | "
+        f"+0.367 ± {se:.3f} (2/3) | 30.0 |"
+    )
     assert lines[4].startswith("| 8:16 mean | act_magnitude | ") and "(2/3)" in lines[4]  # allocated: not the plain row
     assert lines[5] == f"| 8:16 | act_magnitude (plain) | {math.exp(3.0):.2f} |  |  | 2.0 |"
     assert len(lines) == 6 and "2:4" not in "\n".join(lines)  # the failed job is left out
 
-    skipping = [{**r, "config": {"pruning": {**r["config"]["pruning"], "skip_layers": ["*.down_proj"]}}}
-                for r in (dense, plain, better)]
+    skipping = [
+        {**r, "config": {"pruning": {**r["config"]["pruning"], "skip_layers": ["*.down_proj"]}}}
+        for r in (dense, plain, better)
+    ]
     lines = gap_table(skipping).splitlines()
-    assert lines[3].split(" | ")[3] == f"{gap:.1%}" and "(plain)" in lines[4]  # a sweep that skips layers has its plain row
+    assert (
+        lines[3].split(" | ")[3] == f"{gap:.1%}" and "(plain)" in lines[4]
+    )  # a sweep that skips layers has its plain row

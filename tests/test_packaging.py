@@ -32,8 +32,19 @@ def test_wheel_installs_configs_and_runs_from_anywhere(tmp_path):
         shutil.copy(REPO / name, src / name)
     for name in ("actprune", "conf", "hydra_plugins"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src,
-        cwd=tmp_path)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        tmp_path / "dist",
+        src,
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("actprune-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {"actprune/conf/" + p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
@@ -50,21 +61,40 @@ def test_wheel_installs_configs_and_runs_from_anywhere(tmp_path):
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
     python = venv / "bin" / "python"
-    run(sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    purelib = run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).stdout.strip()
+    run(
+        sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path
+    )
+    purelib = run(
+        python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path
+    ).stdout.strip()
     (Path(purelib) / "_actprune_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = run(python, "-c", "import actprune, hydra_plugins.actprune_sweeper as s; from actprune.app import CONF_DIR;"
-                " print(actprune.__file__); print(s.__file__); print(CONF_DIR)", cwd=elsewhere, env=env).stdout.splitlines()
+    where = run(
+        python,
+        "-c",
+        "import actprune, hydra_plugins.actprune_sweeper as s; from actprune.app import CONF_DIR;"
+        " print(actprune.__file__); print(s.__file__); print(CONF_DIR)",
+        cwd=elsewhere,
+        env=env,
+    ).stdout.splitlines()
     assert all(path.startswith(str(venv)) for path in where), where
     assert where[2].endswith(os.path.join("actprune", "conf"))
 
-    done = run(venv / "bin" / "actprune", f"model.path={STORIES}", "model.seqlen=128", f"paths.data_dir={SHARED_DATA}",
-               "logger=none", "pruning=act_magnitude", "pruning.sparsity=2:4", "benchmark.ppl_wikitext2.max_windows=2",
-               cwd=elsewhere, env=env)
+    done = run(
+        venv / "bin" / "actprune",
+        f"model.path={STORIES}",
+        "model.seqlen=128",
+        f"paths.data_dir={SHARED_DATA}",
+        "logger=none",
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        "benchmark.ppl_wikitext2.max_windows=2",
+        cwd=elsewhere,
+        env=env,
+    )
     (path,) = (elsewhere / "outputs" / "runs").glob("*/results.json")
     result = json.loads(path.read_text())
     assert result["status"] == "ok", result["error"]

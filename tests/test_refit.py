@@ -40,8 +40,10 @@ def test_calibration_windows_never_share_a_token_and_depend_on_the_seed_alone(to
 
 
 def test_more_calibration_tokens_than_the_text_holds_are_refused():
-    with pytest.raises(ValueError, match="calibration.windows=26 x calibration.seqlen=40 = 1040 tokens: more than "
-                                         "the calibration text's 1000"):
+    with pytest.raises(
+        ValueError,
+        match="calibration.windows=26 x calibration.seqlen=40 = 1040 tokens: more than the calibration text's 1000",
+    ):
         calibration.sample_windows(PositionTokenizer(), " ".join(["w"] * 1000), 26, 40, seed=0)
 
 
@@ -51,7 +53,9 @@ def test_the_ridge_solution_is_the_dense_weight_when_nothing_is_pruned():
     x = torch.randn(200, 6, dtype=torch.float64)
     moments.add(x, x @ weight.T + bias)
     start = torch.cat([torch.randn_like(weight), torch.zeros(5, 1, dtype=torch.float64)], 1)  # shrunk elsewhere
-    torch.testing.assert_close(ridge_solve(moments, start, 1e-9), torch.cat([weight, bias[:, None]], 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        ridge_solve(moments, start, 1e-9), torch.cat([weight, bias[:, None]], 1), rtol=1e-6, atol=1e-6
+    )
     assert moments.error(torch.cat([weight, bias[:, None]], 1)) == pytest.approx(0, abs=1e-9)
 
 
@@ -106,7 +110,10 @@ def test_refit_lowers_the_error_of_each_refit_layer_on_held_out_windows_and_keep
     # The mask is plain pruning's: on the same input, every layer zeroes the same entries.
     for name in layers:
         x = torch.randn(2, 5, refit.get_submodule(name).in_features)
-        masks = [model.get_submodule(name).keep_mask(x, model.get_submodule(name).channel_weight)[0] for model in (plain, refit)]
+        masks = [
+            model.get_submodule(name).keep_mask(x, model.get_submodule(name).channel_weight)[0]
+            for model in (plain, refit)
+        ]
         assert torch.equal(*masks), name
 
 
@@ -122,8 +129,11 @@ def test_a_refit_tokens_output_does_not_depend_on_the_batch():
 
 def test_dense_stream_statistics_and_a_layer_that_gains_nothing_keeps_its_weights():
     model = llama()
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16",
-                               "transforms": [{**REFIT, "stream": "dense", "ridge": [1e6]}]}, WINDOWS)
+    report = sparsify_(
+        model,
+        {"method": "act_magnitude", "sparsity": "8:16", "transforms": [{**REFIT, "stream": "dense", "ridge": [1e6]}]},
+        WINDOWS,
+    )
     # A ridge this strong keeps W′ at W: no held-out error is lower, so every layer keeps W exactly.
     assert report.refit["refit_layers"] == 0 and report.refit["options"]["stream"] == "dense"
     assert all(m.refit_weight is None for m in model.modules() if isinstance(m, ActSparseLinear))
@@ -159,8 +169,9 @@ def test_fit_layer_chooses_lambda_on_held_out_windows_then_fits_on_all_of_them(m
     start = torch.cat([wrapper.linear.weight.detach().double(), torch.zeros(3, 1, dtype=torch.float64)], 1)
     expected = torch.linalg.solve(pp + lam * torch.eye(5, dtype=torch.float64), (tp + lam * start).T).T
     torch.testing.assert_close(wrapper.refit_weight.double(), expected[:, :4], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(wrapper.refit_bias.double(), wrapper.linear.bias.double() + expected[:, 4],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        wrapper.refit_bias.double(), wrapper.linear.bias.double() + expected[:, 4], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_each_layers_moments_are_freed_once_it_is_fitted(monkeypatch):
@@ -204,7 +215,9 @@ def test_each_stream_fits_a_decoder_layer_on_the_inputs_it_names(stream):
         return seen, handle
 
     fitted, handle = layer_inputs(model, lambda: getattr(model.model.layers[1].self_attn.q_proj, "busy", False))
-    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "stream": stream}]}, WINDOWS)
+    sparsify_(
+        model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "stream": stream}]}, WINDOWS
+    )
     handle.remove()
     references = {}
     for name, of in (("dense", dense), ("sequential", model)):
@@ -218,44 +231,70 @@ def test_each_stream_fits_a_decoder_layer_on_the_inputs_it_names(stream):
     torch.testing.assert_close(torch.cat(fitted), references[stream], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("options,words", [
-    ({"ridge": float("inf")}, "refit ridge=inf: allowed values are a positive finite number"),
-    ({"ridge": [0.1, float("nan")]}, "refit ridge=\\[0.1, nan\\]: allowed values are a positive finite number"),
-    ({"ridge": True}, "refit ridge=True: allowed values are a positive finite number"),
-    ({"ridge": "abc"}, "refit ridge='abc': allowed values are a positive finite number"),
-    ({"skip_tokens": 2.5}, "refit skip_tokens=2.5: allowed values are an integer >= 0"),
-    ({"skip_tokens": -1}, "refit skip_tokens=-1: allowed values are an integer >= 0"),
-    ({"intercept": "abc"}, "refit intercept='abc': allowed values are true or false"),
-    ({"holdout": "abc"}, "refit holdout='abc': allowed values are a number between 0 and 1"),
-    ({"holdout": 0}, "refit holdout=0: allowed values are a number between 0 and 1"),
-    ({"min_tokens_per_dim": "abc"}, "refit min_tokens_per_dim='abc': allowed values are a number >= 0"),
-    ({"min_tokens_per_dim": -1}, "refit min_tokens_per_dim=-1: allowed values are a number >= 0"),
-    ({"stream": ["dense"]}, "refit stream=\\['dense'\\]: allowed values are \\['sequential', 'dense'\\]"),
-    ({"skip_tokens": 40, "min_tokens_per_dim": 0}, "refit skip_tokens=40 leaves no token of calibration.seqlen=40 "
-                                                   "to fit: allowed values are skip_tokens < calibration.seqlen"),
-])
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"ridge": float("inf")}, "refit ridge=inf: allowed values are a positive finite number"),
+        ({"ridge": [0.1, float("nan")]}, "refit ridge=\\[0.1, nan\\]: allowed values are a positive finite number"),
+        ({"ridge": True}, "refit ridge=True: allowed values are a positive finite number"),
+        ({"ridge": "abc"}, "refit ridge='abc': allowed values are a positive finite number"),
+        ({"skip_tokens": 2.5}, "refit skip_tokens=2.5: allowed values are an integer >= 0"),
+        ({"skip_tokens": -1}, "refit skip_tokens=-1: allowed values are an integer >= 0"),
+        ({"intercept": "abc"}, "refit intercept='abc': allowed values are true or false"),
+        ({"holdout": "abc"}, "refit holdout='abc': allowed values are a number between 0 and 1"),
+        ({"holdout": 0}, "refit holdout=0: allowed values are a number between 0 and 1"),
+        ({"min_tokens_per_dim": "abc"}, "refit min_tokens_per_dim='abc': allowed values are a number >= 0"),
+        ({"min_tokens_per_dim": -1}, "refit min_tokens_per_dim=-1: allowed values are a number >= 0"),
+        ({"stream": ["dense"]}, "refit stream=\\['dense'\\]: allowed values are \\['sequential', 'dense'\\]"),
+        (
+            {"skip_tokens": 40, "min_tokens_per_dim": 0},
+            "refit skip_tokens=40 leaves no token of calibration.seqlen=40 "
+            "to fit: allowed values are skip_tokens < calibration.seqlen",
+        ),
+    ],
+)
 def test_options_refit_would_ignore_are_refused_in_the_plan_and_by_sparsify(options, words):
     with pytest.raises(ValueError, match=f"pruning.transforms: {words}"):
         check_tokens(options_of(options), 8, 40, [64])
     with pytest.raises(ValueError, match=words):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]}, WINDOWS)
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]},
+            WINDOWS,
+        )
 
 
-@pytest.mark.parametrize("options,words", [
-    ({"lambda": 1}, "refit has no option \\['lambda'\\]"),
-    ({"ridge": -1}, "refit ridge=-1: allowed values are a positive finite number"),
-    ({"stream": "both"}, "refit stream='both': allowed values are \\['sequential', 'dense'\\]"),
-    ({"holdout": 1.5}, "holdout=1.5"),
-])
+@pytest.mark.parametrize(
+    "options,words",
+    [
+        ({"lambda": 1}, "refit has no option \\['lambda'\\]"),
+        ({"ridge": -1}, "refit ridge=-1: allowed values are a positive finite number"),
+        ({"stream": "both"}, "refit stream='both': allowed values are \\['sequential', 'dense'\\]"),
+        ({"holdout": 1.5}, "holdout=1.5"),
+    ],
+)
 def test_bad_refit_options_name_the_option(options, words):
     with pytest.raises(ValueError, match=words):
-        sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]}, WINDOWS)
+        sparsify_(
+            llama(),
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", **options}]},
+            WINDOWS,
+        )
 
 
 def test_too_few_calibration_tokens_are_refused_before_loading(tiny_setup, tmp_path):
-    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[refit]",
-                     "calibration.windows=2", "calibration.seqlen=32")
-    with pytest.raises(ValueError, match="refit fits on 28 calibration tokens .* raise calibration.windows to at least"):
+    cfg = job_config(
+        tiny_setup,
+        tmp_path,
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        "pruning.transforms=[refit]",
+        "calibration.windows=2",
+        "calibration.seqlen=32",
+    )
+    with pytest.raises(
+        ValueError, match="refit fits on 28 calibration tokens .* raise calibration.windows to at least"
+    ):
         plan_job(cfg, tmp_path)
     with pytest.raises(ValueError, match="refit needs at least 2 calibration windows"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS[:1])
@@ -266,9 +305,16 @@ def test_too_few_calibration_tokens_are_refused_before_loading(tiny_setup, tmp_p
 def test_a_job_records_the_refit(tiny_setup, tmp_path):
     from actprune.run.job import run_job
 
-    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=2:4",
-                     "pruning.transforms=[{name:refit,skip_tokens:1,min_tokens_per_dim:1}]", "calibration.windows=8",
-                     "calibration.seqlen=32", "calibration.corpus=wikitext2_validation")
+    cfg = job_config(
+        tiny_setup,
+        tmp_path,
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        "pruning.transforms=[{name:refit,skip_tokens:1,min_tokens_per_dim:1}]",
+        "calibration.windows=8",
+        "calibration.seqlen=32",
+        "calibration.corpus=wikitext2_validation",
+    )
     record = run_job(cfg, tmp_path, "group", "job")
     assert record["status"] == "ok", record.get("traceback")
     assert record["refit"]["layers"] and record["refit"]["options"]["skip_tokens"] == 1
@@ -280,8 +326,11 @@ def test_the_layers_bias_stays_and_an_intercept_adds_to_it():
     without a bias gets one."""
     for intercept in (False, True):
         model = qwen2()
-        sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "intercept": intercept}]},
-                  WINDOWS)
+        sparsify_(
+            model,
+            {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**REFIT, "intercept": intercept}]},
+            WINDOWS,
+        )
         refit = [m for m in model.modules() if isinstance(m, ActSparseLinear) and m.refit_weight is not None]
         assert refit
         for layer in refit:

@@ -8,21 +8,41 @@ from actprune.run import report, results, table
 from .helpers import offline_wandb_log
 
 
-def job(folder, name, method="act_magnitude", sparsity="2:4", ppl=8.0, tok_s=None, speedup=None, backend="emulate",
-        device="cuda", device_name=None, model="llama", pruning=None):
+def job(
+    folder,
+    name,
+    method="act_magnitude",
+    sparsity="2:4",
+    ppl=8.0,
+    tok_s=None,
+    speedup=None,
+    backend="emulate",
+    device="cuda",
+    device_name=None,
+    model="llama",
+    pruning=None,
+):
     """A finished job's results.json in `folder/name`; the generate benchmark's keys only where `speedup` is given."""
     dense = method == "dense"
     record = {
-        "status": "ok", "results_version": results.VERSION, "model": model,
+        "status": "ok",
+        "results_version": results.VERSION,
+        "model": model,
         "metrics": {"ppl/wikitext2": ppl} if ppl is not None else {},
         "sparsity": {"kind": "dense" if dense else "ratio", "pattern": "dense" if dense else sparsity},
-        "config": {"model": {"path": f"/models/{model}"},
-                   "pruning": {"method": method, "sparsity": None if dense else sparsity, **(pruning or {})}},
+        "config": {
+            "model": {"path": f"/models/{model}"},
+            "pruning": {"method": method, "sparsity": None if dense else sparsity, **(pruning or {})},
+        },
     }
     if speedup is not None:
-        record["metrics"] |= {"generate/decode_tokens_per_s": tok_s, "generate/decode_speedup": speedup,
-                              "generate/dense_decode_tokens_per_s": tok_s / speedup,
-                              "generate/prefill_ms": 12.0, "generate/ttft_ms": 15.0}
+        record["metrics"] |= {
+            "generate/decode_tokens_per_s": tok_s,
+            "generate/decode_speedup": speedup,
+            "generate/dense_decode_tokens_per_s": tok_s / speedup,
+            "generate/prefill_ms": 12.0,
+            "generate/ttft_ms": 15.0,
+        }
         record["generate"] = {"backend": backend, "device": device, "device_name": device_name}
     results.write(folder / name / "results.json", record)
     return record
@@ -43,11 +63,19 @@ def test_speed_columns_hold_the_generate_metrics_and_are_empty_for_jobs_without_
     assert found["4:8"]["backend"] == "emulate"  # config.pruning.backend where the benchmark did not run
 
     names = table.columns(rows)
-    assert names.index("calibration") < names.index("decode_tok_s") < names.index("speedup") < names.index("backend") \
-        < names.index("mean_acc") == len(names) - len(table.TAIL)
+    assert (
+        names.index("calibration")
+        < names.index("decode_tok_s")
+        < names.index("speedup")
+        < names.index("backend")
+        < names.index("mean_acc")
+        == len(names) - len(table.TAIL)
+    )
     header, _, *lines = table.markdown(rows).splitlines()
-    cells = {line.split(" | ")[2]: dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
-             for line in lines}
+    cells = {
+        line.split(" | ")[2]: dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | ")))
+        for line in lines
+    }
     timed = cells["2:4"]
     assert (timed["decode_tok_s"], timed["speedup"], timed["backend"]) == ("42.5000", "1.2500", "kernel")
     assert (cells["0.5"]["decode_tok_s"], cells["0.5"]["speedup"]) == ("", "")
@@ -95,10 +123,12 @@ def test_dense_sits_at_a_speedup_of_exactly_one_and_pruned_jobs_at_their_own(tmp
     job(tmp_path, "2:4", sparsity="2:4", ppl=9.0, tok_s=48.0, speedup=1.2)
     job(tmp_path, "4:8", sparsity="4:8", ppl=8.0, tok_s=44.0, speedup=1.1)
     panels = report.speed_points(table.rows([tmp_path]))
-    assert panels == {("llama", "emulate", "cuda"): {
-        "act_magnitude": [(1.1, 8.0, "4:8"), (1.2, 9.0, "2:4")],
-        "dense": [(1.0, 6.0, "dense")],
-    }}
+    assert panels == {
+        ("llama", "emulate", "cuda"): {
+            "act_magnitude": [(1.1, 8.0, "4:8"), (1.2, 9.0, "2:4")],
+            "dense": [(1.0, 6.0, "dense")],
+        }
+    }
 
 
 def test_two_gpus_timed_apart_are_told_apart_by_name(tmp_path):
@@ -116,8 +146,9 @@ def test_emulated_and_kernel_speeds_and_two_devices_are_never_on_one_line(tmp_pa
     job(tmp_path, "kernel-4:8", sparsity="4:8", tok_s=56.0, speedup=1.4, backend="kernel")
     job(tmp_path, "cpu-2:4", sparsity="2:4", tok_s=5.0, speedup=1.3, backend="kernel", device="cpu")
     panels = report.speed_points(table.rows([tmp_path]))
-    speedups = {key: {method: [x for x, _, _ in points] for method, points in lines.items()}
-                for key, lines in panels.items()}
+    speedups = {
+        key: {method: [x for x, _, _ in points] for method, points in lines.items()} for key, lines in panels.items()
+    }
     assert speedups == {
         ("llama", "emulate", "cuda"): {"act_magnitude": [0.5, 0.6], "dense": [1.0]},
         ("llama", "kernel", "cpu"): {"act_magnitude": [1.3]},  # the dense job was timed on cuda, not here
@@ -135,8 +166,10 @@ def test_the_speed_plot_goes_to_the_wandb_summary_run(tmp_path):
 def test_a_tables_job_names_leave_out_what_every_job_shares(tmp_path):
     """Long shared overrides (model, data, windows) wrapped every line: they are said once, above."""
     common = "benchmark.ppl_wikitext2.max_windows=24,model.seqlen=512"
-    rows = [(f"{common},pruning.sparsity=2:4,pruning.transforms=[variance,refit]", job(tmp_path, "a", sparsity="2:4")),
-            (f"{common},pruning.sparsity=8:16,pruning.transforms=[variance,refit]", job(tmp_path, "b", sparsity="8:16"))]
+    rows = [
+        (f"{common},pruning.sparsity=2:4,pruning.transforms=[variance,refit]", job(tmp_path, "a", sparsity="2:4")),
+        (f"{common},pruning.sparsity=8:16,pruning.transforms=[variance,refit]", job(tmp_path, "b", sparsity="8:16")),
+    ]
     first, header, _, a, b = table.table(rows).splitlines()
     assert first == "every job: " + common + ",pruning.transforms=[variance,refit]"
     assert a.split()[0] == "pruning.sparsity=2:4" and b.split()[0] == "pruning.sparsity=8:16"
@@ -145,9 +178,14 @@ def test_a_tables_job_names_leave_out_what_every_job_shares(tmp_path):
 
 
 def test_a_failed_job_shows_what_it_was_asked_and_why_it_failed(tmp_path):
-    failed = {"status": "failed", "error": "ValueError: pruning.sparsity='abc': allowed values are ...\ntraceback",
-              "config": {"pruning": {"method": "act_magnitude", "sparsity": "abc"}}, "sparsity": {},
-              "replaced_layers": None, "metrics": {}}
+    failed = {
+        "status": "failed",
+        "error": "ValueError: pruning.sparsity='abc': allowed values are ...\ntraceback",
+        "config": {"pruning": {"method": "act_magnitude", "sparsity": "abc"}},
+        "sparsity": {},
+        "replaced_layers": None,
+        "metrics": {},
+    }
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "results.json").write_text(json.dumps(failed))
     line = table.table([("bad", failed)]).splitlines()[-1]

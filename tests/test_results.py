@@ -38,7 +38,7 @@ def test_a_refusal_stands_in_the_tables_until_its_folder_runs_again(tmp_path):
     job = tmp_path / "job"
     results.write(job / "results.json", {"status": "ok", "results_version": results.VERSION, "config": {"seed": 0}})
     results.refuse(job, {"status": "running", "config": {"seed": 1}, "error": "refused: other settings"})
-    (path, record), = results.read_all(tmp_path)
+    ((path, record),) = results.read_all(tmp_path)
     assert record["status"] == "refused" and path == job / "results.json"
     with pytest.raises(results.AlreadyDone):  # the finished job's own settings again: skipped, the refusal void
         results.claim(job, {"seed": 0})
@@ -47,10 +47,18 @@ def test_a_refusal_stands_in_the_tables_until_its_folder_runs_again(tmp_path):
 
 def test_the_report_shows_what_makes_rows_comparable_and_keeps_same_named_models_apart(tmp_path):
     def record(path, windows):
-        return {"status": "ok", "model": "llama", "metrics": {"ppl/wikitext2": 5.0}, "ppl_wikitext2": {"windows": windows},
-                "calibration": {"corpus": "c4", "windows": 8, "seqlen": 128},
-                "config": {"model": {"path": path}, "pruning": {"method": "act_magnitude", "sparsity": "2:4"},
-                           "benchmark": {"ppl_wikitext2": {"seqlen": 512}}}}
+        return {
+            "status": "ok",
+            "model": "llama",
+            "metrics": {"ppl/wikitext2": 5.0},
+            "ppl_wikitext2": {"windows": windows},
+            "calibration": {"corpus": "c4", "windows": 8, "seqlen": 128},
+            "config": {
+                "model": {"path": path},
+                "pruning": {"method": "act_magnitude", "sparsity": "2:4"},
+                "benchmark": {"ppl_wikitext2": {"seqlen": 512}},
+            },
+        }
 
     results.write(tmp_path / "a" / "results.json", record("/models/a/llama", 8))
     results.write(tmp_path / "b" / "results.json", record("/models/b/llama", 32))
@@ -114,30 +122,68 @@ def test_a_benchmark_cannot_take_a_key_of_results_json():
 
 
 def test_a_transforms_options_are_named_unless_a_lone_word():
-    pruning = {"method": "act_magnitude", "transforms": [
-        "variance", {"name": "shift", "mode": "static"}, {"name": "refit", "ridge": [0.1, 1.0]},
-        {"name": "refit", "ridge": 0.01}, {"name": "learnable", "lr": 0.01, "epochs": 4}]}
+    pruning = {
+        "method": "act_magnitude",
+        "transforms": [
+            "variance",
+            {"name": "shift", "mode": "static"},
+            {"name": "refit", "ridge": [0.1, 1.0]},
+            {"name": "refit", "ridge": 0.01},
+            {"name": "learnable", "lr": 0.01, "epochs": 4},
+        ],
+    }
     assert table.transform_names(pruning) == [
-        "variance", "shift:static", "refit(ridge=[0.1, 1.0])", "refit(ridge=0.01)", "learnable(lr=0.01,epochs=4)"]
+        "variance",
+        "shift:static",
+        "refit(ridge=[0.1, 1.0])",
+        "refit(ridge=0.01)",
+        "learnable(lr=0.01,epochs=4)",
+    ]
 
 
 def test_a_benchmark_of_ones_own_has_a_column_in_the_sweeps_table_and_the_report(tmp_path):
     """docs/extending.md's `toy_accuracy` records `toy/accuracy`: no table knows it, every table shows it."""
-    def record(metrics):
-        return {"status": "ok", "results_version": results.VERSION, "model": "llama", "metrics": metrics,
-                "config": {"model": {"path": "/models/llama"}, "pruning": {"method": "act_magnitude", "sparsity": "2:4"}}}
 
-    own = record({"ppl/wikitext2": 8.0, "toy/accuracy": 0.25, "toy/tokens": 12, "generate/prefill_ms": 3.0,
-                  "lm_eval/piqa/acc_stderr": 0.1})
+    def record(metrics):
+        return {
+            "status": "ok",
+            "results_version": results.VERSION,
+            "model": "llama",
+            "metrics": metrics,
+            "config": {"model": {"path": "/models/llama"}, "pruning": {"method": "act_magnitude", "sparsity": "2:4"}},
+        }
+
+    own = record(
+        {
+            "ppl/wikitext2": 8.0,
+            "toy/accuracy": 0.25,
+            "toy/tokens": 12,
+            "generate/prefill_ms": 3.0,
+            "lm_eval/piqa/acc_stderr": 0.1,
+        }
+    )
     plain = record({"ppl/wikitext2": 9.0})
     header, _, first, second = table.table([("own", own), ("plain", plain)]).splitlines()
-    assert header.split() == ["job", "method", "sparsity", "perplexity", "text", "mean_acc", "toy/accuracy", "toy/tokens",
-                              "measured", "layers", "status"]
+    assert header.split() == [
+        "job",
+        "method",
+        "sparsity",
+        "perplexity",
+        "text",
+        "mean_acc",
+        "toy/accuracy",
+        "toy/tokens",
+        "measured",
+        "layers",
+        "status",
+    ]
     assert first.split()[6:8] == ["0.2500", "12.0000"] and second.split()[6:8] == ["-", "-"]
     results.write(tmp_path / "own" / "results.json", own)
     results.write(tmp_path / "plain" / "results.json", plain)
     rows = table.rows([tmp_path])
-    assert {"toy/accuracy", "toy/tokens"} <= set(table.columns(rows)) and "generate/prefill_ms" not in table.columns(rows)
+    assert {"toy/accuracy", "toy/tokens"} <= set(table.columns(rows)) and "generate/prefill_ms" not in table.columns(
+        rows
+    )
     assert "| toy/accuracy | toy/tokens |" in table.markdown(rows) and "| 0.2500 | 12 |" in table.markdown(rows)
 
 
@@ -150,11 +196,18 @@ def test_every_key_a_job_writes_is_in_the_schema_and_the_docs(tiny_setup, tmp_pa
 
     from .helpers import job_config
 
-    overrides = ("pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.score=weight_norm",
-                 "pruning.transforms=[variance,{name:refit,ridge:1.0,min_tokens_per_dim:0}]", "calibration.windows=4",
-                 "calibration.seqlen=32",
-                 "benchmark=[ppl_wikitext2,lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.limit=2",
-                 "benchmark.ppl_wikitext2.max_windows=2")
+    overrides = (
+        "pruning=act_magnitude",
+        "pruning.sparsity=2:4",
+        "pruning.score=weight_norm",
+        "pruning.transforms=[variance,{name:refit,ridge:1.0,min_tokens_per_dim:0}]",
+        "calibration.windows=4",
+        "calibration.seqlen=32",
+        "benchmark=[ppl_wikitext2,lm_eval]",
+        "benchmark.lm_eval.tasks=[piqa]",
+        "benchmark.lm_eval.limit=2",
+        "benchmark.ppl_wikitext2.max_windows=2",
+    )
     cfg = job_config(tiny_setup, tmp_path, *overrides)
     record = run_job(cfg, tmp_path / "job", "g", "job")
     assert record["status"] == "ok", record["error"]

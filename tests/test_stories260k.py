@@ -49,10 +49,24 @@ def reference_perplexity(sparsity) -> float:
 
 def test_cli_perplexities_match_an_independent_implementation(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "actprune", "-m", f"model.path={STORIES}", f"model.seqlen={SEQLEN}",
-         f"paths.data_dir={SHARED_DATA}", f"benchmark.ppl_wikitext2.max_windows={WINDOWS}", "logger=none",
-         "pruning=act_magnitude", "pruning.sparsity=2:4,0.5", f"hydra.sweep.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "actprune",
+            "-m",
+            f"model.path={STORIES}",
+            f"model.seqlen={SEQLEN}",
+            f"paths.data_dir={SHARED_DATA}",
+            f"benchmark.ppl_wikitext2.max_windows={WINDOWS}",
+            "logger=none",
+            "pruning=act_magnitude",
+            "pruning.sparsity=2:4,0.5",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = [json.loads(p.read_text()) for p in tmp_path.rglob("results.json")]
@@ -68,9 +82,21 @@ def test_cli_perplexities_match_an_independent_implementation(tmp_path):
 
 def test_mlp_width_172_is_rejected_for_8_16_with_the_layer_named(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "actprune", f"model.path={STORIES}", f"paths.data_dir={SHARED_DATA}", "logger=none",
-         "pruning=act_magnitude", "pruning.sparsity=8:16", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "actprune",
+            f"model.path={STORIES}",
+            f"paths.data_dir={SHARED_DATA}",
+            "logger=none",
+            "pruning=act_magnitude",
+            "pruning.sparsity=8:16",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode != 0
     error = json.loads((tmp_path / "results.json").read_text())["error"]

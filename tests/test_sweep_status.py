@@ -40,17 +40,23 @@ def test_a_report_that_cannot_be_written_fails_the_sweep_and_its_failed_job_is_n
 
 
 @pytest.mark.cli
-def test_a_sweep_judges_its_own_jobs_when_another_command_sweeps_the_folder_meanwhile(tiny_setup, tmp_path, monkeypatch):
+def test_a_sweep_judges_its_own_jobs_when_another_command_sweeps_the_folder_meanwhile(
+    tiny_setup, tmp_path, monkeypatch
+):
     sweep = tmp_path / "sweep"
     run_job = job.run_job
     others = []
 
     def another_command_first(*args, **kwargs):  # another command sweeps the folder while this one runs
-        others.append(actprune("-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS))
+        others.append(
+            actprune("-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=0.5", WINDOWS)
+        )
         return run_job(*args, **kwargs)
 
     monkeypatch.setattr(job, "run_job", another_command_first)
-    code = in_process(monkeypatch, "-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=1.5", WINDOWS)
+    code = in_process(
+        monkeypatch, "-m", *common(tiny_setup, sweep), "pruning=act_magnitude", "pruning.sparsity=1.5", WINDOWS
+    )
     assert others[0].returncode == 0, others[0].stderr[-3000:]
     assert {r["status"] for r in results_in(sweep).values()} == {"ok", "failed"}
     assert "1 of 1 jobs not ok (1 failed): " in str(code) and "pruning.sparsity=1.5," in str(code)
@@ -65,7 +71,12 @@ def test_jobs_that_would_share_a_folder_are_refused_before_any_runs(tiny_setup, 
     assert "device=auto, device=cpu" in done.stderr and "hydra.sweep.subdir" in done.stderr
     assert not list(sweep.rglob("results.json"))
     # As the message says: folders named by the device too.
-    named = actprune("-m", *args, "device=cpu,auto", 'hydra.sweep.subdir="${actprune_job_name:${hydra.overrides.task}}-device=${device}"')
+    named = actprune(
+        "-m",
+        *args,
+        "device=cpu,auto",
+        'hydra.sweep.subdir="${actprune_job_name:${hydra.overrides.task}}-device=${device}"',
+    )
     assert named.returncode == 0, named.stderr[-3000:]
     assert sorted(r["config"]["device"] for r in results_in(sweep).values()) == ["auto", "cpu"]
 
@@ -86,6 +97,7 @@ def test_a_record_that_is_json_but_not_an_object_is_an_unreadable_row(tmp_path):
 
 def refuse_unlink(monkeypatch) -> None:
     """Every unlink fails as on a read-only file system, where even a missing file's unlink raises."""
+
     def read_only(path, missing_ok=False):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
@@ -96,7 +108,9 @@ def test_claiming_a_folder_unlinks_no_refusal_that_is_not_there(tmp_path, monkey
     refuse_unlink(monkeypatch)
     assert results.claim(tmp_path / "job") == tmp_path / "job" / results.RESULTS
     (tmp_path / "job").mkdir()
-    results.write(tmp_path / "job" / results.RESULTS, {"status": "ok", "results_version": results.VERSION, "config": {}})
+    results.write(
+        tmp_path / "job" / results.RESULTS, {"status": "ok", "results_version": results.VERSION, "config": {}}
+    )
     with pytest.raises(results.AlreadyDone):
         results.claim(tmp_path / "job", {})
 

@@ -31,8 +31,14 @@ def slow_job(setup, tmp_path) -> list[str]:
     shutil.copytree(setup["data"], data)
     test = data / "wikitext-2-raw-v1" / "test.jsonl"
     test.write_text(test.read_text() * 1000)
-    return [*common(setup, tmp_path), f"paths.data_dir={data}", "pruning=act_magnitude", "pruning.sparsity=0.5",
-            "model.seqlen=8", "benchmark.ppl_wikitext2.max_windows=10000000"]
+    return [
+        *common(setup, tmp_path),
+        f"paths.data_dir={data}",
+        "pruning=act_magnitude",
+        "pruning.sparsity=0.5",
+        "model.seqlen=8",
+        "benchmark.ppl_wikitext2.max_windows=10000000",
+    ]
 
 
 def out(done) -> str:
@@ -72,7 +78,10 @@ def test_a_sweep_run_again_skips_finished_jobs_and_reruns_failed_ones(tiny_setup
     # A third time: nothing to launch.
     third = actprune("-m", *args)
     assert "4 jobs; 4 done before" in out(third) and "Launching" not in out(third)
-    assert {p: p.read_bytes() for p in sweep.rglob("results.json")} == {**written, failed_path: failed_path.read_bytes()}
+    assert {p: p.read_bytes() for p in sweep.rglob("results.json")} == {
+        **written,
+        failed_path: failed_path.read_bytes(),
+    }
 
     # overwrite=true re-runs every job in its own folder, the earlier records kept beside.
     forced = actprune("-m", *args, "overwrite=true")
@@ -94,13 +103,26 @@ def test_the_same_command_finds_the_same_sweep_folder(tiny_setup, tmp_path):
     # paths.* never names the folder (make demo passes paths.data_dir only where ../shared exists): the
     # same rows elsewhere resume, other rows are not done but refused, naming the inputs.
     moved = shutil.copytree(tiny_setup["data"], tmp_path / "moved")
-    again = actprune("-m", *[a.replace(str(tiny_setup["data"]), str(moved)) for a in args], "pruning=act_magnitude", "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    again = actprune(
+        "-m",
+        *[a.replace(str(tiny_setup["data"]), str(moved)) for a in args],
+        "pruning=act_magnitude",
+        "pruning.sparsity=0.5,2:4",
+        WINDOWS,
+        cwd=tmp_path,
+    )
     assert "2 done before" in out(again) and len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
     data = tmp_path / "other"
     shutil.copytree(tiny_setup["data"], data)
     (data / "wikitext-2-raw-v1" / "test.jsonl").write_text('{"text": "Other rows , other words ."}\n' * 200)
-    changed = actprune("-m", *[a.replace(str(tiny_setup["data"]), str(data)) for a in args], "pruning=act_magnitude",
-                       "pruning.sparsity=0.5,2:4", WINDOWS, cwd=tmp_path)
+    changed = actprune(
+        "-m",
+        *[a.replace(str(tiny_setup["data"]), str(data)) for a in args],
+        "pruning=act_magnitude",
+        "pruning.sparsity=0.5,2:4",
+        WINDOWS,
+        cwd=tmp_path,
+    )
     assert changed.returncode != 0 and "inputs differ" in out(changed) and "0 done before" in out(changed)
     assert len(list((tmp_path / "outputs" / "multiruns").iterdir())) == 2
 
@@ -159,15 +181,18 @@ def test_an_interrupted_job_is_recorded_as_interrupted_and_runs_again(tiny_setup
 def test_in_process_jobs_reuse_the_model_and_leave_it_dense_bit_for_bit(tiny_setup, tmp_path):
     reuse.release()
     dense = job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "dense", "g", "dense")
-    (model, _), = [value for key, value in reuse._cache.items() if key[0] == "model"]
+    ((model, _),) = [value for key, value in reuse._cache.items() if key[0] == "model"]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    for overrides in (["pruning=weight_sparsegpt", "pruning.sparsity=2:4"], ["pruning=weight_wanda", "pruning.sparsity=0.5"],
-                      ["pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[hadamard,shift]"]):
+    for overrides in (
+        ["pruning=weight_sparsegpt", "pruning.sparsity=2:4"],
+        ["pruning=weight_wanda", "pruning.sparsity=0.5"],
+        ["pruning=act_magnitude", "pruning.sparsity=2:4", "pruning.transforms=[hadamard,shift]"],
+    ):
         # calibration windows never overlap: the tiny text holds 2,520 tokens, not the default 32 x 512
         config = job_config(tiny_setup, tmp_path, *overrides, "calibration.windows=8", "calibration.seqlen=128")
         record = job.run_job(config, tmp_path / overrides[0], "g", overrides[0])
         assert record["status"] == "ok" and record["metrics"]["ppl/wikitext2"] != dense["metrics"]["ppl/wikitext2"]
-        (again, _), = [value for key, value in reuse._cache.items() if key[0] == "model"]
+        ((again, _),) = [value for key, value in reuse._cache.items() if key[0] == "model"]
         assert again is model  # reused, not reloaded
         after = model.state_dict()
         assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
@@ -182,7 +207,9 @@ def test_a_failed_job_does_not_hand_an_altered_model_to_the_next(tiny_setup, tmp
     reuse.release()
     job.run_job(job_config(tiny_setup, tmp_path, "pruning=dense"), tmp_path / "a", "g", "a")
     monkeypatch.setattr(ppl_benchmark, "perplexity", lambda *a, **k: 1 / 0)
-    failed = job.run_job(job_config(tiny_setup, tmp_path, "pruning=weight_magnitude", "pruning.sparsity=0.5"), tmp_path / "b", "g", "b")
+    failed = job.run_job(
+        job_config(tiny_setup, tmp_path, "pruning=weight_magnitude", "pruning.sparsity=0.5"), tmp_path / "b", "g", "b"
+    )
     assert failed["status"] == "failed" and not [k for k in reuse._cache if k[0] == "model"]
     reuse.release()
 
@@ -206,15 +233,35 @@ def sweeper_jobs(experiment: str) -> list:
     return sweeper(**options).jobs([])
 
 
-@pytest.mark.parametrize("experiment,count", [("paper_llama2_7b", 12), ("paper_gemma3_4b", 12),
-                                              ("paper_qwen2_5_7b", 23), ("act_vs_weight", 17), ("quality_816", 19)])
+@pytest.mark.parametrize(
+    "experiment,count",
+    [
+        ("paper_llama2_7b", 12),
+        ("paper_gemma3_4b", 12),
+        ("paper_qwen2_5_7b", 23),
+        ("act_vs_weight", 17),
+        ("quality_816", 19),
+    ],
+)
 def test_presets_expand_to_the_tables_they_promise(experiment, count):
     jobs = sweeper_jobs(experiment)
     assert len(jobs) == count and len({tuple(j) for j in jobs}) == count
     assert sum("pruning=dense" in j for j in jobs) == 1
     if experiment.startswith("paper_"):
-        act = {o.split("=")[1].replace("\\", "") for j in jobs if "pruning=act_magnitude" in j for o in j if o.startswith("pruning.sparsity=")}
-        weight = {o.split("=")[1].replace("\\", "") for j in jobs if "pruning=weight_magnitude" in j for o in j if o.startswith("pruning.sparsity=")}
+        act = {
+            o.split("=")[1].replace("\\", "")
+            for j in jobs
+            if "pruning=act_magnitude" in j
+            for o in j
+            if o.startswith("pruning.sparsity=")
+        }
+        weight = {
+            o.split("=")[1].replace("\\", "")
+            for j in jobs
+            if "pruning=weight_magnitude" in j
+            for o in j
+            if o.startswith("pruning.sparsity=")
+        }
         assert act == {"0.2", "0.5", "0.7", "0.9", "2:4", "8:16"} and weight == {"2:4", "8:16", "0.25", "0.5", "0.75"}
 
 
@@ -227,8 +274,15 @@ def test_mitigation_preset_composes_into_its_sweep():
     assert params["pruning.sparsity"] == "2:4,8:16,16:32,0.5"
 
 
-STORIES_SWEEP = [f"model.path={STORIES}", "model.seqlen=128", f"paths.data_dir={SHARED_DATA}", "logger=none",
-                 "pruning=act_magnitude,weight_magnitude", "pruning.sparsity=0.5,2:4", "benchmark.ppl_wikitext2.max_windows=4"]
+STORIES_SWEEP = [
+    f"model.path={STORIES}",
+    "model.seqlen=128",
+    f"paths.data_dir={SHARED_DATA}",
+    "logger=none",
+    "pruning=act_magnitude,weight_magnitude",
+    "pruning.sparsity=0.5,2:4",
+    "benchmark.ppl_wikitext2.max_windows=4",
+]
 
 
 @pytest.mark.cli
@@ -243,16 +297,25 @@ def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
     second = actprune("-m", *STORIES_SWEEP, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={basic}")
     assert "4 jobs; 4 done before" in out(second) and "results: " not in out(second)
 
-    launched = actprune("-m", "hydra/launcher=local", *STORIES_SWEEP, f"paths.cache_dir={tmp_path / 'cache'}",
-                        f"hydra.sweep.dir={local}")
+    launched = actprune(
+        "-m",
+        "hydra/launcher=local",
+        *STORIES_SWEEP,
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.sweep.dir={local}",
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "Submitit 'local'" in out(launched)
     pids = {record["host"]["pid"] for record in results_in(local).values()}
     assert len(pids) == 4 and os.getpid() not in pids
     assert ppl(results_in(basic)) == ppl(results_in(local)) and len(ppl(results_in(local))) == 4
 
-    report = subprocess.run([sys.executable, "-m", "actprune.run.report", str(basic), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "actprune.run.report", str(basic), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (tmp_path / "report" / "report.md").read_text().splitlines()
     assert markdown[0].startswith("| model | method | sparsity | transforms | perplexity |") and len(markdown) == 2 + 4
@@ -260,7 +323,8 @@ def test_stories260k_sweep_twice_local_launcher_and_report(tmp_path):
         rows = list(csv.DictReader(file))
     assert {(r["method"], r["sparsity"]): float(r["perplexity"]) for r in rows} == {
         (r["config"]["pruning"]["method"], str(r["config"]["pruning"]["sparsity"])): r["metrics"]["ppl/wikitext2"]
-        for r in results_in(basic).values()}
+        for r in results_in(basic).values()
+    }
     png = (tmp_path / "report" / "perplexity.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (basic / "report.md").is_file()  # also written when the sweep ended
@@ -302,9 +366,9 @@ def test_a_refused_sweep_says_so_in_its_table_report_and_exit_status(tiny_setup,
     assert actprune("-m", *args).returncode == 0
     other = actprune("-m", *args, "device=cpu")  # the same job folders (device is not in their names), other settings
     assert other.returncode == 1 and "2 of 2 jobs not ok (2 refused)" in other.stderr
-    lines = other.stdout[other.stdout.index("\nSweep "):].splitlines()
+    lines = other.stdout[other.stdout.index("\nSweep ") :].splitlines()
     rule = next(index for index, line in enumerate(lines) if line.startswith("---"))
-    table = lines[rule + 1:rule + 3]  # after the header and its rule
+    table = lines[rule + 1 : rule + 3]  # after the header and its rule
     assert len(table) == 2 and all("pruning.sparsity=" in line and line.split()[-1] == "refused" for line in table)
     assert (sweep / "report.md").read_text().count("| refused |") == 2
     found = results_in(sweep)

@@ -12,9 +12,13 @@ def hooked_inputs(model, windows):
     """Each decoder layer's input hidden states in a plain full forward."""
     _, layers = decoder_layers(model)
     seen = [[] for _ in layers]
-    handles = [layer.register_forward_pre_hook(
-        lambda module, args, kwargs, i=i: seen[i].append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
-        for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen[i].append(args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(layers)
+    ]
     try:
         with torch.no_grad():
             for window in windows:

@@ -61,6 +61,7 @@ def test_sparsegpt_reconstructs_the_layer_better_than_magnitude(sparsity):
         sparsegpt_(sparse, parse_sparsity(sparsity), inputs, blocksize=128, percdamp=0.01)
     magnitude = copy.deepcopy(linear)
     from actprune.methods.weight_magnitude import weight_magnitude
+
     with torch.no_grad():
         weight_magnitude(magnitude, parse_sparsity(sparsity))
     error = lambda w: ((x @ w.T) - (x @ dense.T)).pow(2).mean().item()  # noqa: E731
@@ -73,7 +74,9 @@ def test_sparsegpt_called_directly_refuses_blocks_that_split_groups(blocksize):
     linear = nn.Linear(16, 8, bias=False)
     inputs = _Inputs(16, hessian=True, device="cpu")
     inputs.add(linear, (torch.randn(32, 16),))
-    with pytest.raises(ValueError, match=f"blocksize={blocksize} with sparsity 2:4: allowed values are positive multiples of 4"):
+    with pytest.raises(
+        ValueError, match=f"blocksize={blocksize} with sparsity 2:4: allowed values are positive multiples of 4"
+    ):
         sparsegpt_(linear, parse_sparsity("2:4"), inputs, blocksize=blocksize)
 
 
@@ -85,6 +88,7 @@ def test_layers_are_calibrated_on_the_outputs_of_the_pruned_layers_before_them()
     def remember(index):
         def hook(module, args, kwargs):
             first_calls.setdefault(index, ((args[0] if args else kwargs["hidden_states"]).clone(), kwargs))
+
         return hook
 
     for index in (0, 1):
@@ -128,12 +132,15 @@ def test_on_stories260k_wanda_and_sparsegpt_beat_magnitude(tmp_path):
     assert all(math.isfinite(v) for v in results.values())
 
 
-@pytest.mark.parametrize("config", [
-    {"method": "weight_sparsegpt", "sparsity": "2:4"},
-    {"method": "weight_wanda", "sparsity": 0.5},
-    {"method": "weight_magnitude", "sparsity": 0.5},
-    {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["hadamard", "shift"]},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"method": "weight_sparsegpt", "sparsity": "2:4"},
+        {"method": "weight_wanda", "sparsity": 0.5},
+        {"method": "weight_magnitude", "sparsity": 0.5},
+        {"method": "act_magnitude", "sparsity": "2:4", "transforms": ["hadamard", "shift"]},
+    ],
+)
 def test_restore_brings_back_the_dense_model_bit_for_bit(config):
     model = qwen2()
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}

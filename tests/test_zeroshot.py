@@ -36,16 +36,37 @@ def direct_lm_eval(tmp_path, limit):
             f"training_split: null\nvalidation_split: {split if split == 'validation' else 'null'}\n"
             f"test_split: {split if split == 'test' else 'null'}\n"
         )
-    output = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={STORIES},dtype=float32", tasks=TASKS,
-                                     num_fewshot=0, limit=limit, batch_size=4, device="cpu", task_manager=TaskManager(include_path=str(tmp_path)))
+    output = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={STORIES},dtype=float32",
+        tasks=TASKS,
+        num_fewshot=0,
+        limit=limit,
+        batch_size=4,
+        device="cpu",
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     return output["results"]
 
 
 def run_cli(tmp_path, *overrides):
     done = subprocess.run(
-        [sys.executable, "-m", "actprune", f"model.path={STORIES}", "model.seqlen=512", f"paths.data_dir={SHARED_DATA}",
-         "logger=none", "benchmark=[lm_eval]", f"hydra.run.dir={tmp_path}", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "actprune",
+            f"model.path={STORIES}",
+            "model.seqlen=512",
+            f"paths.data_dir={SHARED_DATA}",
+            "logger=none",
+            "benchmark=[lm_eval]",
+            f"hydra.run.dir={tmp_path}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return done, json.loads((tmp_path / "results.json").read_text())
 
@@ -71,7 +92,9 @@ def test_dense_scores_equal_lm_eval_run_directly_and_pruned_scores_differ(tmp_pa
     assert all(dense["lm_eval_data"][t].endswith(f"{t}/{SPLITS[t]}.jsonl") for t in TASKS)
     assert dense["timings"]["lm_eval"] > 0
 
-    done, pruned = run_cli(tmp_path / "pruned", "pruning=act_magnitude", "pruning.sparsity=2:4", f"benchmark.lm_eval.limit={limit}")
+    done, pruned = run_cli(
+        tmp_path / "pruned", "pruning=act_magnitude", "pruning.sparsity=2:4", f"benchmark.lm_eval.limit={limit}"
+    )
     assert pruned["status"] == "ok", pruned["error"]
     assert pruned["sparsity"]["measured"] == 0.5
     assert any(pruned["metrics"][f"lm_eval/{t}/acc"] != dense["metrics"][f"lm_eval/{t}/acc"] for t in TASKS)
@@ -97,13 +120,19 @@ def test_batch_size_is_the_batch_lm_eval_uses_and_scores_do_not_depend_on_it(tmp
         scores[batch_size] = (result["metrics"]["lm_eval/piqa/acc"], result["metrics"]["lm_eval/piqa/acc_norm"])
     assert scores[1] == scores[5]
     acc = f"{scores[5][0]:.4f}"  # each task's accuracy is said in the job's log, not only in results.json
-    assert any(r.message.startswith(f"lm_eval piqa: acc {acc} ± ") and r.message.endswith("on 10 rows") for r in caplog.records)
+    assert any(
+        r.message.startswith(f"lm_eval piqa: acc {acc} ± ") and r.message.endswith("on 10 rows") for r in caplog.records
+    )
 
 
 def test_unknown_task_names_the_close_matches(tmp_path):
     with pytest.raises(ValueError) as error:
         zeroshot.prepare(options(tasks=["boolq", "arc_esay"]), None, tmp_path)
-    assert "benchmark.lm_eval.tasks" in str(error.value) and "'arc_esay'" in str(error.value) and "arc_easy" in str(error.value)
+    assert (
+        "benchmark.lm_eval.tasks" in str(error.value)
+        and "'arc_esay'" in str(error.value)
+        and "arc_easy" in str(error.value)
+    )
 
 
 def test_task_without_local_rows_or_reachable_data_says_where_files_go(tmp_path):
@@ -122,7 +151,10 @@ def test_bad_task_fails_before_the_model_is_loaded(tmp_path):
 
 
 def test_few_shot_examples_come_from_another_split_where_there_is_one(tmp_path, caplog):
-    rows = [{"goal": f"How to start the game {i}?", "sol1": "Press start.", "sol2": "Carry on.", "label": i % 2} for i in range(4)]
+    rows = [
+        {"goal": f"How to start the game {i}?", "sol1": "Press start.", "sol2": "Carry on.", "label": i % 2}
+        for i in range(4)
+    ]
     folder = tmp_path / "lm_eval" / "piqa"
     folder.mkdir(parents=True)
     (folder / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -151,20 +183,35 @@ def test_lm_evals_task_index_is_built_once_per_process(tmp_path, monkeypatch):
     zeroshot.task_index.cache_clear()
     folder = tmp_path / "lm_eval" / "piqa"
     folder.mkdir(parents=True)
-    (folder / "validation.jsonl").write_text(json.dumps({"goal": "Start?", "sol1": "Press.", "sol2": "Wait.", "label": 0}) + "\n")
+    (folder / "validation.jsonl").write_text(
+        json.dumps({"goal": "Start?", "sol1": "Press.", "sol2": "Wait.", "label": 0}) + "\n"
+    )
     arc = tmp_path / "lm_eval" / "arc_easy"
     arc.mkdir()
-    (arc / "test.jsonl").write_text(json.dumps({"id": "1", "question": "Which?", "answerKey": "A", "choices": {
-        "text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]}}) + "\n")
+    (arc / "test.jsonl").write_text(
+        json.dumps(
+            {
+                "id": "1",
+                "question": "Which?",
+                "answerKey": "A",
+                "choices": {"text": ["a", "b", "c", "d"], "label": ["A", "B", "C", "D"]},
+            }
+        )
+        + "\n"
+    )
     for job in range(2):
-        tasks, sources, _ = zeroshot.prepare(options(tasks=["piqa", "arc_easy"]), str(tmp_path), tmp_path / f"work{job}")
+        tasks, sources, _ = zeroshot.prepare(
+            options(tasks=["piqa", "arc_easy"]), str(tmp_path), tmp_path / f"work{job}"
+        )
         assert sources == {"piqa": str(folder / "validation.jsonl"), "arc_easy": str(arc / "test.jsonl")}
         assert {task.config.task for task in tasks} == {"piqa", "arc_easy"}
         assert [len(list(task.eval_docs)) for task in tasks] == [1, 1]  # the local rows
     assert built.count(True) == 1
 
 
-def test_requests_longer_than_the_context_are_counted_in_one_line_and_local_rows_read_quietly(tiny_setup, tmp_path, caplog, capfd):
+def test_requests_longer_than_the_context_are_counted_in_one_line_and_local_rows_read_quietly(
+    tiny_setup, tmp_path, caplog, capfd
+):
     """lm_eval warns once per request it cuts (twice on screen); the job says how many, once. Other
     records of that logger pass."""
     import logging

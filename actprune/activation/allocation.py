@@ -53,15 +53,21 @@ def check(allocation: str, choices: list | None, pattern: Pattern, budget: str =
     choices = sorted(set(choices)) if choices else default_choices(pattern)
     if pattern.is_nm:
         if pattern.n not in choices or not all(float(n).is_integer() and 1 <= n < pattern.m for n in choices):
-            raise ValueError(f"pruning.allocation_choices={choices}: allowed values are integers 1 <= N < {pattern.m} "
-                             f"that include the target's N={pattern.n}")
+            raise ValueError(
+                f"pruning.allocation_choices={choices}: allowed values are integers 1 <= N < {pattern.m} "
+                f"that include the target's N={pattern.n}"
+            )
         return [int(n) for n in choices]
     if round(pattern.ratio, DECIMALS) != pattern.ratio:
-        raise ValueError(f"pruning.sparsity={pattern.ratio} with pruning.allocation=calibrated: allowed values are "
-                         f"ratios with at most {DECIMALS} decimals (e.g. {round(pattern.ratio, DECIMALS)})")
+        raise ValueError(
+            f"pruning.sparsity={pattern.ratio} with pruning.allocation=calibrated: allowed values are "
+            f"ratios with at most {DECIMALS} decimals (e.g. {round(pattern.ratio, DECIMALS)})"
+        )
     if pattern.ratio not in choices or not all(0 <= r < 1 and round(r, DECIMALS) == r for r in choices):
-        raise ValueError(f"pruning.allocation_choices={choices}: allowed values are ratios in [0, 1) with at most "
-                         f"{DECIMALS} decimals that include the target's {pattern.ratio}")
+        raise ValueError(
+            f"pruning.allocation_choices={choices}: allowed values are ratios in [0, 1) with at most "
+            f"{DECIMALS} decimals that include the target's {pattern.ratio}"
+        )
     return [float(r) for r in choices]
 
 
@@ -89,8 +95,14 @@ def kept_by_weight(layers: list[nn.Module]) -> float:
 
 
 @torch.no_grad()
-def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, choices: list,
-                 tokens: int = 512, seed: int = 0) -> dict[str, dict]:
+def layer_errors(
+    model: nn.Module,
+    wrappers: dict[str, nn.Module],
+    windows: torch.Tensor,
+    choices: list,
+    tokens: int = 512,
+    seed: int = 0,
+) -> dict[str, dict]:
     """Per wrapper and choice, the relative output error on `tokens` calibration tokens of the dense
     model (sampled, seeded, past each window's first 4 tokens)."""
     generator = torch.Generator().manual_seed(seed)
@@ -102,6 +114,7 @@ def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
             x = args[0].reshape(-1, args[0].shape[-1])[4:]
             index = torch.randperm(x.shape[0], generator=generator)[:per_window].to(x.device)
             inputs[name].append(x[index])
+
         return hook
 
     handles = [w.register_forward_pre_hook(keep_some(name)) for name, w in wrappers.items()]
@@ -120,7 +133,9 @@ def layer_errors(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
         wrapper.dense_tokens = 0  # sampled tokens, not a sequence: none is a first token
         for choice in choices:
             wrapper.set_pattern(with_choice(uniform, choice))
-            errors[name][choice] = float((wrapper(x).double() - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-30))
+            errors[name][choice] = float(
+                (wrapper(x).double() - dense).pow(2).sum() / dense.pow(2).sum().clamp_min(1e-30)
+            )
         wrapper.set_pattern(uniform)
         wrapper.dense_tokens = dense_tokens
         wrapper.reset_counts()
@@ -134,8 +149,10 @@ def allocate(errors: dict[str, dict], weights: dict[str, int], kept_of, target) 
     for name in names:
         broken = [choice for choice, error in errors[name].items() if not math.isfinite(error)]
         if broken:  # a NaN never compares smaller: the knapsack would silently miss its budget
-            raise FloatingPointError(f"pruning.allocation=calibrated: layer {name} has a non-finite output error "
-                                     f"{errors[name][broken[0]]} for choice {broken[0]} (NaN or inf in the model?)")
+            raise FloatingPointError(
+                f"pruning.allocation=calibrated: layer {name} has a non-finite output error "
+                f"{errors[name][broken[0]]} for choice {broken[0]} (NaN or inf in the model?)"
+            )
     fractions = {choice: kept_of(choice) for name in names for choice in errors[name]} | {target: kept_of(target)}
     scale = math.lcm(*(f.denominator for f in fractions.values()))
     unit = math.gcd(*weights.values())
@@ -163,8 +180,9 @@ def allocate(errors: dict[str, dict], weights: dict[str, int], kept_of, target) 
     return {name: chosen[name] for name in names}
 
 
-def allocate_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, choices: list,
-              budget: str) -> dict:
+def allocate_(
+    model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, choices: list, budget: str
+) -> dict:
     """Give each wrapper its sparsity; what was chosen, and the errors it was chosen from."""
     uniform = next(iter(wrappers.values())).pattern
     errors = layer_errors(model, wrappers, windows, choices)
@@ -173,8 +191,12 @@ def allocate_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.T
     chosen = allocate(errors, weights, lambda c: kept(uniform, c), target)
     for name, choice in chosen.items():
         wrappers[name].set_pattern(with_choice(uniform, choice))
-    return {"kind": "calibrated", "choices": choices, "budget": budget,
-            # False: some layers have another N than the target's, which fixed-pattern (2:4) hardware cannot run
-            "every_layer_target": all(choice == target for choice in chosen.values()),
-            "per_layer": {name: str(with_choice(uniform, choice)) for name, choice in chosen.items()},
-            "errors": {name: {str(c): e for c, e in errs.items()} for name, errs in errors.items()}}
+    return {
+        "kind": "calibrated",
+        "choices": choices,
+        "budget": budget,
+        # False: some layers have another N than the target's, which fixed-pattern (2:4) hardware cannot run
+        "every_layer_target": all(choice == target for choice in chosen.values()),
+        "per_layer": {name: str(with_choice(uniform, choice)) for name, choice in chosen.items()},
+        "errors": {name: {str(c): e for c, e in errs.items()} for name, errs in errors.items()},
+    }

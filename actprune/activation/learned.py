@@ -25,9 +25,22 @@ from .wrapper import computing_dense
 
 log = logging.getLogger(__name__)
 FORMS = ("affine", "shift", "scale", "lowrank")
-TRAINING = {"lr": 1e-3, "epochs": 4, "steps": None, "batch_size": 4, "warmup": 10, "grad_clip": 1.0,
-            "weight_decay": 0.0, "seed": 0, "schedule": "cosine", "evals": 8, "patience": 3,
-            "e2e_steps": 0, "e2e_lr": 1e-4, "e2e_batch_size": 1}
+TRAINING = {
+    "lr": 1e-3,
+    "epochs": 4,
+    "steps": None,
+    "batch_size": 4,
+    "warmup": 10,
+    "grad_clip": 1.0,
+    "weight_decay": 0.0,
+    "seed": 0,
+    "schedule": "cosine",
+    "evals": 8,
+    "patience": 3,
+    "e2e_steps": 0,
+    "e2e_lr": 1e-4,
+    "e2e_batch_size": 1,
+}
 SCHEDULES = ("cosine", "constant")
 OPTIONS = {"forms", "rank", *TRAINING}
 RANK = 8
@@ -39,16 +52,30 @@ def _integer(low: int):
 
 def _number(low: float, strict: bool):
     def ok(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > low if strict else v >= low)
+        return (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and (v > low if strict else v >= low)
+        )
 
     return ok, f"numbers {'>' if strict else '>='} {low:g}"
 
 
 CHECKS = {  # option: (test, the allowed values as an error says them)
-    "rank": _integer(1), "epochs": _integer(1), "batch_size": _integer(1), "warmup": _integer(0),
-    "seed": _integer(0), "evals": _integer(1), "patience": _integer(1), "e2e_steps": _integer(0),
-    "e2e_batch_size": _integer(1), "lr": _number(0, True), "e2e_lr": _number(0, True),
-    "grad_clip": _number(0, True), "weight_decay": _number(0, False),
+    "rank": _integer(1),
+    "epochs": _integer(1),
+    "batch_size": _integer(1),
+    "warmup": _integer(0),
+    "seed": _integer(0),
+    "evals": _integer(1),
+    "patience": _integer(1),
+    "e2e_steps": _integer(0),
+    "e2e_batch_size": _integer(1),
+    "lr": _number(0, True),
+    "e2e_lr": _number(0, True),
+    "grad_clip": _number(0, True),
+    "weight_decay": _number(0, False),
     "steps": (lambda v: v is None or _integer(1)[0](v), "null (epochs decide) or integers >= 1"),
 }
 
@@ -63,7 +90,9 @@ def options_of(options: dict) -> dict:
     if not isinstance(forms, (list, tuple)) or not forms or set(forms) - set(FORMS):
         raise ValueError(f"pruning.transforms: learnable forms={forms!r}: allowed values are lists of {list(FORMS)}")
     if options.get("schedule", "cosine") not in SCHEDULES:
-        raise ValueError(f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}")
+        raise ValueError(
+            f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}"
+        )
     for key, (ok, allowed) in CHECKS.items():
         if key in options and not ok(options[key]):
             raise ValueError(f"pruning.transforms: learnable {key}={options[key]!r}: allowed values are {allowed}")
@@ -79,9 +108,11 @@ def check_rank(options: dict | None, targets: dict[str, nn.Module]) -> None:
     rank = options["rank"]
     name, layer = min(targets.items(), key=lambda item: min(item[1].weight.shape))
     if rank >= min(layer.weight.shape):
-        raise ValueError(f"pruning.transforms: learnable rank={rank} reaches the full rank of {name} "
-                         f"(shape {tuple(layer.weight.shape)}), where the correction gives back the dense layer: "
-                         f"allowed values are 1..{min(layer.weight.shape) - 1}")
+        raise ValueError(
+            f"pruning.transforms: learnable rank={rank} reaches the full rank of {name} "
+            f"(shape {tuple(layer.weight.shape)}), where the correction gives back the dense layer: "
+            f"allowed values are 1..{min(layer.weight.shape) - 1}"
+        )
 
 
 class Correction(nn.Module):
@@ -187,8 +218,13 @@ def train_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tens
             with torch.no_grad():  # the best state seen, the initial one included: never worse than it
                 for p, value in zip(params, best_state):
                     p.copy_(value)
-            losses[str(index)] = {"before": before, "after": best, "last": current, "steps": stopped,
-                                  "diverged": diverged}
+            losses[str(index)] = {
+                "before": before,
+                "after": best,
+                "last": current,
+                "steps": stopped,
+                "diverged": diverged,
+            }
         with torch.no_grad(), autocast:
             student = walk.run(index, student)
         return [student, targets]
@@ -319,16 +355,25 @@ def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: 
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-    return {"kl_before": before, "kl_after": after if improved else before, "kl_trained": after, "steps": ran,
-            "diverged": diverged, "guard_windows": guard}
+    return {
+        "kl_before": before,
+        "kl_after": after if improved else before,
+        "kl_trained": after,
+        "steps": ran,
+        "diverged": diverged,
+        "guard_windows": guard,
+    }
 
 
 def save(wrappers: dict[str, nn.Module], path: Path) -> None:
     """The corrections, with the cache key they were trained under (the file's name) inside."""
     from safetensors.torch import save as serialize
 
-    tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
-               for name, wrapper in wrappers.items() for key, value in wrapper.correction.state_dict().items()}
+    tensors = {
+        f"{name}.{key}": value.detach().cpu().contiguous()
+        for name, wrapper in wrappers.items()
+        for key, value in wrapper.correction.state_dict().items()
+    }
     cache_write(path, lambda file: file.write(serialize(tensors, metadata={"key": path.stem})))
 
 
@@ -347,14 +392,22 @@ def load_(wrappers: dict[str, nn.Module], path: Path) -> None:
         state = {key.removeprefix(f"{name}."): value for key, value in tensors.items() if key.startswith(f"{name}.")}
         expected = {key: value.shape for key, value in wrapper.correction.state_dict().items()}
         if {key: value.shape for key, value in state.items()} != expected:
-            raise ValueError(f"{name}: the file holds {sorted(state)}, the correction has {sorted(expected)} (or other shapes)")
+            raise ValueError(
+                f"{name}: the file holds {sorted(state)}, the correction has {sorted(expected)} (or other shapes)"
+            )
         states[name] = state
     for name, state in states.items():
         wrappers[name].correction.load_state_dict(state)
 
 
-def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict,
-                 path: Path | None, end_to_end: bool = False) -> dict:
+def fit_or_load_(
+    model: nn.Module,
+    wrappers: dict[str, nn.Module],
+    windows: torch.Tensor,
+    options: dict,
+    path: Path | None,
+    end_to_end: bool = False,
+) -> dict:
     """Load the corrections from `path` if an earlier job saved them, else fit them (and save them
     there when a path is given): layer by layer (`train_`) or, with `end_to_end`, all together from
     the layer-wise fit (`tune_end_to_end_`)."""
@@ -365,14 +418,24 @@ def fit_or_load_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torc
             load_(wrappers, path)
         except Exception as error:  # truncated, of other layers or saved under another key: set aside, trained again
             kept = set_aside(path, "corrupt")
-            log.warning("%s corrections %s are unreadable (%s: %s): set aside as %s, training again",
-                        stage, path, type(error).__name__, error, kept)
+            log.warning(
+                "%s corrections %s are unreadable (%s: %s): set aside as %s, training again",
+                stage,
+                path,
+                type(error).__name__,
+                error,
+                kept,
+            )
         else:
             log.info("%s corrections: cache hit, %s", stage, path)
             return {"file": str(path), "cache": "hit"}
     log.info("%s corrections: training them%s", stage, f" into {path}" if path else "")
     tic = time.perf_counter()
-    result = tune_end_to_end_(model, wrappers, windows, options) if end_to_end else {"mse": train_(model, wrappers, windows, options)}
+    result = (
+        tune_end_to_end_(model, wrappers, windows, options)
+        if end_to_end
+        else {"mse": train_(model, wrappers, windows, options)}
+    )
     seconds = time.perf_counter() - tic
     if path is not None:
         save(wrappers, path)

@@ -25,11 +25,20 @@ from .thresholds import calibrate_thresholds_
 
 # What learned corrections are trained on top of (the masks, scores, transforms, refit, allocation,
 # thresholds, the layer walk, and the order of the steps here): a change in any of them is a new cache key.
-TRAINED_ON = (__name__, "actprune.masks", "actprune.walk", *(f"actprune.activation.{name}" for name in (
-    "allocation", "learned", "recipe", "refit", "scores", "thresholds", "transforms", "wrapper")))
+TRAINED_ON = (
+    __name__,
+    "actprune.masks",
+    "actprune.walk",
+    *(
+        f"actprune.activation.{name}"
+        for name in ("allocation", "learned", "recipe", "refit", "scores", "thresholds", "transforms", "wrapper")
+    ),
+)
 
 
-def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], calibration: Calibration | None) -> Pruned:
+def apply_(
+    model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], calibration: Calibration | None
+) -> Pruned:
     """Replace each of `targets` by the method's wrapper in `model`, then run the plan's steps."""
     done = Pruned({})
     stats = {}
@@ -41,14 +50,18 @@ def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], c
     for name, linear in targets.items():
         wrapped[name] = plan.method.apply(linear, plan, stats.get(name))
         if plan.config.backend != getattr(wrapped[name], "backend", "emulate"):
-            raise ValueError(f"pruning.backend={plan.config.backend}: pruning.method={plan.method.name} builds "
-                             f"{type(wrapped[name]).__name__} layers, which do not run it")
+            raise ValueError(
+                f"pruning.backend={plan.config.backend}: pruning.method={plan.method.name} builds "
+                f"{type(wrapped[name]).__name__} layers, which do not run it"
+            )
         _replace(model, name, wrapped[name])
         buffers = {key: value for key, value in wrapped[name].named_buffers(recurse=False) if value.is_floating_point()}
         broken = [key for key, value in buffers.items() if not torch.isfinite(value).all()]
         if broken:  # a NaN score weight would keep nothing in its groups, silently
-            raise FloatingPointError(f"{name}: pruning.score={plan.config.score}, pruning.transforms="
-                                     f"{list(plan.config.transforms)} gave non-finite {broken} (degenerate calibration statistics?)")
+            raise FloatingPointError(
+                f"{name}: pruning.score={plan.config.score}, pruning.transforms="
+                f"{list(plan.config.transforms)} gave non-finite {broken} (degenerate calibration statistics?)"
+            )
     done.seconds["prune"] = time.perf_counter() - tic
     if not wrapped:
         return done
@@ -57,7 +70,9 @@ def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], c
     choices = check_allocation(plan.config.allocation, plan.config.allocation_choices, plan.pattern)
     if choices is not None:
         with _timed(done, "allocation"):
-            done.records["allocation"] = allocate_(model, wrapped, calibration.windows, choices, plan.config.allocation_budget)
+            done.records["allocation"] = allocate_(
+                model, wrapped, calibration.windows, choices, plan.config.allocation_budget
+            )
     if plan.config.selection == "threshold":
         with _timed(done, "thresholds"):
             done.records["thresholds"] = calibrate_thresholds_(model, wrapped, calibration.windows)
@@ -68,12 +83,19 @@ def apply_(model: nn.Module, plan: PruningPlan, targets: dict[str, nn.Linear], c
     learn = plan.transforms.learnable
     if learn is not None:
         with _timed(done, "learn"):
-            parts = {"dtype": str(next(model.parameters()).dtype), "code": code_digest(*map(importlib.import_module, TRAINED_ON))}
+            parts = {
+                "dtype": str(next(model.parameters()).dtype),
+                "code": code_digest(*map(importlib.import_module, TRAINED_ON)),
+            }
             # keyed without the end-to-end options: jobs that differ only in those share the layer-wise fit
-            path = calibration.cache_file("learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors")
+            path = calibration.cache_file(
+                "learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors"
+            )
             learned = done.records["learned"] = fit_or_load_(model, wrapped, calibration.windows, learn, path)
             if learn.get("e2e_steps"):
-                path = calibration.cache_file("learned", {**parts, "pruning": plan.settings(), "stage": "end_to_end"}, ".safetensors")
+                path = calibration.cache_file(
+                    "learned", {**parts, "pruning": plan.settings(), "stage": "end_to_end"}, ".safetensors"
+                )
                 learned["end_to_end"] = fit_or_load_(model, wrapped, calibration.windows, learn, path, end_to_end=True)
     return done
 

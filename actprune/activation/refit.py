@@ -39,8 +39,14 @@ import torch
 from ..walk import layer_by_layer
 from .wrapper import computing_dense
 
-DEFAULTS = {"ridge": [1e-3, 1e-2, 1e-1, 1.0], "intercept": True, "stream": "sequential", "skip_tokens": 4,
-            "holdout": 0.25, "min_tokens_per_dim": 4}
+DEFAULTS = {
+    "ridge": [1e-3, 1e-2, 1e-1, 1.0],
+    "intercept": True,
+    "stream": "sequential",
+    "skip_tokens": 4,
+    "holdout": 0.25,
+    "min_tokens_per_dim": 4,
+}
 STREAMS = ("sequential", "dense")
 MIN_GAIN = 1e-3  # a refit must lower the held-out error by this fraction: not by rounding noise alone
 EXACT = 1e-10  # plain pruning's error below this fraction of the targets' energy: exact already
@@ -69,8 +75,9 @@ def options_of(options: dict) -> dict:
     ridge = merged["ridge"]
     merged["ridge"] = [ridge] if isinstance(ridge, (int, float, str)) else list(ridge)
     if not merged["ridge"] or not all(_number(r) and r > 0 for r in merged["ridge"]):
-        raise ValueError(f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive finite number "
-                         f"or a list of them")
+        raise ValueError(
+            f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive finite number or a list of them"
+        )
     for key, (allowed, words) in CHECKS.items():
         if not allowed(merged[key]):
             raise ValueError(f"pruning.transforms: refit {key}={merged[key]!r}: allowed values are {words}")
@@ -81,8 +88,10 @@ def split(count: int, holdout: float) -> tuple[list[int], list[int]]:
     """Calibration windows to fit on and to choose λ on (the last ones)."""
     held = max(1, round(count * holdout))
     if count - held < 1:
-        raise ValueError(f"pruning.transforms: refit needs at least 2 calibration windows (one to fit, one held out), "
-                         f"got {count}: raise calibration.windows")
+        raise ValueError(
+            f"pruning.transforms: refit needs at least 2 calibration windows (one to fit, one held out), "
+            f"got {count}: raise calibration.windows"
+        )
     return list(range(count - held)), list(range(count - held, count))
 
 
@@ -90,8 +99,10 @@ def tokens_per_window(options: dict, seqlen: int) -> int:
     """The tokens of each calibration window that the moments count; none left is refused."""
     tokens = seqlen - options["skip_tokens"]
     if tokens < 1:
-        raise ValueError(f"pruning.transforms: refit skip_tokens={options['skip_tokens']} leaves no token of "
-                         f"calibration.seqlen={seqlen} to fit: allowed values are skip_tokens < calibration.seqlen")
+        raise ValueError(
+            f"pruning.transforms: refit skip_tokens={options['skip_tokens']} leaves no token of "
+            f"calibration.seqlen={seqlen} to fit: allowed values are skip_tokens < calibration.seqlen"
+        )
     return tokens
 
 
@@ -106,7 +117,8 @@ def check_tokens(options: dict, windows: int, seqlen: int, widths: list[int]) ->
             f"pruning.transforms: refit fits on {tokens} calibration tokens ({len(fit)} windows of {seqlen}, less "
             f"{options['skip_tokens']} skipped each), fewer than min_tokens_per_dim={options['min_tokens_per_dim']} x "
             f"{max(widths) + 1} inputs of the widest layer: raise calibration.windows to at least "
-            f"{math.ceil(math.ceil(needed / per_window) / (1 - options['holdout']))} (or calibration.seqlen)")
+            f"{math.ceil(math.ceil(needed / per_window) / (1 - options['holdout']))} (or calibration.seqlen)"
+        )
 
 
 class Moments:
@@ -122,7 +134,7 @@ class Moments:
 
     def add(self, p: torch.Tensor, t: torch.Tensor) -> None:
         if p.dim() >= 3:  # (batch, tokens, features): a window's first tokens left out
-            p, t = p[..., self.skip_tokens:, :], t[..., self.skip_tokens:, :]
+            p, t = p[..., self.skip_tokens :, :], t[..., self.skip_tokens :, :]
         p = p.reshape(-1, p.shape[-1]).double()
         t = t.reshape(-1, t.shape[-1]).double()
         if self.intercept:
@@ -160,8 +172,10 @@ def ridge_solve(moments: Moments, start: torch.Tensor, ridge: float) -> torch.Te
     finally:
         diagonal.copy_(saved)
     if info.item():
-        raise ValueError(f"pruning.transforms: refit ridge={ridge}: Σ p pᵀ + λI is not positive definite in float64 "
-                         f"(order {int(info)} minor): allowed values are a larger ridge")
+        raise ValueError(
+            f"pruning.transforms: refit ridge={ridge}: Σ p pᵀ + λI is not positive definite in float64 "
+            f"(order {int(info)} minor): allowed values are a larger ridge"
+        )
     solution = torch.add(moments.tp, start, alpha=lam).T  # solved in place: cholesky_solve would copy the factor
     torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
     torch.linalg.solve_triangular(factor.mT, solution, upper=True, out=solution)
@@ -206,8 +220,13 @@ def refit_(model, wrappers: dict, windows: torch.Tensor, options: dict) -> dict:
         [stream] = hidden
         mine = [wrappers[name] for name in names]
         device = mine[0].linear.weight.device
-        moments = {name: [Moments(w.in_features, w.out_features, options["intercept"], options["skip_tokens"], device)
-                          for _ in range(2)] for name, w in zip(names, mine)}
+        moments = {
+            name: [
+                Moments(w.in_features, w.out_features, options["intercept"], options["skip_tokens"], device)
+                for _ in range(2)
+            ]
+            for name, w in zip(names, mine)
+        }
         for part, chosen in enumerate((fit_windows, held_windows)):
             with contextlib.ExitStack() as stack:
                 for name, w in zip(names, mine):

@@ -65,10 +65,22 @@ class Basis:
 
     def row(self, v: torch.Tensor) -> torch.Tensor:
         """A vector in input space (e.g. a mean) in the new basis."""
-        return v if self.scale is None and self.matrix is None else v * self.scale if self.matrix is None else v @ self.matrix
+        return (
+            v
+            if self.scale is None and self.matrix is None
+            else v * self.scale
+            if self.matrix is None
+            else v @ self.matrix
+        )
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.scale is None and self.matrix is None else w / self.scale if self.matrix is None else w @ self.inverse_t
+        return (
+            w
+            if self.scale is None and self.matrix is None
+            else w / self.scale
+            if self.matrix is None
+            else w @ self.inverse_t
+        )
 
     def second_moment(self, m: torch.Tensor) -> torch.Tensor:
         if self.matrix is None:
@@ -160,16 +172,22 @@ def parse_transforms(transforms) -> Transforms:
     """`[shift, {name: shift, mode: static}, variance]` → Transforms([(name, options), ...]), checked."""
     parsed = []
     for item in transforms or []:
-        name, options = (item, {}) if isinstance(item, str) else (item.get("name"), {k: v for k, v in item.items() if k != "name"})
+        name, options = (
+            (item, {}) if isinstance(item, str) else (item.get("name"), {k: v for k, v in item.items() if k != "name"})
+        )
         TRANSFORMS[name]  # an unknown name fails here, naming those there are
         if name == "shift" and options.get("mode", "median") not in ("median", "mean", "static"):
-            raise ValueError(f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static")
+            raise ValueError(
+                f"pruning.transforms: shift mode={options['mode']!r}: allowed values are median, mean, static"
+            )
         if name in FITTED:
             parsed.append((name, FITTED[name](options)))
             continue
         allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())
         if set(options) - allowed:
-            raise ValueError(f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}")
+            raise ValueError(
+                f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}"
+            )
         parsed.append((name, dict(options)))
     return Transforms(parsed)
 

@@ -34,8 +34,13 @@ class _LastMask:
             return keep, keep.numel() - keep.sum()
         if self.key is not None:
             ref, version, last_pattern, last_score, last_weight = self.key
-            if (ref() is x and version == x._version and last_pattern == pattern and last_score is score
-                    and last_weight is weight):
+            if (
+                ref() is x
+                and version == x._version
+                and last_pattern == pattern
+                and last_score is score
+                and last_weight is weight
+            ):
                 return self.keep, self.dropped
         self.keep = _keep_mask(x, pattern, score, weight)
         self.dropped = self.keep.numel() - self.keep.sum()
@@ -134,17 +139,30 @@ class ActSparseLinear(nn.Module):
     PyTorch's semi-structured sparse matmul; elsewhere it emulates and logs why once.
     """
 
-    def __init__(self, linear: nn.Linear, pattern: Pattern, score: Score = magnitude, *,
-                 channel_weight: torch.Tensor | None = None, shift: str | None = None,
-                 shift_vector: torch.Tensor | None = None, variance: bool = False,
-                 input_scale: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
-                 absorbed_weight: torch.Tensor | None = None, dense_tokens: int = 0,
-                 correction: nn.Module | None = None, backend: str = "emulate"):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        pattern: Pattern,
+        score: Score = magnitude,
+        *,
+        channel_weight: torch.Tensor | None = None,
+        shift: str | None = None,
+        shift_vector: torch.Tensor | None = None,
+        variance: bool = False,
+        input_scale: torch.Tensor | None = None,
+        rotation: torch.Tensor | None = None,
+        absorbed_weight: torch.Tensor | None = None,
+        dense_tokens: int = 0,
+        correction: nn.Module | None = None,
+        backend: str = "emulate",
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"pruning.backend={backend!r}: allowed values are {list(BACKENDS)}")
         if backend == "kernel" and (variance or correction is not None):
-            raise ValueError(f"pruning.backend=kernel runs no variance or learned corrections. Supported: {kernels.SUPPORT}")
+            raise ValueError(
+                f"pruning.backend=kernel runs no variance or learned corrections. Supported: {kernels.SUPPORT}"
+            )
         if shift is not None and shift not in SHIFTS:
             raise ValueError(f"shift={shift!r}: allowed values are {list(SHIFTS)}")
         if (shift == "static") != (shift_vector is not None):
@@ -174,7 +192,9 @@ class ActSparseLinear(nn.Module):
                 weight.copy_(absorbed_weight)
         self.register_buffer("input_scale", None if input_scale is None else input_scale.to(device, weight.dtype))
         self.register_buffer("rotation", None if rotation is None else rotation.to(device, weight.dtype))
-        self.register_buffer("channel_weight", None if channel_weight is None else channel_weight.to(device, weight.dtype))
+        self.register_buffer(
+            "channel_weight", None if channel_weight is None else channel_weight.to(device, weight.dtype)
+        )
         if shift == "static":
             shift_vector = shift_vector.to(device, weight.dtype)
             self.register_buffer("shift_vector", shift_vector)
@@ -296,7 +316,9 @@ class ActSparseLinear(nn.Module):
         elif self.rotation is not None:
             x = x @ self.rotation
         correction = self.correction
-        if self._dense or (self.pattern.is_dense() and self.shift is None and self._recording is None and correction is None):
+        if self._dense or (
+            self.pattern.is_dense() and self.shift is None and self._recording is None and correction is None
+        ):
             return F.linear(x, self.linear.weight, self.linear.bias)
         if self.shift == "static":
             eta = self.shift_vector
@@ -316,12 +338,18 @@ class ActSparseLinear(nn.Module):
         y = dispatch.decode(self, centred, channel_weight) if self.backend == "kernel" else None
         if y is None:
             frozen = self._held
-            keep, dropped = self.keep_mask(centred, channel_weight) if frozen is None else frozen.keep(self, centred, channel_weight)
+            keep, dropped = (
+                self.keep_mask(centred, channel_weight)
+                if frozen is None
+                else frozen.keep(self, centred, channel_weight)
+            )
             if self.counting:
                 self.zeroed += dropped
             # a gradient for the learned scale (none while the masks are frozen: it only moves them)
             if scale is not None and torch.is_grad_enabled() and self.threshold is None and frozen is None:
-                pruned = centred * straight_through(keep, weighted_scores(centred, self.score, channel_weight), self.pattern)
+                pruned = centred * straight_through(
+                    keep, weighted_scores(centred, self.score, channel_weight), self.pattern
+                )
             else:
                 pruned = centred * keep
             if self.variance:
@@ -358,8 +386,10 @@ class ActSparseLinear(nn.Module):
             if not self.dense_tokens:
                 return keep, dropped
         if self.dense_tokens and x.dim() < 3:
-            raise ValueError(f"pruning.dense_tokens={self.dense_tokens} needs inputs shaped (batch, tokens, features): "
-                             f"this layer got one of shape {tuple(x.shape)}, whose first tokens cannot be told")
+            raise ValueError(
+                f"pruning.dense_tokens={self.dense_tokens} needs inputs shaped (batch, tokens, features): "
+                f"this layer got one of shape {tuple(x.shape)}, whose first tokens cannot be told"
+            )
         if self.dense_tokens:  # attention sinks: a sequence's first tokens stay dense
             keep = keep | (self.positions_of(x) < self.dense_tokens)
         return keep, keep.numel() - keep.sum()
@@ -372,7 +402,9 @@ class ActSparseLinear(nn.Module):
         options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
         options += ["scaled"] * (self.input_scale is not None) + ["rotated"] * (self.rotation is not None)
         options += [f"backend={self.backend}"] * (self.backend != "emulate")
-        return ", ".join([f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options])
+        return ", ".join(
+            [f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options]
+        )
 
 
 @contextmanager
@@ -401,8 +433,12 @@ def unwrapped(model: nn.Module):
     was absorbed into the weight); the wrappers return on exit. A weight the kernel backend laid out
     (in, out) gets a row-major copy meanwhile, as the dense model has it: the matmul libraries take
     other paths for the two layouts."""
-    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, ActSparseLinear)]
+    swapped = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, ActSparseLinear)
+    ]
     laid_out = {wrapper: wrapper.linear.weight.data for _, _, wrapper in swapped if wrapper.backend == "kernel"}
     for parent, name, wrapper in swapped:
         setattr(parent, name, wrapper.linear)

@@ -43,6 +43,8 @@ class Measured:
 
 
 BENCHMARKS = Registry("benchmark")
+
+
 def benchmark(name: str):
     """Register a benchmark class under `name` (its config: `benchmark.<name>`)."""
 

@@ -61,31 +61,50 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> dict:
         tokens.append(token)
     _sync(device)
     done = time.perf_counter()
-    return {"tokens": torch.cat(tokens, 1)[0].tolist(), "prefill_s": prefilled - start, "ttft_s": first - start,
-            "decode_s": done - first, "decode_steps": new_tokens - 1}
+    return {
+        "tokens": torch.cat(tokens, 1)[0].tolist(),
+        "prefill_s": prefilled - start,
+        "ttft_s": first - start,
+        "decode_s": done - first,
+        "decode_steps": new_tokens - 1,
+    }
 
 
 def check_baseline_memory(model, free_bytes: int) -> None:
     """The dense baseline of `backend=kernel` runs on row-major copies of the laid-out weights, all at once
     (+13 GB for a 7B model in bf16): refuse, before any run, where they would not fit in `free_bytes`."""
-    needed = sum(m.linear.weight.numel() * m.linear.weight.element_size()
-                 for m in model.modules() if isinstance(m, ActSparseLinear) and m.backend == "kernel")
+    needed = sum(
+        m.linear.weight.numel() * m.linear.weight.element_size()
+        for m in model.modules()
+        if isinstance(m, ActSparseLinear) and m.backend == "kernel"
+    )
     if needed > 0.9 * free_bytes:
-        raise MemoryError(f"benchmark.generate: the dense baseline of pruning.backend=kernel needs {needed / 2**30:.2f} "
-                          f"GiB for row-major copies of the pruned weights, {free_bytes / 2**30:.2f} GiB are free: set "
-                          f"benchmark.generate.dense_baseline=false (or measure the dense model in a job of its own)")
+        raise MemoryError(
+            f"benchmark.generate: the dense baseline of pruning.backend=kernel needs {needed / 2**30:.2f} "
+            f"GiB for row-major copies of the pruned weights, {free_bytes / 2**30:.2f} GiB are free: set "
+            f"benchmark.generate.dense_baseline=false (or measure the dense model in a job of its own)"
+        )
 
 
-def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int = 1, dense_baseline: bool = True,
-            max_positions: int | None = None) -> dict:
+def measure(
+    model,
+    tokenizer,
+    prompts: list[str],
+    new_tokens: int,
+    repeats: int = 1,
+    dense_baseline: bool = True,
+    max_positions: int | None = None,
+) -> dict:
     """Pruned (and dense, interleaved) greedy generation of every prompt, `repeats` timed runs each
     after one untimed warm-up; the text is that of the pruned model's first run."""
     device = device_of(model)
     encoded = [tokenizer(prompt, return_tensors="pt").input_ids.to(device) for prompt in prompts]
     for prompt, ids in zip(prompts, encoded):
         if max_positions is not None and ids.shape[1] + new_tokens > max_positions:
-            raise ValueError(f"benchmark.generate: prompt {prompt[:40]!r} ({ids.shape[1]} tokens) plus max_new_tokens="
-                             f"{new_tokens} exceeds the model's context, max_position_embeddings={max_positions}")
+            raise ValueError(
+                f"benchmark.generate: prompt {prompt[:40]!r} ({ids.shape[1]} tokens) plus max_new_tokens="
+                f"{new_tokens} exceeds the model's context, max_position_embeddings={max_positions}"
+            )
     wrapped = any(isinstance(module, ActSparseLinear) for module in model.modules())
     baseline = dense_baseline and wrapped  # without wrappers the model computes what the dense one does
     if baseline and device.type == "cuda":
@@ -122,9 +141,12 @@ def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int 
         result["decode_speedup"] = result["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
         result["baseline"] = "the same model with its activation wrappers taken out, interleaved in this job"
     else:
-        result["baseline"] = ("none: no layer is wrapped, every matmul is a dense one of the dense model's shapes "
-                              "(sparse weights included), speed-up 1 by construction"
-                              if dense_baseline else "none: benchmark.generate.dense_baseline=false")
+        result["baseline"] = (
+            "none: no layer is wrapped, every matmul is a dense one of the dense model's shapes "
+            "(sparse weights included), speed-up 1 by construction"
+            if dense_baseline
+            else "none: benchmark.generate.dense_baseline=false"
+        )
         if dense_baseline:
             result["decode_speedup"] = 1.0
     return result
@@ -133,9 +155,13 @@ def measure(model, tokenizer, prompts: list[str], new_tokens: int, repeats: int 
 def _summary(runs: list[dict]) -> dict:
     steps = sum(run["decode_steps"] for run in runs)
     seconds = sum(run["decode_s"] for run in runs)
-    return {"decode_tokens_per_s": steps / seconds, "decode_tokens": steps, "decode_s": seconds,
-            "prefill_ms": 1000 * statistics.median(run["prefill_s"] for run in runs),
-            "ttft_ms": 1000 * statistics.median(run["ttft_s"] for run in runs)}
+    return {
+        "decode_tokens_per_s": steps / seconds,
+        "decode_tokens": steps,
+        "decode_s": seconds,
+        "prefill_ms": 1000 * statistics.median(run["prefill_s"] for run in runs),
+        "ttft_ms": 1000 * statistics.median(run["ttft_s"] for run in runs),
+    }
 
 
 @dataclass
@@ -166,18 +192,24 @@ class Generate:
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.max_new_tokens < 2 or o.repeats < 1:
-            raise ValueError(f"benchmark.generate.max_new_tokens={o.max_new_tokens}, repeats={o.repeats}: allowed "
-                             f"values are max_new_tokens >= 2 (one decode step at least) and repeats >= 1")
+            raise ValueError(
+                f"benchmark.generate.max_new_tokens={o.max_new_tokens}, repeats={o.repeats}: allowed "
+                f"values are max_new_tokens >= 2 (one decode step at least) and repeats >= 1"
+            )
         if env.max_positions is not None and o.max_new_tokens >= env.max_positions:
-            raise ValueError(f"benchmark.generate.max_new_tokens={o.max_new_tokens}: allowed values are below the "
-                             f"model's context, max_position_embeddings={env.max_positions}, with room for a prompt")
+            raise ValueError(
+                f"benchmark.generate.max_new_tokens={o.max_new_tokens}: allowed values are below the "
+                f"model's context, max_position_embeddings={env.max_positions}, with room for a prompt"
+            )
         if o.prompts is not None and o.prompts_file is not None:
             raise ValueError("benchmark.generate: set prompts or prompts_file, not both")
         if o.prompts_file is not None:
             path = Path(o.prompts_file)
             if not path.is_file():
-                raise FileNotFoundError(f"benchmark.generate.prompts_file={o.prompts_file}: no such file "
-                                        f"(one prompt per line; a relative path counts from {Path.cwd()})")
+                raise FileNotFoundError(
+                    f"benchmark.generate.prompts_file={o.prompts_file}: no such file "
+                    f"(one prompt per line; a relative path counts from {Path.cwd()})"
+                )
             text = read_text(path, f"benchmark.generate.prompts_file={o.prompts_file}")
             self.prompts = [line for line in text.splitlines() if line.strip()]
         else:
@@ -188,7 +220,9 @@ class Generate:
 
     def run(self, model, tokenizer, env: Env) -> Measured:
         o = self.options
-        result = measure(model, tokenizer, self.prompts, o.max_new_tokens, o.repeats, o.dense_baseline, env.max_positions)
+        result = measure(
+            model, tokenizer, self.prompts, o.max_new_tokens, o.repeats, o.dense_baseline, env.max_positions
+        )
         # A model without wrappers (dense, weight methods) runs dense matmuls: no pruning backend.
         backends = sorted({m.backend for m in model.modules() if isinstance(m, ActSparseLinear)}) or ["none"]
         keys = ("decode_tokens_per_s", "decode_speedup", "prefill_ms", "ttft_ms", "peak_memory_mb")
@@ -196,8 +230,14 @@ class Generate:
         if "dense" in result:
             metrics["generate/dense_decode_tokens_per_s"] = result["dense"]["decode_tokens_per_s"]
         device = device_of(model)
-        details = {**result, "backend": ",".join(backends), "device": str(device),
-                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "cpu_threads": torch.get_num_threads(), "prompts": len(self.prompts),
-                   "max_new_tokens": o.max_new_tokens, "repeats": o.repeats}
+        details = {
+            **result,
+            "backend": ",".join(backends),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "cpu_threads": torch.get_num_threads(),
+            "prompts": len(self.prompts),
+            "max_new_tokens": o.max_new_tokens,
+            "repeats": o.repeats,
+        }
         return Measured(metrics, details)

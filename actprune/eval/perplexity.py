@@ -48,7 +48,7 @@ def wikitext2_test_text(data_dir: str | None, fallback: bool = False, cache_dir:
         raise FileNotFoundError(
             f"WikiText-2 test split not found: {local or 'paths.data_dir is unset'} does not exist and "
             f"datasets could not load 'wikitext/wikitext-2-raw-v1' ({type(error).__name__}). Put the "
-            f"split there as one {{\"text\": ...}} per line (paths.data_dir=DIR, laid out like "
+            f'split there as one {{"text": ...}} per line (paths.data_dir=DIR, laid out like '
             f"../shared/data), or run once with network access so datasets caches it."
         ) from error
 
@@ -57,7 +57,9 @@ def split_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None 
     """Non-overlapping windows of `seqlen` tokens; the remainder is dropped."""
     count = token_ids.numel() // seqlen
     if count == 0:
-        raise ValueError(f"benchmark.ppl_wikitext2.seqlen={seqlen} is longer than the text ({token_ids.numel()} tokens)")
+        raise ValueError(
+            f"benchmark.ppl_wikitext2.seqlen={seqlen} is longer than the text ({token_ids.numel()} tokens)"
+        )
     if max_windows is not None:
         count = min(count, max_windows)
     return token_ids[: count * seqlen].view(count, seqlen)
@@ -68,8 +70,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int, batch_size: int = 1,
-               max_windows: int | None = None, name: str = "wikitext2") -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    text: str | torch.Tensor,
+    seqlen: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    name: str = "wikitext2",
+) -> dict:
     """exp(mean next-token negative log-likelihood) over the windows, summed in float64.
 
     The text is tokenized once with the tokenizer's defaults (a BOS at the very start where the
@@ -93,8 +102,13 @@ def perplexity(model, tokenizer, text: str | torch.Tensor, seqlen: int, batch_si
     ppl = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else math.inf
     if not math.isfinite(ppl):
         raise FloatingPointError(f"{name} perplexity is not finite (mean NLL {mean_nll}): the pruned model diverged")
-    return {"ppl": ppl, "windows": len(batches), "tokens": tokens, "mean_nll": mean_nll,
-            "window_nll": (window_nll / (seqlen - 1)).tolist()}
+    return {
+        "ppl": ppl,
+        "windows": len(batches),
+        "tokens": tokens,
+        "mean_nll": mean_nll,
+        "window_nll": (window_nll / (seqlen - 1)).tolist(),
+    }
 
 
 @dataclass
@@ -124,16 +138,23 @@ class WikiText2Perplexity:
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.seqlen < 2 or o.batch_size < 1 or (o.max_windows is not None and o.max_windows < 1):
-            raise ValueError(f"benchmark.ppl_wikitext2.seqlen={o.seqlen}, batch_size={o.batch_size}, max_windows="
-                             f"{o.max_windows}: allowed values are seqlen >= 2 (default model.seqlen), batch_size >= 1, "
-                             f"max_windows >= 1 or null")
+            raise ValueError(
+                f"benchmark.ppl_wikitext2.seqlen={o.seqlen}, batch_size={o.batch_size}, max_windows="
+                f"{o.max_windows}: allowed values are seqlen >= 2 (default model.seqlen), batch_size >= 1, "
+                f"max_windows >= 1 or null"
+            )
         if env.max_positions is not None and o.seqlen > env.max_positions:
-            raise ValueError(f"benchmark.ppl_wikitext2.seqlen={o.seqlen} (default model.seqlen) is longer than the "
-                             f"model's context, max_position_embeddings={env.max_positions}")
+            raise ValueError(
+                f"benchmark.ppl_wikitext2.seqlen={o.seqlen} (default model.seqlen) is longer than the "
+                f"model's context, max_position_embeddings={env.max_positions}"
+            )
         self.text, self.source = cached(
             ("text", env.data_dir, self.options.fallback_text),
-            lambda: wikitext2_test_text(env.data_dir, self.options.fallback_text,
-                                        cache_dir=str(Path(env.cache_dir) / "datasets") if env.cache_dir else None),
+            lambda: wikitext2_test_text(
+                env.data_dir,
+                self.options.fallback_text,
+                cache_dir=str(Path(env.cache_dir) / "datasets") if env.cache_dir else None,
+            ),
         )
         return {"data_source": self.source}
 

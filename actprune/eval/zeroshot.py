@@ -52,8 +52,14 @@ def _check_reachable(task: str, config: dict, data_dir: str | None) -> None:
 def fewshot_split(splits: dict) -> str | None:
     """The split lm_eval draws few-shot examples from: its `fewshot_split`, else the first of
     training, validation and test that the task has (lm_eval's own order)."""
-    return next((splits[key] for key in ("fewshot_split", "training_split", "validation_split", "test_split")
-                 if splits.get(key)), None)
+    return next(
+        (
+            splits[key]
+            for key in ("fewshot_split", "training_split", "validation_split", "test_split")
+            if splits.get(key)
+        ),
+        None,
+    )
 
 
 @functools.cache
@@ -100,8 +106,13 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, 
             sources[task] = f"datasets:{config.get('dataset_path')}"
             fewshot[task] = fewshot_split(config)
             continue
-        override = {"include": str(entry.yaml_path), "task": task, "dataset_path": "json", "dataset_name": None,
-                    "dataset_kwargs": {"data_files": rows}}
+        override = {
+            "include": str(entry.yaml_path),
+            "task": task,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": rows},
+        }
         # Splits the local folder does not have are switched off, so lm_eval never asks for them.
         override.update({key: config[key] if config.get(key) in rows else None for key in SPLITS})
         if not (override["validation_split"] or override["test_split"]):
@@ -113,16 +124,26 @@ def prepare(options, data_dir: str | None, work_dir: Path) -> tuple[list, dict, 
         fewshot[task] = fewshot_split(override)
         scored = override["test_split"] or override["validation_split"]
         if options.num_fewshot and fewshot[task] == scored:
-            log.warning("lm_eval task %s: few-shot examples come from %s, the rows it scores (no other split in %s)",
-                        task, scored, Path(data_dir) / "lm_eval" / task)
-        sources[task] = next(path for split, path in rows.items() if split in (override["test_split"], override["validation_split"]))
+            log.warning(
+                "lm_eval task %s: few-shot examples come from %s, the rows it scores (no other split in %s)",
+                task,
+                scored,
+                Path(data_dir) / "lm_eval" / task,
+            )
+        sources[task] = next(
+            path for split, path in rows.items() if split in (override["test_split"], override["validation_split"])
+        )
     if overrides:
         work_dir.mkdir(parents=True, exist_ok=True)
         for task, override in overrides.items():
             (work_dir / f"{task}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
     # Tasks read from local rows are indexed from the overrides alone (each includes lm_eval's own
     # config by path), not by indexing lm_eval's tasks again; the others load from its index.
-    loaded = manager.load_task_or_group([task for task in tasks if task not in overrides]) if len(overrides) < len(tasks) else {}
+    loaded = (
+        manager.load_task_or_group([task for task in tasks if task not in overrides])
+        if len(overrides) < len(tasks)
+        else {}
+    )
     if overrides:
         local = TaskManager(include_path=str(work_dir), include_defaults=False)
         with quiet_datasets():  # local rows: no `Generating validation split` bars
@@ -171,8 +192,11 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
     finally:
         lm_log.removeFilter(truncations)
     if truncations.count:
-        log.warning("lm_eval cut %d requests longer than the model's context (%d tokens) from the left",
-                    truncations.count, lm.max_length)
+        log.warning(
+            "lm_eval cut %d requests longer than the model's context (%d tokens) from the left",
+            truncations.count,
+            lm.max_length,
+        )
     metrics, rows = {}, []
     for task, scores in output["results"].items():
         row = {"task": task}
@@ -184,9 +208,16 @@ def evaluate(model, tokenizer, options, tasks: list, seed: int) -> dict:
                 metrics[f"lm_eval/{task}/{metric}_stderr"] = row[f"{metric}_stderr"]
         row["samples"] = output.get("n-samples", {}).get(task, {}).get("effective")
         rows.append(row)
-        log.info("lm_eval %s: %s on %s rows", task, ", ".join(
-            f"{metric} {_number(row[metric])} ± {_number(row[f'{metric}_stderr'])}" for metric in ("acc", "acc_norm")
-            if metric in row), row["samples"])
+        log.info(
+            "lm_eval %s: %s on %s rows",
+            task,
+            ", ".join(
+                f"{metric} {_number(row[metric])} ± {_number(row[f'{metric}_stderr'])}"
+                for metric in ("acc", "acc_norm")
+                if metric in row
+            ),
+            row["samples"],
+        )
     accuracies = [row["acc"] for row in rows if "acc" in row]
     if accuracies:
         metrics["lm_eval/mean_acc"] = sum(accuracies) / len(accuracies)
@@ -228,14 +259,19 @@ class LmEval:
     @staticmethod
     def data_files(options, data_dir: str | None) -> dict[str, str]:
         """The local files a job with these options reads (actprune.run.job.inputs digests them)."""
-        return {f"lm_eval/{task}/{split}": path for task in options.get("tasks") or []
-                for split, path in local_rows(data_dir, str(task)).items()}
+        return {
+            f"lm_eval/{task}/{split}": path
+            for task in options.get("tasks") or []
+            for split, path in local_rows(data_dir, str(task)).items()
+        }
 
     def prepare(self, env: Env) -> dict:
         o = self.options
         if o.batch_size < 1 or o.num_fewshot < 0 or (o.limit is not None and o.limit < 1):
-            raise ValueError(f"benchmark.lm_eval.batch_size={o.batch_size}, num_fewshot={o.num_fewshot}, limit={o.limit}: "
-                             f"allowed values are batch_size >= 1, num_fewshot >= 0, limit >= 1 or null")
+            raise ValueError(
+                f"benchmark.lm_eval.batch_size={o.batch_size}, num_fewshot={o.num_fewshot}, limit={o.limit}: "
+                f"allowed values are batch_size >= 1, num_fewshot >= 0, limit >= 1 or null"
+            )
         tic = time.perf_counter()
         self.tasks, sources, fewshot = prepare(self.options, env.data_dir, Path(env.job_dir) / "lm_eval_tasks")
         self.seconds = time.perf_counter() - tic

@@ -22,8 +22,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # What `pruning.backend=kernel` runs, said once: the plan's refusal, the wrapper's and docs/speed.md use it.
 KERNEL_TRANSFORMS = ("shift", "scaling", "hadamard", "pca", "refit")  # in torch around the kernel, or folded into W
 EMULATED_TRANSFORMS = ("variance", "learnable")  # per-token work that no kernel fuses
-SUPPORT = (f"activation methods; N:M patterns with M <= {MAX_GROUP} (selection=topk) or a float sparsity with "
-           f"selection=threshold; transforms {', '.join(KERNEL_TRANSFORMS)} (not {', '.join(EMULATED_TRANSFORMS)})")
+SUPPORT = (
+    f"activation methods; N:M patterns with M <= {MAX_GROUP} (selection=topk) or a float sparsity with "
+    f"selection=threshold; transforms {', '.join(KERNEL_TRANSFORMS)} (not {', '.join(EMULATED_TRANSFORMS)})"
+)
 
 
 def unsupported(kind: str, method: str, pattern, selection: str, transforms: list[str]) -> list[str]:
@@ -62,8 +64,10 @@ def decode_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cuda":
         return f"the decode kernels run on CUDA devices, not {device.type}"
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-        return f"bfloat16 needs compute capability 8.0 or newer, {torch.cuda.get_device_name(device)} has " \
-               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+        return (
+            f"bfloat16 needs compute capability 8.0 or newer, {torch.cuda.get_device_name(device)} has "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}"
+        )
     return None
 
 
@@ -73,9 +77,17 @@ def layout_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous()
 
 
-def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None = None, m: int | None = None,
-                  threshold: float | torch.Tensor | None = None, channel_weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    *,
+    n: int | None = None,
+    m: int | None = None,
+    threshold: float | torch.Tensor | None = None,
+    channel_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    dense_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`(x * keep) @ W^T + bias` for x (rows, in), 1 <= rows <= MAX_ROWS, weight_t = layout_weight(W).
 
     The score is `|x| * channel_weight` rounded to x's dtype (`|x|` without channel_weight), per row:
@@ -85,7 +97,9 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None = No
     """
     _check(x, weight_t, n, m, threshold, channel_weight, bias)
     if dense_rows is not None and (dense_rows.shape != (x.shape[0],) or dense_rows.device != x.device):
-        raise ValueError(f"dense_rows must be ({x.shape[0]},) on {x.device}, got {tuple(dense_rows.shape)} on {dense_rows.device}")
+        raise ValueError(
+            f"dense_rows must be ({x.shape[0]},) on {x.device}, got {tuple(dense_rows.shape)} on {dense_rows.device}"
+        )
     reason = decode_unavailable(x.device, x.dtype)
     if reason is not None:
         raise RuntimeError(f"sparse_linear cannot run here: {reason}")
@@ -93,16 +107,24 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None = No
         threshold = torch.as_tensor(threshold).to(x.device, x.dtype)
     from .decode import sparse_gemv
 
-    return sparse_gemv(x.contiguous(), weight_t, n=n, m=m, threshold=threshold,
-                       channel_weight=None if channel_weight is None else channel_weight.contiguous(),
-                       bias=None if bias is None else bias.contiguous(),
-                       dense_rows=None if dense_rows is None else dense_rows.to(torch.int8).contiguous())
+    return sparse_gemv(
+        x.contiguous(),
+        weight_t,
+        n=n,
+        m=m,
+        threshold=threshold,
+        channel_weight=None if channel_weight is None else channel_weight.contiguous(),
+        bias=None if bias is None else bias.contiguous(),
+        dense_rows=None if dense_rows is None else dense_rows.to(torch.int8).contiguous(),
+    )
 
 
 def _check(x, weight_t, n, m, threshold, channel_weight, bias) -> None:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(f"x must be (rows, in) with 1 <= rows <= MAX_ROWS = {MAX_ROWS}, got shape {tuple(x.shape)}: "
-                         f"split larger batches (or use the emulation, ActSparseLinear)")
+        raise ValueError(
+            f"x must be (rows, in) with 1 <= rows <= MAX_ROWS = {MAX_ROWS}, got shape {tuple(x.shape)}: "
+            f"split larger batches (or use the emulation, ActSparseLinear)"
+        )
     width = x.shape[1]
     if weight_t.dim() != 2 or weight_t.shape[0] != width:
         raise ValueError(f"weight_t must be (in, out) = ({width}, out) from layout_weight, got {tuple(weight_t.shape)}")
@@ -114,7 +136,9 @@ def _check(x, weight_t, n, m, threshold, channel_weight, bias) -> None:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensors[name].shape)}")
     for name, tensor in tensors.items():
         if tensor is not None and (tensor.dtype != x.dtype or tensor.device != x.device):
-            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}, x is {x.dtype} on {x.device}: they must match")
+            raise ValueError(
+                f"{name} is {tensor.dtype} on {tensor.device}, x is {x.dtype} on {x.device}: they must match"
+            )
     if threshold is not None and torch.as_tensor(threshold).numel() != 1:
         raise ValueError(f"threshold must be a single number, got shape {tuple(torch.as_tensor(threshold).shape)}")
     if (n is None) != (m is None):

@@ -67,12 +67,32 @@ def _load_scores(x_ptr, channel_weight_ptr, rows, k, row_ok, k_ok, K, HAS_CHANNE
 
 
 @triton.jit
-def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, threshold_ptr, dense_rows_ptr, out_ptr,
-                       n_rows, K, N, n_blocks, blocks_per_program,
-                       N_KEEP: tl.constexpr, GROUP: tl.constexpr, USE_THRESHOLD: tl.constexpr, HAS_DENSE_ROWS: tl.constexpr,
-                       HAS_CHANNEL_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                       ROWS: tl.constexpr, K_LANES: tl.constexpr, GROUP_LANES: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def sparse_gemv_kernel(
+    x_ptr,
+    weight_t_ptr,
+    channel_weight_ptr,
+    bias_ptr,
+    threshold_ptr,
+    dense_rows_ptr,
+    out_ptr,
+    n_rows,
+    K,
+    N,
+    n_blocks,
+    blocks_per_program,
+    N_KEEP: tl.constexpr,
+    GROUP: tl.constexpr,
+    USE_THRESHOLD: tl.constexpr,
+    HAS_DENSE_ROWS: tl.constexpr,
+    HAS_CHANNEL_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    K_LANES: tl.constexpr,
+    GROUP_LANES: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """One (BLOCK_N outputs, K range) tile. The keep mask: top N_KEEP of every GROUP inputs when N_KEEP > 0,
     else `score >= *threshold_ptr` when USE_THRESHOLD, else every input (dense); rows flagged in
     dense_rows_ptr (HAS_DENSE_ROWS) keep every input (a sequence's first tokens, `dense_tokens`)."""
@@ -100,8 +120,7 @@ def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, thresh
             beaten = tl.zeros((ROWS, K_LANES), tl.int32)
             for other in tl.static_range(GROUP):
                 k_other = block * BLOCK_K + group_start + other
-                _, rival = _load_scores(x_ptr, channel_weight_ptr, rows, k_other, row_ok, k_ok, K,
-                                        HAS_CHANNEL_WEIGHT)
+                _, rival = _load_scores(x_ptr, channel_weight_ptr, rows, k_other, row_ok, k_ok, K, HAS_CHANNEL_WEIGHT)
                 beaten += ((rival > score) | ((rival == score) & (other < member))).to(tl.int32)
             keep = keep & (beaten < N_KEEP)
         elif USE_THRESHOLD:
@@ -110,8 +129,12 @@ def sparse_gemv_kernel(x_ptr, weight_t_ptr, channel_weight_ptr, bias_ptr, thresh
             keep = keep | (dense_row[:, None] & row_ok[:, None] & k_ok[None, :])
         # A weight row is read only when some row keeps its channel: at batch 1, only the kept columns.
         needed = tl.max(keep.to(tl.int32), axis=0) > 0
-        weight = tl.load(weight_t_ptr + k.to(tl.int64)[:, None] * N + cols[None, :],
-                         mask=needed[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+        weight = tl.load(
+            weight_t_ptr + k.to(tl.int64)[:, None] * N + cols[None, :],
+            mask=needed[:, None] & col_ok[None, :],
+            other=0.0,
+            eviction_policy="evict_first",
+        )
         acc += tl.sum(tl.where(keep, x, 0.0)[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
     out_mask = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:  # float32 partial sums of this K range, added up by reduce_kernel
@@ -142,8 +165,15 @@ def _target_programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
-def launch_plan(rows: int, K: int, N: int, group: int, element_size: int, programs: int,
-                traffic_share: float | None = PARTIAL_TRAFFIC_SHARE) -> dict:
+def launch_plan(
+    rows: int,
+    K: int,
+    N: int,
+    group: int,
+    element_size: int,
+    programs: int,
+    traffic_share: float | None = PARTIAL_TRAFFIC_SHARE,
+) -> dict:
     """Tile sizes and split-K of one call: the grid fills `programs` where the partial sums stay within
     `traffic_share` of the weight's bytes (None: no cap); the reduce gets a program per REDUCE_ELEMENTS outputs."""
     group_lanes = triton.next_power_of_2(group)
@@ -158,34 +188,75 @@ def launch_plan(rows: int, K: int, N: int, group: int, element_size: int, progra
     blocks_per_program = triton.cdiv(n_blocks, wanted)
     splits = triton.cdiv(n_blocks, blocks_per_program)
     reduce_block = min(1024, max(16, triton.next_power_of_2(REDUCE_ELEMENTS)))
-    return {"group_lanes": group_lanes, "block_k": block_k, "rows_p2": rows_p2, "block_n": block_n, "grid_n": grid_n,
-            "n_blocks": n_blocks, "blocks_per_program": blocks_per_program, "splits": splits, "reduce_block": reduce_block}
+    return {
+        "group_lanes": group_lanes,
+        "block_k": block_k,
+        "rows_p2": rows_p2,
+        "block_n": block_n,
+        "grid_n": grid_n,
+        "n_blocks": n_blocks,
+        "blocks_per_program": blocks_per_program,
+        "splits": splits,
+        "reduce_block": reduce_block,
+    }
 
 
-def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, *, n: int | None, m: int | None,
-                threshold: torch.Tensor | None, channel_weight: torch.Tensor | None,
-                bias: torch.Tensor | None, dense_rows: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_gemv(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    *,
+    n: int | None,
+    m: int | None,
+    threshold: torch.Tensor | None,
+    channel_weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    dense_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Launch on arguments already checked by `actprune.kernels.sparse_linear`."""
     rows, K = x.shape
     N = weight_t.shape[1]
     group = m or 1  # dense and threshold masks need no groups
     # The interpreter moves no memory worth saving: there the tests split K whatever the widths.
-    tiles = launch_plan(rows, K, N, group, weight_t.element_size(), _target_programs(x.device),
-                        None if x.device.type == "cpu" else PARTIAL_TRAFFIC_SHARE)
+    tiles = launch_plan(
+        rows,
+        K,
+        N,
+        group,
+        weight_t.element_size(),
+        _target_programs(x.device),
+        None if x.device.type == "cpu" else PARTIAL_TRAFFIC_SHARE,
+    )
     splits = tiles["splits"]
     out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
     target = out if splits == 1 else torch.empty(splits, rows, N, device=x.device, dtype=torch.float32)
     absent = x  # any pointer stands for an optional tensor the kernel is compiled not to read
     sparse_gemv_kernel[(tiles["grid_n"], splits)](
-        x, weight_t, *(absent if t is None else t for t in (channel_weight, bias, threshold, dense_rows)), target,
-        rows, K, N, tiles["n_blocks"], tiles["blocks_per_program"], N_KEEP=n or 0, GROUP=group,
-        USE_THRESHOLD=threshold is not None, HAS_DENSE_ROWS=dense_rows is not None,
-        HAS_CHANNEL_WEIGHT=channel_weight is not None, HAS_BIAS=bias is not None, PARTIAL=splits > 1,
-        ROWS=tiles["rows_p2"], K_LANES=K_LANES, GROUP_LANES=tiles["group_lanes"], BLOCK_K=tiles["block_k"],
-        BLOCK_N=tiles["block_n"])
+        x,
+        weight_t,
+        *(absent if t is None else t for t in (channel_weight, bias, threshold, dense_rows)),
+        target,
+        rows,
+        K,
+        N,
+        tiles["n_blocks"],
+        tiles["blocks_per_program"],
+        N_KEEP=n or 0,
+        GROUP=group,
+        USE_THRESHOLD=threshold is not None,
+        HAS_DENSE_ROWS=dense_rows is not None,
+        HAS_CHANNEL_WEIGHT=channel_weight is not None,
+        HAS_BIAS=bias is not None,
+        PARTIAL=splits > 1,
+        ROWS=tiles["rows_p2"],
+        K_LANES=K_LANES,
+        GROUP_LANES=tiles["group_lanes"],
+        BLOCK_K=tiles["block_k"],
+        BLOCK_N=tiles["block_n"],
+    )
     if splits > 1:
         size = rows * N
         block = tiles["reduce_block"]
-        reduce_kernel[(triton.cdiv(size, block),)](target, absent if bias is None else bias, out, splits, N, size,
-                                                   HAS_BIAS=bias is not None, BLOCK=block)
+        reduce_kernel[(triton.cdiv(size, block),)](
+            target, absent if bias is None else bias, out, splits, N, size, HAS_BIAS=bias is not None, BLOCK=block
+        )
     return out

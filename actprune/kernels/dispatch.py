@@ -45,15 +45,28 @@ def decode(layer, x: torch.Tensor, channel_weight: torch.Tensor | None) -> torch
     if layer.dense_tokens:  # a sequence's first tokens stay dense, flagged to the kernel on the device
         dense_rows = (layer.positions_of(x) < layer.dense_tokens).expand(*x.shape[:-1], 1).reshape(rows)
     if layer.threshold is not None:
-        y = sparse_linear(flat, layer.pruned_weight.t(), threshold=layer.threshold, channel_weight=channel_weight,
-                          bias=layer.pruned_bias, dense_rows=dense_rows)
+        y = sparse_linear(
+            flat,
+            layer.pruned_weight.t(),
+            threshold=layer.threshold,
+            channel_weight=channel_weight,
+            bias=layer.pruned_bias,
+            dense_rows=dense_rows,
+        )
         if layer.counting:  # the scores again, in torch: only where sparsity is being measured
             dropped = weighted_scores(flat, layer.score, channel_weight) < layer.threshold
             layer.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
     else:
         n, m = (layer.pattern.n, layer.pattern.m) if layer.pattern.is_nm else (None, None)
-        y = sparse_linear(flat, layer.pruned_weight.t(), n=n, m=m, channel_weight=channel_weight,
-                          bias=layer.pruned_bias, dense_rows=dense_rows)
+        y = sparse_linear(
+            flat,
+            layer.pruned_weight.t(),
+            n=n,
+            m=m,
+            channel_weight=channel_weight,
+            bias=layer.pruned_bias,
+            dense_rows=dense_rows,
+        )
         if m and layer.counting:  # exactly n of every m kept: the count needs no look at the mask
             pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
             layer.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)

@@ -33,12 +33,15 @@ def _backend(device: torch.device) -> type[SparseSemiStructuredTensor] | str:
         return SparseSemiStructuredTensorCUSPARSELT
     if major == 8:
         return SparseSemiStructuredTensorCUTLASS
-    return f"no semi-structured backend for compute capability {major}.x (cuSPARSELt: 8.x or 9.x, " \
-           f"available={torch.backends.cusparselt.is_available()}; CUTLASS: 8.x)"
+    return (
+        f"no semi-structured backend for compute capability {major}.x (cuSPARSELt: 8.x or 9.x, "
+        f"available={torch.backends.cusparselt.is_available()}; CUTLASS: 8.x)"
+    )
 
 
-def semi_structured_unavailable(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
-                                device: torch.device | str) -> str | None:
+def semi_structured_unavailable(
+    rows: int, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device | str
+) -> str | None:
     """None where a (rows, in_features) 2:4 activation can be the sparse operand of its matmul with the
     transposed (out_features, in_features) weight on `device`, else why not, in one line."""
     device = torch.device(device)
@@ -72,8 +75,9 @@ class _LastCompressed:
         if source is None or any(t.is_inference() for t in source):  # no version counter: no reuse
             return compress(pruned_x)
         key = tuple((weakref.ref(t), t._version) for t in source)
-        if self.key is not None and all(ref() is t and version == t._version
-                                        for (ref, version), t in zip(self.key, source)):
+        if self.key is not None and all(
+            ref() is t and version == t._version for (ref, version), t in zip(self.key, source)
+        ):
             return self.sparse
         self.key, self.sparse = key, compress(pruned_x)
         return self.sparse
@@ -88,18 +92,22 @@ def padded_rows(rows: int, dtype: torch.dtype, device: torch.device | str) -> in
     return -(-rows // multiple) * multiple
 
 
-def semi_structured_linear(pruned_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                           source: tuple | None = None) -> torch.Tensor:
+def semi_structured_linear(
+    pruned_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, source: tuple | None = None
+) -> torch.Tensor:
     """`pruned_x @ weight.T + bias` with pruned_x (rows, in) holding at most 2 nonzeros in every 4 (the
     kept entries of a 2:4 mask), compressed here (rows padded with zeros to the backend's multiple; once
     for layers that share `source`, the tensors pruned_x was computed from), and weight (out, in)."""
     if pruned_x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != pruned_x.shape[1]:
-        raise ValueError(f"pruned_x (rows, in) and weight (out, in) do not fit: "
-                         f"{tuple(pruned_x.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"pruned_x (rows, in) and weight (out, in) do not fit: {tuple(pruned_x.shape)} and {tuple(weight.shape)}"
+        )
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and (tensor.dtype != pruned_x.dtype or tensor.device != pruned_x.device):
-            raise ValueError(f"{name} is {tensor.dtype} on {tensor.device}, "
-                             f"pruned_x is {pruned_x.dtype} on {pruned_x.device}: they must match")
+            raise ValueError(
+                f"{name} is {tensor.dtype} on {tensor.device}, "
+                f"pruned_x is {pruned_x.dtype} on {pruned_x.device}: they must match"
+            )
     reason = semi_structured_unavailable(*pruned_x.shape, weight.shape[0], pruned_x.dtype, pruned_x.device)
     if reason is not None:
         raise RuntimeError(f"semi_structured_linear cannot run here: {reason}")

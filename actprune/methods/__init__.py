@@ -53,6 +53,7 @@ def register(method: Method) -> Method:
 
 def activation_method(name: str):
     """`@activation_method("act_x")` on `wrap(linear, plan, stats) -> nn.Module`."""
+
     def add(wrap):
         register(Method(name, "activation", wrap))
         return wrap
@@ -62,6 +63,7 @@ def activation_method(name: str):
 
 def weight_method(name: str, layerwise: str | None = None):
     """`@weight_method("weight_x", layerwise=None|"norms"|"hessian")` on `prune(linear, pattern, inputs, plan)`."""
+
     def add(prune):
         register(Method(name, "weight", prune, layerwise))
         return prune

@@ -9,5 +9,11 @@ from . import activation_method
 @activation_method("act_magnitude")
 def act_magnitude(linear, plan, stats):
     options = wrapper_options(linear, plan.config.score, plan.transforms, stats)
-    return ActSparseLinear(linear, plan.pattern, score=magnitude, dense_tokens=plan.config.dense_tokens,
-                          backend=plan.config.backend, **options)
+    return ActSparseLinear(
+        linear,
+        plan.pattern,
+        score=magnitude,
+        dense_tokens=plan.config.dense_tokens,
+        backend=plan.config.backend,
+        **options,
+    )

@@ -13,16 +13,19 @@ from . import weight_method
 
 @weight_method("weight_sparsegpt", layerwise="hessian")
 @torch.no_grad()
-def sparsegpt_(linear: nn.Linear, pattern: Pattern, inputs, plan=None, blocksize: int | None = None,
-               percdamp: float | None = None) -> None:
+def sparsegpt_(
+    linear: nn.Linear, pattern: Pattern, inputs, plan=None, blocksize: int | None = None, percdamp: float | None = None
+) -> None:
     """SparseGPT (Frantar & Alistarh, 2023): choose the mask by w² / [H⁻¹]²_jj block by block and
     update the remaining weights with the inverse Hessian of the layer's inputs (OBS). Block size and
     dampening: the arguments, else `pruning.blocksize` / `pruning.percdamp`."""
     blocksize = blocksize or (plan.config.blocksize if plan else 128)
     percdamp = percdamp if percdamp is not None else plan.config.percdamp if plan else 0.01
     if blocksize < 1 or (pattern.is_nm and blocksize % pattern.m):  # `plan` checks this for jobs; direct calls too
-        raise ValueError(f"blocksize={blocksize} with sparsity {pattern}: allowed values are positive multiples of "
-                         f"{pattern.m if pattern.is_nm else 1}, so that no group of M crosses a block")
+        raise ValueError(
+            f"blocksize={blocksize} with sparsity {pattern}: allowed values are positive multiples of "
+            f"{pattern.m if pattern.is_nm else 1}, so that no group of M crosses a block"
+        )
     weight = linear.weight.detach().float().clone()
     columns = weight.shape[1]
     hessian = 2 * inputs.hessian / max(inputs.count, 1)
@@ -55,4 +58,3 @@ def sparsegpt_(linear: nn.Linear, pattern: Pattern, inputs, plan=None, blocksize
         weight[:, start:end] = pruned
         weight[:, end:] -= errors @ hinv[start:end, end:]
     linear.weight.copy_(weight.to(linear.weight.dtype))
-

@@ -13,8 +13,10 @@ from .. import reuse
 from . import results, table, tracking
 
 READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
-UNJUDGED = ("the end of the sweep did not judge its jobs: its callback (actprune.run.callbacks.SweepEnd) "
-            "failed (the warning above says why) or is not in hydra.callbacks")
+UNJUDGED = (
+    "the end of the sweep did not judge its jobs: its callback (actprune.run.callbacks.SweepEnd) "
+    "failed (the warning above says why) or is not in hydra.callbacks"
+)
 
 
 class Sweep:
@@ -83,8 +85,10 @@ class SweepEnd(Callback):
         except Exception as error:  # the jobs are judged already: this adds to the verdict
             problem = f"Sweep {sweep_dir}: the report was not written: {type(error).__name__}: {error}"
             if SWEEP.launched == 0 and isinstance(error, OSError) and error.errno in READ_ONLY:
-                print(f"{problem} (the folder is read-only; this command ran no job, so the report it holds is current)",
-                      flush=True)
+                print(
+                    f"{problem} (the folder is read-only; this command ran no job, so the report it holds is current)",
+                    flush=True,
+                )
             else:
                 failures.append(problem)
         SWEEP.failure = "\n".join(failures) or None

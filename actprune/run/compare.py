@@ -18,7 +18,11 @@ def pivot(results: list[dict]) -> str:
     for result in results:
         if result.get("status") != "ok" or "ppl/wikitext2" not in result["metrics"]:
             continue
-        pattern = pattern_label(result, result["config"]["pruning"]["sparsity"]) if result["sparsity"]["kind"] != "dense" else "dense"
+        pattern = (
+            pattern_label(result, result["config"]["pruning"]["sparsity"])
+            if result["sparsity"]["kind"] != "dense"
+            else "dense"
+        )
         method = label(result)
         ppl = result["metrics"]["ppl/wikitext2"]
         batch_spread[(method, pattern)].append(ppl)
@@ -34,7 +38,9 @@ def pivot(results: list[dict]) -> str:
     lines = ["| method | " + " | ".join(patterns) + " | batch-size spread |", "|" + " --- |" * (len(patterns) + 2)]
     for method in sorted(cells, key=lambda m: [cells[m].get(p, float("inf")) for p in patterns]):
         values = [f"{cells[method][p]:.2f}" if p in cells[method] else "" for p in patterns]
-        lines.append(f"| {method} | " + " | ".join(values) + f" | {f'{spread[method]:.1e}' if method in spread else '-'} |")
+        lines.append(
+            f"| {method} | " + " | ".join(values) + f" | {f'{spread[method]:.1e}' if method in spread else '-'} |"
+        )
     return "\n".join(lines)
 
 
@@ -51,8 +57,10 @@ def _is_plain(result: dict) -> bool:
     """Uniform `act_magnitude` with no score, transform or selection of its own (layers a whole
     sweep skips may be skipped)."""
     pruning = result["config"]["pruning"]
-    return (label({"config": {"pruning": {**pruning, "skip_layers": []}}}) == "act_magnitude"
-            and pruning.get("allocation", "uniform") == "uniform")
+    return (
+        label({"config": {"pruning": {**pruning, "skip_layers": []}}}) == "act_magnitude"
+        and pruning.get("allocation", "uniform") == "uniform"
+    )
 
 
 def gap_table(results: list[dict]) -> str:
@@ -62,15 +70,22 @@ def gap_table(results: list[dict]) -> str:
     done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
     dense = next((r for r in done if r["sparsity"]["kind"] == "dense"), None)
     order = {p: i for i, p in enumerate(["2:4", "4:8", "8:16", "16:32", "0.5"])}
-    patterns = sorted({str(r["config"]["pruning"]["sparsity"]) for r in done if r is not dense}, key=lambda p: (order.get(p, len(order)), p))
-    lines = ["| sparsity | method | perplexity | gap closed | NLL gain over plain (windows lower) | minutes |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    patterns = sorted(
+        {str(r["config"]["pruning"]["sparsity"]) for r in done if r is not dense},
+        key=lambda p: (order.get(p, len(order)), p),
+    )
+    lines = [
+        "| sparsity | method | perplexity | gap closed | NLL gain over plain (windows lower) | minutes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     minutes = lambda r: f"{r['timings']['total'] / 60:.1f}" if "total" in r.get("timings", {}) else ""  # noqa: E731
     if dense is not None:
         lines.append(f"| dense | {label(dense)} | {dense['metrics']['ppl/wikitext2']:.2f} | | | {minutes(dense)} |")
     for pattern in patterns:
-        mine = sorted((r for r in done if r is not dense and str(r["config"]["pruning"]["sparsity"]) == pattern),
-                      key=lambda r: r["metrics"]["ppl/wikitext2"])
+        mine = sorted(
+            (r for r in done if r is not dense and str(r["config"]["pruning"]["sparsity"]) == pattern),
+            key=lambda r: r["metrics"]["ppl/wikitext2"],
+        )
         plain = next((r for r in mine if _is_plain(r)), None)
         for result in mine:
             ppl, gap, gain = result["metrics"]["ppl/wikitext2"], "", ""
@@ -83,5 +98,7 @@ def gap_table(results: list[dict]) -> str:
                     mean, se, wins = paired_gain(*windows)
                     gain = f"{mean:+.3f} ± {se:.3f} ({wins}/{len(windows[0])})"
             name = f"{label(result)} (plain)" if result is plain else label(result)
-            lines.append(f"| {pattern_label(result, pattern)} | {name} | {ppl:.2f} | {gap} | {gain} | {minutes(result)} |")
+            lines.append(
+                f"| {pattern_label(result, pattern)} | {name} | {ppl:.2f} | {gap} | {gain} | {minutes(result)} |"
+            )
     return "\n".join(lines)

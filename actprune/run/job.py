@@ -68,8 +68,10 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
 
         reason = decode_unavailable(device, dtype)
         if reason is not None:
-            raise ValueError(f"pruning.backend=kernel on {device} in {str(dtype).removeprefix('torch.')}: {reason}; "
-                             f"pruning.backend=emulate runs everywhere")
+            raise ValueError(
+                f"pruning.backend=kernel on {device} in {str(dtype).removeprefix('torch.')}: {reason}; "
+                f"pruning.backend=emulate runs everywhere"
+            )
     text = None
     if pruning.needs:
         check_settings(cfg.calibration.windows, cfg.calibration.seqlen, max_positions)
@@ -79,7 +81,9 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
             check_tokens(refit, cfg.calibration.windows, cfg.calibration.seqlen, widths)
         text = reuse.cached(
             ("calibration text", cfg.calibration.corpus, cfg.paths.data_dir),
-            lambda: corpus_text(cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")),
+            lambda: corpus_text(
+                cfg.calibration.corpus, cfg.paths.data_dir, str(Path(cfg.paths.cache_dir) / "datasets")
+            ),
         )
         check_text(text[0], cfg.calibration.windows, cfg.calibration.seqlen)
     model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
@@ -112,9 +116,18 @@ class Loaded:
 def load(job: JobPlan, cfg: DictConfig) -> Loaded:
     """The model and tokenizer, or those an earlier job of this process loaded with the same settings."""
     tic = time.perf_counter()
-    model, tokenizer = reuse.cached(job.env.model_key, lambda: models.load_model(
-        job.source, job.gguf_file, job.device, job.dtype, cfg.paths.cache_dir, cfg.model.trust_remote_code,
-        cfg.model.device_map))
+    model, tokenizer = reuse.cached(
+        job.env.model_key,
+        lambda: models.load_model(
+            job.source,
+            job.gguf_file,
+            job.device,
+            job.dtype,
+            cfg.paths.cache_dir,
+            cfg.model.trust_remote_code,
+            cfg.model.device_map,
+        ),
+    )
     return Loaded(model, tokenizer, time.perf_counter() - tic)
 
 
@@ -160,8 +173,11 @@ SETTINGS = ("model", "pruning", "benchmark", "calibration", "seed", "device")
 def settings(cfg) -> dict:
     """The parts of a job's config that determine its numbers (not where or how it logs), and the
     `inputs` it reads (a job records them in its config)."""
-    found = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-             for key in SETTINGS if key in cfg}
+    found = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in SETTINGS
+        if key in cfg
+    }
     return {**found, "inputs": inputs(cfg)}
 
 
@@ -184,7 +200,11 @@ def inputs(cfg) -> dict:
         model = model_fingerprint(*models.resolve_source(cfg.model))
     except ValueError:
         model = None
-    return {"data": {key: digest(path) for key, path in sorted(files.items())}, "model": model, "version": results.VERSION}
+    return {
+        "data": {key: digest(path) for key, path in sorted(files.items())},
+        "model": model,
+        "version": results.VERSION,
+    }
 
 
 def new_record(cfg: DictConfig, name: str, group: str, read: dict) -> dict:

@@ -62,7 +62,9 @@ class JobLock:
 
     def __enter__(self) -> JobLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_id(), "since": time.time()})
+        self.me = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "slurm": _slurm_id(), "since": time.time()}
+        )
         for _ in range(3):
             try:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
@@ -87,8 +89,10 @@ class JobLock:
         except (OSError, ValueError):
             judged, holder = None, {}  # half-written or unreadable: judged by its age alone
         if not _stale(self.path, holder):
-            raise Busy(f"{self.path.parent} is being run by pid {holder.get('pid')} on {holder.get('host')} "
-                       f"(lock {self.path}): skipped here; if that process is gone, delete the lock")
+            raise Busy(
+                f"{self.path.parent} is being run by pid {holder.get('pid')} on {holder.get('host')} "
+                f"(lock {self.path}): skipped here; if that process is gone, delete the lock"
+            )
         moved = self.path.with_name(f"{LOCK}.stale.{os.getpid()}.{time.time_ns()}")
         try:
             os.rename(self.path, moved)

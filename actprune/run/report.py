@@ -47,8 +47,13 @@ def plot(table: list[dict], metric: str, ylabel: str, path: Path, log_scale: boo
         for key, points in sorted(lines.items()):
             points.sort()
             # N:M patterns share one zeroed fraction (2:4, 8:16 are both 0.5): points, not a line.
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=" ".join(filter(None, key)),
-                    linestyle="none" if key[-1] == "N:M" else "-")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                label=" ".join(filter(None, key)),
+                linestyle="none" if key[-1] == "N:M" else "-",
+            )
             for x, y, text in points:
                 if ":" in text:
                     ax.annotate(text, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 0))
@@ -91,15 +96,18 @@ def speed_points(table: list[dict]) -> dict[tuple, dict[str, list[tuple[float, f
         if not is_dense(row):
             method = " ".join(filter(None, (row["method"], row["transforms"])))
             panels[(row["model"], row["backend"], row["_device"])].setdefault(method, []).append(
-                (row["speedup"], row["perplexity"], row["sparsity"]))
+                (row["speedup"], row["perplexity"], row["sparsity"])
+            )
     for (model, _, device), lines in panels.items():
         for row in measured:
             # Dense runs no pruning backend, so it is every backend's reference; its measured ratio is
             # timing noise around 1 (the same model timed twice), so it sits at exactly 1.0.
             if is_dense(row) and row["model"] == model and row["_device"] in (device, None):
                 lines.setdefault("dense", []).append((1.0, row["perplexity"], "dense"))
-    return {key: {method: sorted(points) for method, points in sorted(panels[key].items())}
-            for key in sorted(panels, key=lambda key: [str(part) for part in key])}  # None (not recorded) sorts too
+    return {
+        key: {method: sorted(points) for method, points in sorted(panels[key].items())}
+        for key in sorted(panels, key=lambda key: [str(part) for part in key])
+    }  # None (not recorded) sorts too
 
 
 def speed_plot(table: list[dict], path: Path) -> bool:
@@ -147,8 +155,9 @@ def report(folders: list[Path], out: Path) -> dict[str, Path]:
     return written
 
 
-def log_to_wandb(written: dict[str, Path], group: str, project: str, entity: str | None, mode: str,
-                 run_dir: Path) -> None:
+def log_to_wandb(
+    written: dict[str, Path], group: str, project: str, entity: str | None, mode: str, run_dir: Path
+) -> None:
     """A summary run in the sweep's W&B group: the table and the plots."""
     import wandb
 
@@ -156,9 +165,19 @@ def log_to_wandb(written: dict[str, Path], group: str, project: str, entity: str
         data = list(csv.reader(file))
     # One summary run per sweep folder: a sweep run again updates it instead of adding another.
     run_id = "summary-" + hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
-    run = wandb.init(id=run_id, resume="allow", project=project, entity=entity, mode=mode, group=group,
-                     name=f"{group}-summary", job_type="summary", dir=str(run_dir), reinit="finish_previous",
-                     settings=tracking.settings(mode))
+    run = wandb.init(
+        id=run_id,
+        resume="allow",
+        project=project,
+        entity=entity,
+        mode=mode,
+        group=group,
+        name=f"{group}-summary",
+        job_type="summary",
+        dir=str(run_dir),
+        reinit="finish_previous",
+        settings=tracking.settings(mode),
+    )
     media = {"summary/table": wandb.Table(columns=data[0], data=data[1:])}
     media.update({f"summary/{key}": wandb.Image(str(path)) for key, path in written.items() if key.endswith("_plot")})
     run.log(media)

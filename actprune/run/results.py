@@ -119,9 +119,12 @@ def _agree(recorded, current) -> bool:
     # A key with an empty value (null, [], false) on one side only counts as absent, so that
     # results of an earlier version (a key added since, or one that was always null) still resume.
     if isinstance(recorded, dict) and isinstance(current, dict):
-        return all(_agree(recorded[key], current[key]) if key in recorded and key in current
-                   else (recorded.get(key) if key in recorded else current.get(key)) in EMPTY
-                   for key in {*recorded, *current})
+        return all(
+            _agree(recorded[key], current[key])
+            if key in recorded and key in current
+            else (recorded.get(key) if key in recorded else current.get(key)) in EMPTY
+            for key in {*recorded, *current}
+        )
     return recorded == current
 
 
@@ -215,8 +218,10 @@ def read_jobs(sweep_dir: Path, subdirs: list[str]) -> list[tuple[str, dict]]:
         record = found.get(subdir)
         if record is None:
             busy = (Path(sweep_dir) / subdir / ".lock").exists()
-            record = {"status": "busy" if busy else "missing",
-                      "error": "another process holds its lock" if busy else "no results.json: the job did not finish"}
+            record = {
+                "status": "busy" if busy else "missing",
+                "error": "another process holds its lock" if busy else "no results.json: the job did not finish",
+            }
         rows.append((subdir, record))
     return rows
 

@@ -91,32 +91,53 @@ def table(rows: list[tuple[str, dict]]) -> str:
     and left out of the names (they would wrap every line)."""
     shared = shared_overrides([name for name, _ in rows])
     if shared:
-        rows = [(",".join(part for part in overrides_of(name) if part not in shared) or "-", result)
-                for name, result in rows]
+        rows = [
+            (",".join(part for part in overrides_of(name) if part not in shared) or "-", result)
+            for name, result in rows
+        ]
     found = [(name, result, row(result)) for name, result in rows]
     speed = any(cells["decode_tok_s"] is not None or cells["speedup"] is not None for _, _, cells in found)
     others = sorted({key for _, result, _ in found for key in other_metrics(result.get("metrics") or {})})
-    header = ("job", "method", "sparsity", "perplexity", "text", "mean_acc", *others,
-              *(("tok/s", "speedup", "backend") if speed else ()), "measured", "layers", "status")
+    header = (
+        "job",
+        "method",
+        "sparsity",
+        "perplexity",
+        "text",
+        "mean_acc",
+        *others,
+        *(("tok/s", "speedup", "backend") if speed else ()),
+        "measured",
+        "layers",
+        "status",
+    )
     number = lambda value, spec=".4f": format(float(value), spec) if isinstance(value, (int, float)) else "-"  # noqa: E731
     lines = [header]
     for name, result, cells in found:
-        lines.append((
-            name,
-            label(result),
-            # a job that failed before pruning has no measured pattern: the one it was asked for
-            pattern_label(result, (result.get("sparsity") or {}).get("pattern")
-                          or ((result.get("config") or {}).get("pruning") or {}).get("sparsity", "-")),
-            number(cells["perplexity"]),
-            cells["text"] or "-",
-            number(cells["mean_acc"]),
-            *(number(cells.get(key)) for key in others),
-            *((number(cells["decode_tok_s"], ".1f"), number(cells["speedup"], ".2f"), cells["backend"] or "-")
-              if speed else ()),
-            number(cells["measured_sparsity"]),
-            "-" if result.get("replaced_layers") is None else str(result["replaced_layers"]),
-            cells["status"],
-        ))
+        lines.append(
+            (
+                name,
+                label(result),
+                # a job that failed before pruning has no measured pattern: the one it was asked for
+                pattern_label(
+                    result,
+                    (result.get("sparsity") or {}).get("pattern")
+                    or ((result.get("config") or {}).get("pruning") or {}).get("sparsity", "-"),
+                ),
+                number(cells["perplexity"]),
+                cells["text"] or "-",
+                number(cells["mean_acc"]),
+                *(number(cells.get(key)) for key in others),
+                *(
+                    (number(cells["decode_tok_s"], ".1f"), number(cells["speedup"], ".2f"), cells["backend"] or "-")
+                    if speed
+                    else ()
+                ),
+                number(cells["measured_sparsity"]),
+                "-" if result.get("replaced_layers") is None else str(result["replaced_layers"]),
+                cells["status"],
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     rendered = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     rendered.insert(1, "  ".join("-" * width for width in widths))
@@ -135,13 +156,17 @@ def row(result: dict, folder: str | None = None) -> dict:
     found = {
         "model": result.get("model", "?"),
         "method": label(result, transforms=False),
-        "sparsity": "dense" if (result.get("sparsity") or {}).get("kind") == "dense" else pattern_label(result, pruning.get("sparsity", "?")),
+        "sparsity": "dense"
+        if (result.get("sparsity") or {}).get("kind") == "dense"
+        else pattern_label(result, pruning.get("sparsity", "?")),
         "transforms": ",".join(transform_names(pruning)),
         "perplexity": metrics.get(ppl_key) if ppl_key else None,
         "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
         "seqlen": ((config.get("benchmark") or {}).get("ppl_wikitext2") or {}).get("seqlen") if ppl_key else None,
         "windows": (result.get("ppl_wikitext2") or {}).get("windows"),
-        "calibration": f"{calibration['corpus']} {calibration['windows']}x{calibration['seqlen']}" if calibration else None,
+        "calibration": f"{calibration['corpus']} {calibration['windows']}x{calibration['seqlen']}"
+        if calibration
+        else None,
         "mean_acc": metrics.get("lm_eval/mean_acc"),
         "decode_tok_s": metrics.get("generate/decode_tokens_per_s"),
         "speedup": metrics.get("generate/decode_speedup"),  # pruned over dense: > 1 is faster
@@ -171,8 +196,17 @@ def rows(folders: list[Path]) -> list[dict]:
         if len({r["_model_files"] for r in same}) > 1:
             for r in same:
                 r["model"] = f"{name}#{hashlib.sha1(r['_model_files'].encode()).hexdigest()[:6]}"
-    return sorted(found, key=lambda r: (r["model"], r["method"] != "dense", r["method"], r["transforms"],
-                                        zeroed_fraction(r["sparsity"]), r["sparsity"]))
+    return sorted(
+        found,
+        key=lambda r: (
+            r["model"],
+            r["method"] != "dense",
+            r["method"],
+            r["transforms"],
+            zeroed_fraction(r["sparsity"]),
+            r["sparsity"],
+        ),
+    )
 
 
 def columns(table: list[dict]) -> list[str]:
@@ -208,8 +242,10 @@ def markdown(table: list[dict]) -> str:
     failed = [row for row in table if row["status"] != "ok"]
     if failed:
         lines += ["", "Jobs not ok:", ""]
-        lines += [f"- {row['folder'] or row['method']} ({row['status']}): {(row['_error'] or 'no error recorded').splitlines()[0]}"
-                  for row in failed]
+        lines += [
+            f"- {row['folder'] or row['method']} ({row['status']}): {(row['_error'] or 'no error recorded').splitlines()[0]}"
+            for row in failed
+        ]
     return "\n".join(lines) + "\n"
 
 

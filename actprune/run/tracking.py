@@ -54,13 +54,26 @@ class Tracker:
         try:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
-            self.run = wandb.init(id=run_id, resume="allow", project=logger_cfg.project, entity=logger_cfg.entity,
-                                  mode=logger_cfg.mode, dir=str(job_dir), group=group, name=name, job_type="prune-eval",
-                                  tags=list(logger_cfg.tags), config=config, reinit="finish_previous",
-                                  settings=settings(logger_cfg.mode))
+            self.run = wandb.init(
+                id=run_id,
+                resume="allow",
+                project=logger_cfg.project,
+                entity=logger_cfg.entity,
+                mode=logger_cfg.mode,
+                dir=str(job_dir),
+                group=group,
+                name=name,
+                job_type="prune-eval",
+                tags=list(logger_cfg.tags),
+                config=config,
+                reinit="finish_previous",
+                settings=settings(logger_cfg.mode),
+            )
         except Exception as error:  # an unwritable folder, a bad key: say how to go on without W&B
-            raise RuntimeError(f"W&B could not start a run in {job_dir} ({type(error).__name__}: {error}); "
-                               f"logger=none runs the job without W&B") from error
+            raise RuntimeError(
+                f"W&B could not start a run in {job_dir} ({type(error).__name__}: {error}); "
+                f"logger=none runs the job without W&B"
+            ) from error
 
     def log_results(self, results: dict) -> None:
         if self.run is None:
@@ -88,8 +101,10 @@ class Tracker:
             self.run.log_artifact(artifact)
         samples = (results.get("generate") or {}).get("samples") or []
         if samples:  # what the pruning does to the text, prompt by prompt
-            table = wandb.Table(columns=["prompt", "completion", "dense_completion"],
-                                data=[[s["prompt"], s["completion"], s.get("dense_completion")] for s in samples])
+            table = wandb.Table(
+                columns=["prompt", "completion", "dense_completion"],
+                data=[[s["prompt"], s["completion"], s.get("dense_completion")] for s in samples],
+            )
             self.run.log({"generate/samples": table})
         per_task = (results.get("lm_eval") or {}).get("per_task") or []
         if per_task:

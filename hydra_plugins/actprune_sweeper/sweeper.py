@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class ResumingSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: Optional[int] = None, params: Optional[Dict[str, str]] = None,
-                 grids: Optional[List[Dict[str, str]]] = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: Optional[int] = None,
+        params: Optional[Dict[str, str]] = None,
+        grids: Optional[List[Dict[str, str]]] = None,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.grids = [dict(grid) for grid in grids] if grids else [{}]
 
@@ -82,8 +86,15 @@ class ResumingSweeper(BasicSweeper):
         todo = [job for job, state in zip(jobs, states) if state != "done"]
         log.info(
             "Sweep %s: %d jobs; %d done before (results.json says ok, same settings) and skipped%s. "
-            "overwrite=true re-runs every job.", sweep_dir, len(jobs), counts["done"],
-            "".join(f"; {counts[s]} {s}" for s in ("failed", "missing", "outdated", "changed", "overwrite", "unknown") if counts[s]),
+            "overwrite=true re-runs every job.",
+            sweep_dir,
+            len(jobs),
+            counts["done"],
+            "".join(
+                f"; {counts[s]} {s}"
+                for s in ("failed", "missing", "outdated", "changed", "overwrite", "unknown")
+                if counts[s]
+            ),
         )
         # The end of the sweep judges this command's jobs, records or not (all of the folder's where one is unknown).
         callbacks.SWEEP.start(None if None in subdirs else sorted(subdirs), launched=len(todo))
@@ -91,7 +102,7 @@ class ResumingSweeper(BasicSweeper):
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.config, Path(sweep_dir) / "multirun.yaml")
         size = self.batch_size(len(todo))
-        self.overrides = [todo[i:i + size] for i in range(0, len(todo), size)]
+        self.overrides = [todo[i : i + size] for i in range(0, len(todo), size)]
         returns, index = [], 0
         while not self.is_done():
             batch = self.get_job_batch()
@@ -117,4 +128,5 @@ def refuse_shared_folders(sweep_dir: str, jobs: List[List[str]], subdirs: tuple)
                 f"{', '.join(differ)}, which job folder names leave out (device, experiment, logger.*, paths.*, "
                 "overwrite, hydra.*). Nothing was run. Sweep them in separate commands, each with its own "
                 "hydra.sweep.dir, or name the job folders by it too: "
-                f"'hydra.sweep.subdir=\"${{actprune_job_name:${{hydra.overrides.task}}}}-{key}=${{{key}}}\"'")
+                f"'hydra.sweep.subdir=\"${{actprune_job_name:${{hydra.overrides.task}}}}-{key}=${{{key}}}\"'"
+            )
