@@ -5,9 +5,10 @@
 
 The first: one row per method, one column per sparsity pattern, cells WikiText-2 perplexities;
 where a method ran at several batch sizes, the largest relative difference between them is shown
-in its own column (0 means batch-size invariant). With `--gap`: per pattern, each method's
-perplexity, the share of the plain-vs-dense gap it closes, its paired per-window NLL gain over
-plain and its wall time (as in docs/results.md).
+in its own column (0 means batch-size invariant). With `--gap`, one table per model: per pattern,
+each method's calibration corpus (in-domain: WikiText-2 said so), perplexity, ΔNLL = ln(ppl/dense),
+the share of the plain-vs-dense gap it closes, its paired per-window NLL gain over plain, its mean
+zero-shot accuracy and the share of dense's it keeps, and its wall time (as in docs/results.md).
 """
 
 import sys

@@ -372,34 +372,40 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
 
     from actprune.run.compare import gap_table
 
-    def job(method, sparsity, nll, kind="activation", status="ok", minutes=2.0, **pruning):
+    def job(method, sparsity, nll, kind="activation", status="ok", minutes=2.0, acc=None, corpus=None, **pruning):
         mean = sum(nll) / len(nll)
         return {
             "status": status,
+            "model": "m",
             "sparsity": {"kind": kind},
-            "metrics": {"ppl/wikitext2": math.exp(mean)},
+            "metrics": {"ppl/wikitext2": math.exp(mean), **({"lm_eval/mean_acc": acc} if acc is not None else {})},
             "ppl_wikitext2": {"window_nll": nll},
             "timings": {"total": minutes * 60},
             "config": {"pruning": {"method": method, "sparsity": sparsity, **pruning}},
+            **({"calibration": {"corpus": corpus}} if corpus else {}),
         }
 
-    dense = job("dense", 0.0, [2.0, 2.0, 2.0], kind="dense")
-    plain = job("act_magnitude", "8:16", [3.0, 3.2, 2.8])
-    better = job("act_magnitude", "8:16", [2.5, 2.5, 2.9], score="weight_norm", minutes=30.0)
-    allocated = job("act_magnitude", "8:16", [2.9, 3.0, 2.9], allocation="calibrated")
+    dense = job("dense", 0.0, [2.0, 2.0, 2.0], kind="dense", acc=0.6)
+    plain = job("act_magnitude", "8:16", [3.0, 3.2, 2.8], acc=0.5)
+    better = job("act_magnitude", "8:16", [2.5, 2.5, 2.9], score="weight_norm", minutes=30.0, acc=0.57, corpus="c4")
+    allocated = job("act_magnitude", "8:16", [2.9, 3.0, 2.9], allocation="calibrated", corpus="wikitext2_validation")
     failed = job("act_magnitude", "2:4", [9.0, 9.0, 9.0], status="failed")
     lines = gap_table([plain, better, failed, allocated, dense]).splitlines()
-    assert lines[2] == f"| dense | dense | {math.exp(2):.2f} | | | 2.0 |"
+    assert lines[2] == f"| dense | dense | - | {math.exp(2):.2f} | 0 | | | 0.600 (100.0%) | 2.0 |"
     gap = (math.exp(3.0) - math.exp(2.6333333333333333)) / (math.exp(3.0) - math.exp(2.0))
     gains = [0.5, 0.7, -0.1]
     se = statistics.stdev(gains) / math.sqrt(3)
     assert lines[3] == (
-        f"| 8:16 | act_magnitude score=weight_norm | {math.exp(2.6333333333333333):.2f} | {gap:.1%} | "
-        f"+0.367 ± {se:.3f} (2/3) | 30.0 |"
+        f"| 8:16 | act_magnitude score=weight_norm | c4 | {math.exp(2.6333333333333333):.2f} | 0.633 | {gap:.1%} | "
+        f"+0.367 ± {se:.3f} (2/3) | 0.570 (95.0%) | 30.0 |"
     )
-    assert lines[4].startswith("| 8:16 mean | act_magnitude | ") and "(2/3)" in lines[4]  # allocated: not the plain row
-    assert lines[5] == f"| 8:16 | act_magnitude (plain) | {math.exp(3.0):.2f} |  |  | 2.0 |"
+    assert lines[4].startswith("| 8:16 mean | act_magnitude | wikitext2_validation (in-domain) | ")
+    assert "(2/3)" in lines[4]  # allocated: not the plain row
+    assert lines[5] == f"| 8:16 | act_magnitude (plain) | - | {math.exp(3.0):.2f} | 1.000 |  |  | 0.500 (83.3%) | 2.0 |"
     assert len(lines) == 6 and "2:4" not in "\n".join(lines)  # the failed job is left out
+    two_models = gap_table([dense, plain, {**dense, "model": "other"}]).splitlines()
+    assert [line for line in two_models if line.startswith("**")] == ["**m**", "**other**"]
+    assert sum(line.startswith("| dense |") for line in two_models) == 2  # each model against its own dense
 
     skipping = [
         {**r, "config": {"pruning": {**r["config"]["pruning"], "skip_layers": ["*.down_proj"]}}}
@@ -407,5 +413,5 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     ]
     lines = gap_table(skipping).splitlines()
     assert (
-        lines[3].split(" | ")[3] == f"{gap:.1%}" and "(plain)" in lines[4]
+        lines[3].split(" | ")[5] == f"{gap:.1%}" and "(plain)" in lines[4]
     )  # a sweep that skips layers has its plain row

@@ -240,7 +240,7 @@ def sweeper_jobs(experiment: str) -> list:
         ("paper_gemma3_4b", 12),
         ("paper_qwen2_5_7b", 23),
         ("act_vs_weight", 17),
-        ("quality_816", 19),
+        ("quality_816", 11),
     ],
 )
 def test_presets_expand_to_the_tables_they_promise(experiment, count):
@@ -263,6 +263,19 @@ def test_presets_expand_to_the_tables_they_promise(experiment, count):
             if o.startswith("pruning.sparsity=")
         }
         assert act == {"0.2", "0.5", "0.7", "0.9", "2:4", "8:16"} and weight == {"2:4", "8:16", "0.25", "0.5", "0.75"}
+
+
+def test_the_quality_preset_calibrates_out_of_domain_and_scores_zero_shot_accuracy_too():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=quality_816"], return_hydra_config=True)
+    assert cfg.calibration.corpus == "c4" and set(cfg.benchmark) == {"ppl_wikitext2", "lm_eval"}
+    assert list(cfg.benchmark.lm_eval.tasks) == ["boolq", "winogrande", "piqa", "arc_easy"]
+    assert cfg.benchmark.lm_eval.limit == 100 and cfg.benchmark.ppl_wikitext2.max_windows == 24
+    jobs = sweeper_jobs("quality_816")
+    assert not any(o.startswith("calibration.") for j in jobs for o in j)  # no job calibrates in domain
+    uniform = [j for j in jobs if "pruning.allocation=calibrated" not in j]
+    assert {"pruning=weight_sparsegpt", "pruning=act_magnitude"} <= {o for j in uniform for o in j}
+    assert sum("pruning.allocation=calibrated" in j for j in jobs) == 2  # extra rows, at 8:16 and 2:4
 
 
 def test_mitigation_preset_composes_into_its_sweep():

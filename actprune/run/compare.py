@@ -63,11 +63,30 @@ def _is_plain(result: dict) -> bool:
     )
 
 
+IN_DOMAIN = ("wikitext2_validation", "wikitext2_train")  # calibration text from the evaluated corpus
+
+
+def calibration_label(result: dict) -> str:
+    """The calibration corpus a row learned from, in-domain (WikiText-2, the evaluated corpus) said so."""
+    corpus = (result.get("calibration") or {}).get("corpus")
+    return "-" if corpus is None else f"{corpus} (in-domain)" if corpus in IN_DOMAIN else corpus
+
+
 def gap_table(results: list[dict]) -> str:
-    """Markdown: per sparsity pattern, each method's WikiText-2 perplexity, the share of the gap
-    between plain activation pruning (uniform `act_magnitude`, no transforms) and dense it closes,
-    its NLL gain over plain window by window (mean ± SE, windows won) and the job's wall time."""
+    """Markdown, one table per model: per sparsity pattern, each method's calibration corpus, its
+    WikiText-2 perplexity and ΔNLL = ln(ppl / dense) (nats per token), the share of the gap between
+    plain activation pruning (uniform `act_magnitude`, no transforms) and dense it closes, its NLL
+    gain over plain window by window (mean ± SE, windows won), its mean zero-shot accuracy and the
+    share of dense's it keeps, and the job's wall time."""
     done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
+    models = sorted({r.get("model", "?") for r in done})
+    tables = [_gap_table([r for r in done if r.get("model", "?") == model]) for model in models]
+    if len(models) > 1:
+        tables = [f"**{model}**\n\n{table}" for model, table in zip(models, tables)]
+    return "\n\n".join(tables)
+
+
+def _gap_table(done: list[dict]) -> str:
     dense = next((r for r in done if r["sparsity"]["kind"] == "dense"), None)
     order = {p: i for i, p in enumerate(["2:4", "4:8", "8:16", "16:32", "0.5"])}
     patterns = sorted(
@@ -75,30 +94,44 @@ def gap_table(results: list[dict]) -> str:
         key=lambda p: (order.get(p, len(order)), p),
     )
     lines = [
-        "| sparsity | method | perplexity | gap closed | NLL gain over plain (windows lower) | minutes |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| sparsity | method | calibration | perplexity | ΔNLL | gap closed | NLL gain over plain (windows lower) "
+        "| mean acc (of dense) | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    ppl = lambda r: r["metrics"]["ppl/wikitext2"]  # noqa: E731
     minutes = lambda r: f"{r['timings']['total'] / 60:.1f}" if "total" in r.get("timings", {}) else ""  # noqa: E731
+    dense_acc = (dense or {}).get("metrics", {}).get("lm_eval/mean_acc")
+
+    def delta(result):
+        return f"{math.log(ppl(result) / ppl(dense)):.3f}" if dense is not None else ""
+
+    def accuracy(result):
+        acc = result["metrics"].get("lm_eval/mean_acc")
+        if acc is None:
+            return ""
+        return f"{acc:.3f} ({acc / dense_acc:.1%})" if dense_acc else f"{acc:.3f}"
+
     if dense is not None:
-        lines.append(f"| dense | {label(dense)} | {dense['metrics']['ppl/wikitext2']:.2f} | | | {minutes(dense)} |")
+        lines.append(
+            f"| dense | {label(dense)} | - | {ppl(dense):.2f} | 0 | | | {accuracy(dense)} | {minutes(dense)} |"
+        )
     for pattern in patterns:
         mine = sorted(
-            (r for r in done if r is not dense and str(r["config"]["pruning"]["sparsity"]) == pattern),
-            key=lambda r: r["metrics"]["ppl/wikitext2"],
+            (r for r in done if r is not dense and str(r["config"]["pruning"]["sparsity"]) == pattern), key=ppl
         )
         plain = next((r for r in mine if _is_plain(r)), None)
         for result in mine:
-            ppl, gap, gain = result["metrics"]["ppl/wikitext2"], "", ""
+            gap, gain = "", ""
             if plain is not None and result is not plain:
                 if dense is not None:
-                    base = plain["metrics"]["ppl/wikitext2"]
-                    gap = f"{(base - ppl) / (base - dense['metrics']['ppl/wikitext2']):.1%}"
+                    gap = f"{(ppl(plain) - ppl(result)) / (ppl(plain) - ppl(dense)):.1%}"
                 windows = [(r.get("ppl_wikitext2") or {}).get("window_nll") for r in (plain, result)]
                 if all(windows) and len(windows[0]) == len(windows[1]):
                     mean, se, wins = paired_gain(*windows)
                     gain = f"{mean:+.3f} ± {se:.3f} ({wins}/{len(windows[0])})"
             name = f"{label(result)} (plain)" if result is plain else label(result)
             lines.append(
-                f"| {pattern_label(result, pattern)} | {name} | {ppl:.2f} | {gap} | {gain} | {minutes(result)} |"
+                f"| {pattern_label(result, pattern)} | {name} | {calibration_label(result)} | {ppl(result):.2f} "
+                f"| {delta(result)} | {gap} | {gain} | {accuracy(result)} | {minutes(result)} |"
             )
     return "\n".join(lines)
