@@ -248,20 +248,17 @@ def test_presets_expand_to_the_tables_they_promise(experiment, count):
     assert len(jobs) == count and len({tuple(j) for j in jobs}) == count
     assert sum("pruning=dense" in j for j in jobs) == 1
     if experiment.startswith("paper_"):
-        act = {
-            o.split("=")[1].replace("\\", "")
-            for j in jobs
-            if "pruning=act_magnitude" in j
-            for o in j
-            if o.startswith("pruning.sparsity=")
-        }
-        weight = {
-            o.split("=")[1].replace("\\", "")
-            for j in jobs
-            if "pruning=weight_magnitude" in j
-            for o in j
-            if o.startswith("pruning.sparsity=")
-        }
+
+        def sparsities(method):
+            return {
+                o.split("=")[1].replace("\\", "")
+                for j in jobs
+                if f"pruning={method}" in j
+                for o in j
+                if o.startswith("pruning.sparsity=")
+            }
+
+        act, weight = sparsities("act_magnitude"), sparsities("weight_magnitude")
         assert act == {"0.2", "0.5", "0.7", "0.9", "2:4", "8:16"} and weight == {"2:4", "8:16", "0.25", "0.5", "0.75"}
 
 
