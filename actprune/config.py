@@ -14,6 +14,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 class ModelConfig:
     path: str = "???"  # hub id, local folder, or pkg://<python package> holding the files
     gguf_file: Optional[str] = None
+    sha256: Optional[str] = None  # of the GGUF file: checked before it is used (a preset's package)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     seqlen: int = 2048
     trust_remote_code: bool = False

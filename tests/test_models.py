@@ -136,3 +136,42 @@ def test_a_folder_without_the_default_gguf_file_is_said_once_per_process(tmp_pat
         for _ in range(3):  # a sweep resolves the model for every job, and twice per job
             assert models.gguf_in(str(tmp_path / "hf"), "default.gguf") is None
     assert caplog.text.count("is not in") == 1
+
+
+def test_a_gemma3_model_and_its_tokenizer_come_back_from_the_cache_the_same(tiny_setup, tmp_path, monkeypatch, caplog):
+    """Gemma-3 ties lm_head to the embeddings and alternates sliding-window and full layers; its
+    GGUF tokenizer (262k tokens) is slow to convert, so the cache keeps it as a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .tiny import gemma3_text
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "tiny.gguf").write_bytes(b"GGUF")
+    dequantized = gemma3_text()
+    from_gguf = {"model": models.AutoModelForCausalLM.from_pretrained, "tokenizer": AutoTokenizer.from_pretrained}
+    monkeypatch.setattr(
+        models.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda path, **kw: dequantized if kw.get("gguf_file") else from_gguf["model"](path, **kw),
+    )
+    monkeypatch.setattr(
+        models.AutoTokenizer,
+        "from_pretrained",
+        lambda path, **kw: from_gguf["tokenizer"](tiny_setup["model"] if kw.get("gguf_file") else path),
+    )
+    with caplog.at_level("INFO", logger="actprune.models"):
+        model, tokenizer = models.load_model(
+            str(tmp_path / "m"), "tiny.gguf", torch.device("cpu"), torch.float32, str(tmp_path)
+        )
+    assert "Converting the tokenizer of tiny.gguf once" in caplog.text
+    (cached,) = (tmp_path / "gguf").iterdir()
+    assert models.complete(cached) is None and (cached / "tokenizer.json").is_file()
+    again, tokenizer_again = models.load_model(str(cached), None, torch.device("cpu"), torch.float32, str(tmp_path))
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+    assert again.config.layer_types == model.config.layer_types
+    text = "The game began development in 2010 , carrying over a large portion of the work ."  # past the window
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.shape[1] > again.config.sliding_window
+    assert torch.equal(ids, tokenizer_again(text, return_tensors="pt").input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)

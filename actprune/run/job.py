@@ -57,6 +57,7 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     models.check_device_map(cfg.model.device_map)
     benchmarks = {name: build(name, options) for name, options in cfg.benchmark.items() if options is not None}
     resolved = models.resolve_source(cfg.model)
+    models.check_sha256(cfg.model, *resolved, cfg.paths.cache_dir)
     source, gguf_file = models.locate(cfg.model, cfg.paths.cache_dir, resolved)
     fingerprint = model_fingerprint(*resolved)  # the model's own files, never the dequantized cache: one key
     config = models.load_config(source, gguf_file, cfg.model.trust_remote_code)
