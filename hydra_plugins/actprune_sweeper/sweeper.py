@@ -25,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from actprune.run import callbacks, results
+from actprune.run.job import settings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class ResumingSweeper(BasicSweeper):
             config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
             subdir = str(config.hydra.sweep.subdir)
             job_dir = Path(str(config.hydra.sweep.dir)) / subdir
-            found = results.state(results.previous(job_dir), results.settings(config), bool(config.get("overwrite")))
+            found = results.state(results.previous(job_dir), settings(config), bool(config.get("overwrite")))
         except Exception as error:  # the job itself decides; it reports what it finds
             log.debug("cannot tell whether %s is done: %s", overrides, error)
             return "unknown", None
