@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from actprune.run import callbacks, results
 from actprune.run.job import settings
@@ -61,7 +63,7 @@ class ResumingSweeper(BasicSweeper):
             subdir = str(config.hydra.sweep.subdir)
             job_dir = Path(str(config.hydra.sweep.dir)) / subdir
             found = results.state(results.previous(job_dir), settings(config), bool(config.get("overwrite")))
-        except Exception as error:  # the job itself decides; it reports what it finds
+        except (HydraException, OmegaConfBaseException, ValueError, OSError) as error:  # the job decides and says why
             log.debug("cannot tell whether %s is done: %s", overrides, error)
             return "unknown", None
         return found, subdir
