@@ -78,6 +78,12 @@ def plan(model: nn.Module, config) -> PruningPlan:
             f"pruning.selection=threshold with pruning.sparsity={pattern}: a calibrated threshold "
             f"reaches an unstructured ratio; allowed: a float sparsity, or selection=topk for N:M"
         )
+    if "permute" in transforms.names and method.kind == "activation" and not pattern.is_nm:
+        raise ValueError(
+            f"pruning.transforms={transforms.names} with pruning.sparsity={pattern}: permute balances the "
+            f"groups of an N:M pattern, and a whole-token top-k or threshold does not depend on the order "
+            f"of the channels; allowed: an N:M sparsity, or pruning.transforms without permute"
+        )
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")
     if method.kind != "dense":  # a sweep may cross the dense model with allocation: nothing to allocate there

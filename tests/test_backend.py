@@ -44,6 +44,7 @@ def kernel_calls(monkeypatch):
         {"sparsity": "2:4"},
         {"sparsity": "8:16", "score": "weight_norm", "transforms": [{"name": "shift", "mode": "static"}]},
         {"sparsity": "16:32", "transforms": ["hadamard", "shift"]},
+        {"sparsity": "8:16", "score": "weight_norm", "transforms": ["scaling", "permute"]},
         {"sparsity": 0.5, "selection": "threshold", "score": "amber"},
         {"sparsity": "2:4", "dense_tokens": 2},
     ],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..masks import Pattern
 from .learned import Correction
 from .scores import get_score
 from .transforms import BASIS_TRANSFORMS, TRANSFORMS, Basis, Transforms
@@ -21,12 +22,17 @@ def needed_statistics(score: str, transforms: Transforms) -> set[str]:
     return needs
 
 
-def wrapper_options(linear: nn.Linear, score: str, transforms: Transforms, stats: dict | None) -> dict:
-    """Keyword arguments of ActSparseLinear for this layer: score weight, basis, shift, correction."""
+def wrapper_options(
+    linear: nn.Linear, score: str, transforms: Transforms, stats: dict | None, pattern: Pattern | None = None
+) -> dict:
+    """Keyword arguments of ActSparseLinear for this layer: score weight, basis, shift, correction.
+    `pattern`: the groups `permute` balances (N:M only; the plan refuses it otherwise)."""
     weight = linear.weight.detach().double()
     stats = {k: v.double() if v.is_floating_point() else v for k, v in (stats or {}).items()}
     basis, options = Basis(), {}
     for name, transform_options in transforms:
+        if name == "permute":  # balances the pattern's groups, on what the score will rank
+            transform_options = {**transform_options, "group": pattern.m, "score": get_score(score)}
         if name in BASIS_TRANSFORMS:
             TRANSFORMS[name].build(basis, weight, stats, **transform_options)
         else:
@@ -40,6 +46,8 @@ def wrapper_options(linear: nn.Linear, score: str, transforms: Transforms, stats
         learn = options.pop("learn")
         shape = {key: learn[key] for key in ("forms", "rank") if key in learn}  # Correction's defaults otherwise
         options["correction"] = Correction(absorbed.to(linear.weight.device), **shape)
-    if basis.scale is not None or basis.matrix is not None:
-        options.update(input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed)
+    if basis.changed:
+        options.update(
+            input_order=basis.order, input_scale=basis.scale, rotation=basis.matrix, absorbed_weight=absorbed
+        )
     return options

@@ -1,7 +1,7 @@
 """Input transforms of activation pruning: small registered pieces, applied in the order listed.
 
-Transforms run in the order listed. Basis transforms (`scaling`, `hadamard`, `pca`) change the
-basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
+Transforms run in the order listed. Basis transforms (`scaling`, `permute`, `hadamard`, `pca`) change
+the basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
 `W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken;
 `refit` fits, in closed form, the weights that map the pruned input back to the dense output
 (actprune.activation.refit); `learnable` adds a trained correction in that final basis
@@ -12,6 +12,7 @@ its own.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,7 +32,8 @@ class Piece:
 
 
 TRANSFORMS = Registry("pruning.transforms")
-BASIS_TRANSFORMS = ("scaling", "hadamard", "pca")
+BASIS_TRANSFORMS = ("scaling", "permute", "hadamard", "pca")
+ROTATIONS = ("hadamard", "pca")
 
 
 def register_transform(name: str, needs: tuple = ()):
@@ -43,12 +45,18 @@ def register_transform(name: str, needs: tuple = ()):
 
 
 class Basis:
-    """`x' = x R` as a per-channel scale while only scalings were composed, else a matrix."""
+    """`x' = x R`: while no rotation was composed, a gather and a per-channel scale,
+    `x' = x[..., order] * scale` (each None where not used); after one, a matrix."""
 
     def __init__(self):
-        self.scale = None  # x' = x * scale
+        self.order = None  # x' = x[..., order] * scale: a permutation of the channels
+        self.scale = None
         self.matrix = None  # x' = x @ matrix
         self.inverse_t = None  # R⁻ᵀ, so that W' = W @ R⁻ᵀ
+
+    @property
+    def changed(self) -> bool:
+        return self.order is not None or self.scale is not None or self.matrix is not None
 
     def then_scale(self, a: torch.Tensor) -> None:
         if self.matrix is None:
@@ -56,40 +64,46 @@ class Basis:
         else:
             self.matrix, self.inverse_t = self.matrix * a, self.inverse_t / a
 
+    def then_permute(self, order: torch.Tensor) -> None:
+        """`x' = x[..., order]`: exact and orthogonal (`R⁻ᵀ = R`), a gather rather than a matmul."""
+        if self.matrix is not None:
+            self.matrix, self.inverse_t = self.matrix[:, order], self.inverse_t[:, order]
+            return
+        self.scale = None if self.scale is None else self.scale[order]
+        self.order = order if self.order is None else self.order[order]
+
     def then_rotate(self, q: torch.Tensor) -> None:
         if self.matrix is None:
             d = torch.ones(q.shape[0], dtype=q.dtype) if self.scale is None else self.scale
-            self.matrix, self.inverse_t, self.scale = d[:, None] * q, (1 / d)[:, None] * q, None
+            rows = slice(None) if self.order is None else self.order  # R = P diag(d) q: row order[j] is d_j q_j
+            self.matrix, self.inverse_t = torch.zeros_like(q), torch.zeros_like(q)
+            self.matrix[rows], self.inverse_t[rows] = d[:, None] * q, (1 / d)[:, None] * q
+            self.order = self.scale = None
         else:
             self.matrix, self.inverse_t = self.matrix @ q, self.inverse_t @ q
 
     def row(self, v: torch.Tensor) -> torch.Tensor:
         """A vector in input space (e.g. a mean) in the new basis."""
-        return (
-            v
-            if self.scale is None and self.matrix is None
-            else v * self.scale
-            if self.matrix is None
-            else v @ self.matrix
-        )
+        if self.matrix is not None:
+            return v @ self.matrix
+        v = v if self.order is None else v[..., self.order]
+        return v if self.scale is None else v * self.scale
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
-        return (
-            w
-            if self.scale is None and self.matrix is None
-            else w / self.scale
-            if self.matrix is None
-            else w @ self.inverse_t
-        )
+        if self.matrix is not None:
+            return w @ self.inverse_t
+        w = w if self.order is None else w[:, self.order]
+        return w if self.scale is None else w / self.scale
 
     def second_moment(self, m: torch.Tensor) -> torch.Tensor:
-        if self.matrix is None:
-            return m if self.scale is None else self.scale[:, None] * m * self.scale[None, :]
-        return self.matrix.T @ m @ self.matrix
+        if self.matrix is not None:
+            return self.matrix.T @ m @ self.matrix
+        m = m if self.order is None else m[self.order][:, self.order]
+        return m if self.scale is None else self.scale[:, None] * m * self.scale[None, :]
 
     def column_l2(self, stats: dict) -> torch.Tensor:
         if self.matrix is None:
-            return stats["l2"] if self.scale is None else stats["l2"] * self.scale.abs()
+            return self.row(stats["l2"]).abs()
         return self.second_moment(stats["second_moment"]).diagonal().clamp_min(0).sqrt()
 
 
@@ -125,6 +139,49 @@ def pca_transform(basis: Basis, weight: torch.Tensor, stats: dict) -> None:
     """LaRoSa-like: rotate into the eigenbasis of the calibration inputs' second moment."""
     _, vectors = torch.linalg.eigh(basis.second_moment(stats["second_moment"]).double())
     basis.then_rotate(vectors.flip(-1))  # largest eigenvalue first
+
+
+PERMUTE_RULES = ("snake", "greedy")
+PERMUTE_BY = ("score", "l2")
+
+
+@register_transform("permute", needs=("l2",))
+def permute_transform(
+    basis: Basis, weight: torch.Tensor, stats: dict, *, group: int, score, by: str = "score", rule: str = "snake"
+) -> None:
+    """Reorder the channels so that every group of `group` (the M of N:M) holds a balanced share of
+    the important ones: a group of many large entries must drop some of them for every token.
+    Importance: the calibration ‖X_j‖₂ in the current basis, times the score's channel weight
+    (`by: score`, what the mask ranks on average) or alone (`by: l2`). `rule`: `snake` deals the
+    channels, sorted, to the groups in snake order; `greedy` gives each, in that order, to the group
+    of least summed importance that has room."""
+    importance = basis.column_l2(stats)
+    if by == "score":
+        channel_weight = score.build(basis.weight(weight), basis, stats)
+        importance = importance if channel_weight is None else importance * channel_weight
+    basis.then_permute(balanced_order(importance, group, rule))
+
+
+def balanced_order(importance: torch.Tensor, group: int, rule: str) -> torch.Tensor:
+    """`order` such that `x[..., order]` has its channels dealt to groups of `group` by `rule`."""
+    ranked = importance.argsort(descending=True, stable=True)
+    groups = importance.numel() // group
+    if rule == "snake":  # round r deals one channel to each group, forth then back: position r in it
+        rank = torch.arange(importance.numel())
+        rounds, index = rank // groups, rank % groups
+        target = torch.where(rounds % 2 == 0, index, groups - 1 - index)
+        order = torch.empty_like(ranked)
+        order[target * group + rounds] = ranked
+        return order
+    values = importance.tolist()
+    loads = [(0.0, g) for g in range(groups)]  # a heap of (summed importance, group) with room left
+    members = [[] for _ in range(groups)]
+    for channel in ranked.tolist():
+        load, g = heapq.heappop(loads)
+        members[g].append(channel)
+        if len(members[g]) < group:
+            heapq.heappush(loads, (load + values[channel], g))
+    return torch.tensor([channel for chosen in members for channel in chosen])
 
 
 @register_transform("shift")
@@ -183,12 +240,24 @@ def parse_transforms(transforms) -> Transforms:
         if name in FITTED:
             parsed.append((name, FITTED[name](options)))
             continue
-        allowed = {"shift": {"mode"}, "scaling": {"alpha"}}.get(name, set())
+        for key, allowed in (("by", PERMUTE_BY), ("rule", PERMUTE_RULES)) if name == "permute" else ():
+            if key in options and options[key] not in allowed:
+                raise ValueError(
+                    f"pruning.transforms: permute {key}={options[key]!r}: allowed values are {', '.join(allowed)}"
+                )
+        allowed = {"shift": {"mode"}, "scaling": {"alpha"}, "permute": {"by", "rule"}}.get(name, set())
         if set(options) - allowed:
             raise ValueError(
                 f"pruning.transforms: {name} has no option {sorted(set(options) - allowed)}: allowed {sorted(allowed)}"
             )
         parsed.append((name, dict(options)))
+    names = [name for name, _ in parsed]
+    rotated = [name for name in names[names.index("permute") :] if name in ROTATIONS] if "permute" in names else []
+    if rotated:
+        raise ValueError(
+            f"pruning.transforms={names}: permute before {rotated[0]}, which mixes the channels again and undoes "
+            f"the balance; allowed: permute after {'/'.join(ROTATIONS)} (it balances the rotated channels)"
+        )
     return Transforms(parsed)
 
 

@@ -113,8 +113,9 @@ class ActSparseLinear(nn.Module):
     """`y = (x * keep(score(x))) Wᵀ + b` with the wrapped layer's own weight and bias.
 
     Options, each a light error correction that uses the current token or calibration only:
-    - `input_scale` or `rotation`: prune in another basis, `x' = x * input_scale` or `x @ rotation`,
-      with `absorbed_weight` (`W R⁻ᵀ`) copied into the layer once, so `x' W'ᵀ = x Wᵀ`;
+    - `input_order`, `input_scale` or `rotation`: prune in another basis, `x' = x[..., input_order] *
+      input_scale` (either may be None) or `x @ rotation`, with `absorbed_weight` (`W R⁻ᵀ`) copied into
+      the layer once, so `x' W'ᵀ = x Wᵀ`;
     - `channel_weight`: the score becomes `score(x) * channel_weight` (e.g. ‖W_:,j‖₂);
     - `shift`: prune `x − η` and add `η` back through the layer, `y = prune(x − η) Wᵀ + b + η W 1`
       with η the token's mean or median (rank-1 add-back), or `static`: η = `shift_vector`
@@ -149,6 +150,7 @@ class ActSparseLinear(nn.Module):
         shift: str | None = None,
         shift_vector: torch.Tensor | None = None,
         variance: bool = False,
+        input_order: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
         rotation: torch.Tensor | None = None,
         absorbed_weight: torch.Tensor | None = None,
@@ -185,11 +187,16 @@ class ActSparseLinear(nn.Module):
         self._held = None  # `holding_masks`: a learned.FrozenMasks while corrections are tuned end to end
         weight = linear.weight
         device = weight.device
-        if (input_scale is not None or rotation is not None) != (absorbed_weight is not None):
+        if (input_order is not None or input_scale is not None or rotation is not None) != (
+            absorbed_weight is not None
+        ):
             raise ValueError("a change of basis needs the absorbed weight W R⁻ᵀ, and only then")
+        if rotation is not None and (input_order is not None or input_scale is not None):
+            raise ValueError("a rotation holds any permutation and scale composed before it: give it alone")
         if absorbed_weight is not None:
             with torch.no_grad():
                 weight.copy_(absorbed_weight)
+        self.register_buffer("input_order", None if input_order is None else input_order.to(device))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.to(device, weight.dtype))
         self.register_buffer("rotation", None if rotation is None else rotation.to(device, weight.dtype))
         self.register_buffer(
@@ -311,6 +318,8 @@ class ActSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.counting:
             self.seen += x.numel()
+        if self.input_order is not None:
+            x = x[..., self.input_order]
         if self.input_scale is not None:
             x = x * self.input_scale
         elif self.rotation is not None:
@@ -400,7 +409,8 @@ class ActSparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
-        options += ["scaled"] * (self.input_scale is not None) + ["rotated"] * (self.rotation is not None)
+        options += ["permuted"] * (self.input_order is not None) + ["scaled"] * (self.input_scale is not None)
+        options += ["rotated"] * (self.rotation is not None)
         options += [f"backend={self.backend}"] * (self.backend != "emulate")
         return ", ".join(
             [f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options]

@@ -8,7 +8,7 @@ from . import activation_method
 
 @activation_method("act_magnitude")
 def act_magnitude(linear, plan, stats):
-    options = wrapper_options(linear, plan.config.score, plan.transforms, stats)
+    options = wrapper_options(linear, plan.config.score, plan.transforms, stats, plan.pattern)
     return ActSparseLinear(
         linear,
         plan.pattern,
