@@ -388,6 +388,8 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     dense = job("dense", 0.0, [2.0, 2.0, 2.0], kind="dense", acc=0.6)
     plain = job("act_magnitude", "8:16", [3.0, 3.2, 2.8], acc=0.5)
     better = job("act_magnitude", "8:16", [2.5, 2.5, 2.9], score="weight_norm", minutes=30.0, acc=0.57, corpus="c4")
+    per_task = {"lm_eval/a/acc": 0.5, "lm_eval/a/acc_stderr": 0.03, "lm_eval/b/acc": 0.64, "lm_eval/b/acc_stderr": 0.04}
+    better["metrics"].update(per_task)  # the standard error of the mean of two tasks: sqrt(0.03² + 0.04²) / 2
     allocated = job("act_magnitude", "8:16", [2.9, 3.0, 2.9], allocation="calibrated", corpus="wikitext2_validation")
     failed = job("act_magnitude", "2:4", [9.0, 9.0, 9.0], status="failed")
     lines = gap_table([plain, better, failed, allocated, dense]).splitlines()
@@ -397,7 +399,7 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     se = statistics.stdev(gains) / math.sqrt(3)
     assert lines[3] == (
         f"| 8:16 | act_magnitude score=weight_norm | c4 | {math.exp(2.6333333333333333):.2f} | 0.633 | {gap:.1%} | "
-        f"+0.367 ± {se:.3f} (2/3) | 0.570 (95.0%) | 30.0 |"
+        f"+0.367 ± {se:.3f} (2/3) | 0.570 ± 0.025 (95.0%) | 30.0 |"
     )
     assert lines[4].startswith("| 8:16 mean | act_magnitude | wikitext2_validation (in-domain) | ")
     assert "(2/3)" in lines[4]  # allocated: not the plain row

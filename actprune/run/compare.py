@@ -72,6 +72,17 @@ def calibration_label(result: dict) -> str:
     return "-" if corpus is None else f"{corpus} (in-domain)" if corpus in IN_DOMAIN else corpus
 
 
+def mean_accuracy_se(metrics: dict) -> float | None:
+    """Standard error of the mean zero-shot accuracy, from lm_eval's per-task standard errors (tasks
+    are independent samples): with 100 rows a task, about ±0.025, which decides what a difference
+    in accuracy between two rows can mean."""
+    tasks = [key.removesuffix("/acc") for key in metrics if key.startswith("lm_eval/") and key.endswith("/acc")]
+    errors = [metrics.get(f"{task}/acc_stderr") for task in tasks]
+    if not tasks or any(not isinstance(e, (int, float)) or math.isnan(e) for e in errors):
+        return None
+    return math.sqrt(sum(e * e for e in errors)) / len(tasks)
+
+
 def gap_table(results: list[dict]) -> str:
     """Markdown, one table per model: per sparsity pattern, each method's calibration corpus, its
     WikiText-2 perplexity and ΔNLL = ln(ppl / dense) (nats per token), the share of the gap between
@@ -95,7 +106,7 @@ def _gap_table(done: list[dict]) -> str:
     )
     lines = [
         "| sparsity | method | calibration | perplexity | ΔNLL | gap closed | NLL gain over plain (windows lower) "
-        "| mean acc (of dense) | minutes |",
+        "| mean acc ± SE (of dense) | minutes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     ppl = lambda r: r["metrics"]["ppl/wikitext2"]  # noqa: E731
@@ -109,7 +120,9 @@ def _gap_table(done: list[dict]) -> str:
         acc = result["metrics"].get("lm_eval/mean_acc")
         if acc is None:
             return ""
-        return f"{acc:.3f} ({acc / dense_acc:.1%})" if dense_acc else f"{acc:.3f}"
+        se = mean_accuracy_se(result["metrics"])
+        text = f"{acc:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+        return f"{text} ({acc / dense_acc:.1%})" if dense_acc else text
 
     if dense is not None:
         lines.append(
