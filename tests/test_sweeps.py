@@ -273,6 +273,8 @@ def test_the_quality_preset_calibrates_out_of_domain_and_scores_zero_shot_accura
     uniform = [j for j in jobs if "pruning.allocation=calibrated" not in j]
     assert {"pruning=weight_sparsegpt", "pruning=act_magnitude"} <= {o for j in uniform for o in j}
     assert sum("pruning.allocation=calibrated" in j for j in jobs) == 2  # extra rows, at 8:16 and 2:4
+    transforms = {o for j in jobs for o in j if o.startswith("pruning.transforms=")}
+    assert len(transforms) == 2 and all("permute" in t and "refit" not in t for t in transforms)  # what carries
 
 
 def test_mitigation_preset_composes_into_its_sweep():
