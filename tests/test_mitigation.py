@@ -86,7 +86,9 @@ def test_scaling_changes_only_which_entries_are_kept():
 
     linear, x = nn.Linear(16, 4), torch.randn(6, 16)
     layer = copy.deepcopy(linear)
-    options = wrapper_options(layer, "magnitude", parse_transforms(["scaling"]), {"absmax": torch.rand(16) * 5 + 0.1})
+    options = wrapper_options(
+        layer, "magnitude", parse_transforms(["scaling"]), {"absmax": torch.rand(16) * 5 + 0.1}, parse_sparsity("2:4")
+    )
     scaled = ActSparseLinear(layer, parse_sparsity("2:4"), **options)
     keep = (x * options["input_scale"].float()).abs().unflatten(-1, (-1, 4)).argsort(-1, descending=True).argsort(
         -1

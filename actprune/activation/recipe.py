@@ -23,7 +23,7 @@ def needed_statistics(score: str, transforms: Transforms) -> set[str]:
 
 
 def wrapper_options(
-    linear: nn.Linear, score: str, transforms: Transforms, stats: dict | None, pattern: Pattern | None = None
+    linear: nn.Linear, score: str, transforms: Transforms, stats: dict | None, pattern: Pattern
 ) -> dict:
     """Keyword arguments of ActSparseLinear for this layer: score weight, basis, shift, correction.
     `pattern`: the groups `permute` balances (N:M only; the plan refuses it otherwise)."""

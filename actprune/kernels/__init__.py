@@ -20,14 +20,8 @@ MAX_GROUP = 32  # the top-n rank is unrolled over a group's members: small group
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # What `pruning.backend=kernel` runs, said once: the plan's refusal, the wrapper's and docs/speed.md use it.
-KERNEL_TRANSFORMS = (
-    "shift",
-    "scaling",
-    "permute",
-    "hadamard",
-    "pca",
-    "refit",
-)  # in torch around the kernel, or folded into W
+# Transforms that run in torch around the kernel, or are folded into W.
+KERNEL_TRANSFORMS = ("shift", "scaling", "permute", "hadamard", "pca", "refit")
 EMULATED_TRANSFORMS = ("variance", "learnable")  # per-token work that no kernel fuses
 SUPPORT = (
     f"activation methods; N:M patterns with M <= {MAX_GROUP} (selection=topk) or a float sparsity with "
