@@ -1,5 +1,6 @@
 """Learned corrections: exact at initialisation, trained layer by layer, saved and reused."""
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -318,6 +319,7 @@ BAD_OPTIONS = [
     ("forms", "affine"),
     ("forms", []),
     ("schedule", "linear"),
+    ("objective", "l1"),
 ]
 
 
@@ -340,6 +342,7 @@ def test_good_learnable_options_pass_the_check():
         "weight_decay": 0,
         "seed": 0,
         "schedule": "constant",
+        "objective": "relative",
         "evals": 1,
         "patience": 1,
         "e2e_steps": 0,
@@ -380,11 +383,11 @@ def never_improving(monkeypatch):
     measured = []
     mse = learned._mse
 
-    def constant_on_all_windows(walk, index, hidden, targets, windows):
+    def constant_on_all_windows(walk, index, hidden, targets, windows, channel_weight=None):
         if isinstance(windows, range):
             measured.append(index)
             return torch.tensor(1.0)
-        return mse(walk, index, hidden, targets, windows)
+        return mse(walk, index, hidden, targets, windows, channel_weight)
 
     monkeypatch.setattr(learned, "_mse", constant_on_all_windows)
     return measured
@@ -588,9 +591,9 @@ def test_each_layer_is_trained_towards_the_dense_models_own_output_of_that_layer
     seen = {}
     mse = learned._mse
 
-    def record(walk, index, hidden, targets, windows):
+    def record(walk, index, hidden, targets, windows, channel_weight=None):
         seen[index] = (list(hidden), list(targets))
-        return mse(walk, index, hidden, targets, windows)
+        return mse(walk, index, hidden, targets, windows, channel_weight)
 
     monkeypatch.setattr(learned, "_mse", record)
     sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 2}]}, BATCHES)
@@ -599,3 +602,35 @@ def test_each_layer_is_trained_towards_the_dense_models_own_output_of_that_layer
             torch.testing.assert_close(target, dense[window][index], rtol=1e-4, atol=1e-4)
     # the second layer's student inputs come from the pruned, corrected first layer, not the dense one
     assert not torch.allclose(seen[1][0][0], dense[0][0], atol=1e-3)
+
+
+def test_the_relative_objective_weighs_each_output_channel_by_its_own_scale():
+    """An error of 1% of every channel's size costs the same in a channel a thousand times larger."""
+    targets = [torch.randn(1, 16, 4) * torch.tensor([1000.0, 1.0, 1.0, 1.0]) for _ in range(3)]
+    weight = learned.relative_weight(targets)
+    square = torch.cat([t.flatten(0, 1) for t in targets]).square().mean(0)
+    torch.testing.assert_close(weight, 1 / square)
+    error_big = sum(((t * 0.01) * torch.tensor([1.0, 0, 0, 0])).square().mean(0) for t in targets) / 3
+    error_small = sum(((t * 0.01) * torch.tensor([0, 1.0, 0, 0])).square().mean(0) for t in targets) / 3
+    torch.testing.assert_close((error_big * weight).sum(), (error_small * weight).sum(), rtol=1e-5, atol=0)
+    silent = learned.relative_weight([torch.zeros(1, 4, 2) + torch.tensor([1.0, 0.0])])
+    assert torch.isfinite(silent).all() and silent[1] == 1 / (1e-6 * 0.5)
+
+
+def test_the_relative_objective_is_what_each_layer_records_and_lowers():
+    """Layer 0's recorded starting error is the relative error of the pruned layer against the dense
+    one, measured here independently; training lowers it in every layer."""
+    options = {**ALL, "forms": ["affine"], "objective": "relative"}
+    config = {"method": "act_magnitude", "sparsity": "2:4"}
+    dense = llama()
+    pruned, trained = copy.deepcopy(dense), copy.deepcopy(dense)
+    sparsify_(pruned, {**config, "transforms": []}, BATCHES)
+    with torch.no_grad():
+        target = [dense(w[None], output_hidden_states=True).hidden_states[1] for w in BATCHES]
+        output = [pruned(w[None], output_hidden_states=True).hidden_states[1] for w in BATCHES]
+    square = torch.cat([t.flatten(0, 1) for t in target]).square().mean(0)
+    expected = sum(((o - t).square() / square).mean() for o, t in zip(output, target)) / len(BATCHES)
+    losses = sparsify_(trained, {**config, "transforms": [options]}, BATCHES).learned
+    assert "mse" not in losses and set(losses["relative_mse"]) == {"0", "1"}
+    assert losses["relative_mse"]["0"]["before"] == pytest.approx(float(expected), rel=1e-4)
+    assert all(value["after"] < value["before"] for value in losses["relative_mse"].values())
