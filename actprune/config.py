@@ -32,6 +32,8 @@ class PruningConfig:
     transforms: List[Any] = field(default_factory=list)  # e.g. [shift, variance], [{name: shift, mode: static}]
     selection: str = "topk"  # topk (exact per token) | threshold (calibrated per layer, ratios only)
     dense_tokens: int = 0  # the first k tokens of each sequence stay dense (attention sinks)
+    mask_scope: str = "token"  # token (a mask per token) | step (the batch's rows at one position share one)
+    mask_pool: str = "mean"  # mask_scope=step: how the rows' scores are pooled, mean | max | rms
     skip_layers: List[str] = field(default_factory=list)  # name patterns kept dense, e.g. ["*.layers.0.*"]
     backend: str = "emulate"  # emulate (mask, then dense matmul) | kernel (real sparse compute: actprune.kernels)
     allocation: str = "uniform"  # uniform | calibrated (N chosen per projection, the same mean kept fraction)

@@ -106,6 +106,24 @@ def weighted_scores(x: torch.Tensor, score: Score, channel_weight: torch.Tensor 
     return score(x) if channel_weight is None else score(x) * channel_weight
 
 
+# How the rows that share one mask (`mask_scope=step`: the sequences of one decode step) pool their
+# scores of a channel, in float32: ranked and compared with a threshold on the scale of one token's score.
+POOLS = {
+    "mean": lambda s: s.mean(0, keepdim=True),
+    "max": lambda s: s.amax(0, keepdim=True),
+    "rms": lambda s: s.square().mean(0, keepdim=True).sqrt(),
+}
+SCOPES = ("token", "step")
+
+
+def pooled_scores(scores: torch.Tensor, pool: str | None) -> torch.Tensor:
+    """The scores that one mask shared by the rows of dim 0 ranks: `scores` itself where `pool` is None
+    or there is one row (the per-token mask, bit for bit), else pooled over dim 0, keepdim, float32."""
+    if pool is None or scores.dim() < 2 or scores.shape[0] == 1:
+        return scores
+    return POOLS[pool](scores.float())
+
+
 def pattern_keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     """Per-token mask of `pattern` over the last dimension of `scores`."""
     width = scores.shape[-1]

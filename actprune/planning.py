@@ -21,7 +21,7 @@ from .activation.scores import get_score
 from .activation.transforms import Transforms, parse_transforms
 from .activation.wrapper import BACKENDS, ActSparseLinear
 from .config import PruningConfig
-from .masks import Pattern, parse_sparsity
+from .masks import POOLS, SCOPES, Pattern, parse_sparsity
 from .methods import METHODS, Method, get_method
 from .walk import decoder_layers
 
@@ -83,6 +83,16 @@ def plan(model: nn.Module, config) -> PruningPlan:
             f"pruning.transforms={transforms.names} with pruning.sparsity={pattern}: permute balances the "
             f"groups of an N:M pattern, and a whole-token top-k or threshold does not depend on the order "
             f"of the channels; allowed: an N:M sparsity, or pruning.transforms without permute"
+        )
+    if config.mask_scope not in SCOPES or config.mask_pool not in POOLS:
+        raise ValueError(
+            f"pruning.mask_scope={config.mask_scope!r}, pruning.mask_pool={config.mask_pool!r}: allowed values "
+            f"are {list(SCOPES)} and {list(POOLS)}"
+        )
+    if config.mask_scope != "token" and method.kind == "weight":
+        raise ValueError(
+            f"pruning.mask_scope={config.mask_scope} with pruning.method={method.name}: a weight method's zeros "
+            f"do not depend on the tokens; allowed with weight methods: token"
         )
     if config.dense_tokens < 0:
         raise ValueError(f"pruning.dense_tokens={config.dense_tokens}: allowed values are integers >= 0")

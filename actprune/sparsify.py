@@ -40,6 +40,8 @@ class SparsityReport:
     weight_sparsity: dict[str, float] = field(default_factory=dict)
     skipped_layers: list[str] = field(default_factory=list)
     dense_tokens: int = 0
+    mask_scope: str = "token"
+    mask_pool: str = "mean"
     selection: str = "topk"
     thresholds: dict[str, float] = field(default_factory=dict)
     allocation: dict | None = None  # N chosen per layer (pruning.allocation=calibrated), and the errors behind it
@@ -94,6 +96,9 @@ class SparsityReport:
             "replaced_layers": self.replaced_layers,
             "skipped_layers": self.skipped_layers,
             "dense_tokens": self.dense_tokens,
+            "mask_scope": self.mask_scope,
+            **({"mask_pool": self.mask_pool} if self.mask_scope == "step" else {}),
+            "rows_read": rows_read(wrappers) if wrappers else None,
             "selection": self.selection,
             "thresholds": self.thresholds,
             "per_layer": per_layer,
@@ -110,7 +115,9 @@ class SparsityReport:
             return "the fraction of zero weights in the pruned layers"
         text = (
             "the fraction of pruned layers' input entries the masks zeroed, over every token the benchmarks "
-            "fed (padding included, e.g. lm_eval's; generate's timed runs are not counted, its warm-up is)"
+            "fed (padding included, e.g. lm_eval's; generate's timed runs are not counted, its warm-up is); "
+            "rows_read: the share of their weight a decode step of each call's batch reads (the rows of the "
+            "channels some sequence keeps at a position), weighted by row length"
         )
         wrappers = [layer for layer in self.layers.values() if isinstance(layer, ActSparseLinear)]
         dense_reads = [
@@ -127,6 +134,14 @@ class SparsityReport:
         if dense_reads:
             text += "; the layers still read every input (" + ", ".join(dense_reads) + ")"
         return text
+
+
+def rows_read(wrappers: list[ActSparseLinear]) -> float | None:
+    """The fraction of the pruned layers' weight (rows weighted by their length, out_features) that a decode
+    step of the benchmark's batch must read: the rows of the channels some sequence keeps at a position."""
+    kept = sum(int(w.rows_kept) * w.out_features for w in wrappers)
+    total = sum(int(w.rows_total) * w.out_features for w in wrappers)
+    return kept / total if total else None
 
 
 def sparsify_(
@@ -156,6 +171,7 @@ def sparsify_(
     report.skipped_layers = pruning.skipped
     if method.kind == "activation":
         report.dense_tokens = pruning.config.dense_tokens
+        report.mask_scope, report.mask_pool = pruning.config.mask_scope, pruning.config.mask_pool
     if keep_dense:
         report.dense = {name: (linear, linear.weight.detach().to("cpu", copy=True)) for name, linear in targets.items()}
     tic = time.perf_counter()

@@ -47,6 +47,8 @@ def kernel_calls(monkeypatch):
         {"sparsity": "8:16", "score": "weight_norm", "transforms": ["scaling", "permute"]},
         {"sparsity": 0.5, "selection": "threshold", "score": "amber"},
         {"sparsity": "2:4", "dense_tokens": 2},
+        {"sparsity": "8:16", "score": "weight_norm", "mask_scope": "step"},
+        {"sparsity": 0.5, "selection": "threshold", "mask_scope": "step", "mask_pool": "max"},
     ],
 )
 def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls):
@@ -69,6 +71,8 @@ def test_kernel_decoding_gives_the_logits_of_the_emulation(config, kernel_calls)
         assert report.summary()["measured"] == pytest.approx(
             parse_sparsity(config["sparsity"]).target() * (1 - dense_share)
         )
+    if config.get("mask_scope") == "step" and "selection" not in config:  # the 2 sequences read one mask's rows
+        assert report.summary()["rows_read"] == 0.5
 
 
 def test_a_decode_step_of_the_dense_tokens_stays_dense_under_the_kernel(kernel_calls):

@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from actprune.kernels import MAX_ROWS, decode_unavailable, layout_weight, sparse_linear  # noqa: E402
 from actprune.kernels.prefill import semi_structured_linear, semi_structured_unavailable  # noqa: E402
-from actprune.masks import topk_keep_mask  # noqa: E402
+from actprune.masks import POOLS, pooled_scores, topk_keep_mask  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Half precision under the interpreter takes minutes on 2 cores: in `make test`, not `make test-fast`.
@@ -41,15 +41,16 @@ def options(pattern: str, scores: torch.Tensor) -> dict:
     return {"n": n, "m": m}
 
 
-def emulate(x, weight, *, n=None, m=None, threshold=None, channel_weight=None, bias=None):
+def emulate(x, weight, *, n=None, m=None, threshold=None, channel_weight=None, bias=None, pool=None):
     """What ActSparseLinear computes, in x's dtype: the reference mask and output."""
-    scores = x.abs() if channel_weight is None else x.abs() * channel_weight
+    scores = pooled_scores(x.abs() if channel_weight is None else x.abs() * channel_weight, pool)
     if m is not None:
         keep = topk_keep_mask(scores, n, m)
     elif threshold is not None:
         keep = scores >= threshold
     else:
         keep = torch.ones_like(x, dtype=torch.bool)
+    keep = keep.expand(x.shape)
     return keep, F.linear(x * keep, weight, bias)
 
 
@@ -149,6 +150,36 @@ def test_each_row_has_its_own_mask(pattern):
     )
     assert torch.equal(batch, alone)
     assert torch.equal(batch, reference)
+
+
+@pytest.mark.parametrize("pool", list(POOLS))
+@pytest.mark.parametrize("pattern", ["2:4", "8:16", "threshold"])
+def test_a_shared_mask_matches_the_emulation_exactly(pattern, pool):
+    """`pool`: the rows share one mask, chosen on their scores pooled as actprune.masks.pooled_scores
+    pools them; exact on integers (the float32 sums of a few small numbers round in no order)."""
+    inputs, weight, channel_weight, bias = integer_case(MAX_ROWS, 96, 40, torch.float32, seed=2)
+    for rows in (MAX_ROWS, 3):
+        x = inputs[:rows]
+        kwargs = options(pattern, pooled_scores(x.abs() * channel_weight, pool))
+        keep, _ = emulate(x, weight, channel_weight=channel_weight, bias=bias, pool=pool, **kwargs)
+        own, _ = emulate(x, weight, channel_weight=channel_weight, bias=bias, **kwargs)
+        assert (keep == keep[:1]).all() and not torch.equal(keep, own)  # one mask, not each row's own
+        y = sparse_linear(x, layout_weight(weight), channel_weight=channel_weight, bias=bias, pool=pool, **kwargs)
+        assert torch.equal((y[:, :96] - bias[:96]) != 0, keep)
+        assert torch.equal(y, F.linear((x * keep).double(), weight.double(), bias.double()).float())
+
+
+def test_a_shared_mask_reads_only_its_own_rows_of_the_weight():
+    """NaN in the weight rows of the channels the shared mask drops, which per-row masks would read."""
+    x = torch.randn(MAX_ROWS, 64, device=DEVICE)
+    weight = torch.randn(24, 64, device=DEVICE)
+    keep, _ = emulate(x, weight, n=8, m=16, pool="mean")
+    own, _ = emulate(x, weight, n=8, m=16)
+    dropped = ~keep[0]
+    assert own[:, dropped].any() and dropped.sum() == 32
+    _, reference = emulate(x, weight.masked_fill(dropped, 0.0), n=8, m=16, pool="mean")
+    y = sparse_linear(x, layout_weight(weight.masked_fill(dropped, float("nan"))), n=8, m=16, pool="mean")
+    assert_close(y, reference, torch.float32)
 
 
 @pytest.mark.parametrize("pattern", ["8:16", "threshold"])

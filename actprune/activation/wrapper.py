@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import dispatch
-from ..masks import Pattern, Score, magnitude, pattern_keep_mask, weighted_scores
+from ..masks import POOLS, SCOPES, Pattern, Score, magnitude, pattern_keep_mask, pooled_scores, weighted_scores
 
 BACKENDS = ("emulate", "kernel")
 
@@ -20,36 +20,37 @@ BACKENDS = ("emulate", "kernel")
 class _LastMask:
     """q/k/v (and gate/up) receive the very same input tensor: its mask is computed once.
 
-    A hit needs the same live tensor, unmodified since (`_version`), the same pattern, score and
-    per-channel score weight.
+    A hit needs the same live tensor, unmodified since (`_version`), the same pattern, score,
+    per-channel score weight and pooling.
     """
 
     def __init__(self):
         self.key = None
         self.keep = self.dropped = None
 
-    def get(self, x: torch.Tensor, pattern: Pattern, score: Score, weight: torch.Tensor | None):
+    def get(self, x: torch.Tensor, pattern: Pattern, score: Score, weight: torch.Tensor | None, pool: str | None):
         if x.is_inference():  # inference tensors have no version counter: no reuse
-            keep = _keep_mask(x, pattern, score, weight)
+            keep = _keep_mask(x, pattern, score, weight, pool)
             return keep, keep.numel() - keep.sum()
         if self.key is not None:
-            ref, version, last_pattern, last_score, last_weight = self.key
+            ref, version, last_pattern, last_score, last_weight, last_pool = self.key
             if (
                 ref() is x
                 and version == x._version
                 and last_pattern == pattern
                 and last_score is score
                 and last_weight is weight
+                and last_pool == pool
             ):
                 return self.keep, self.dropped
-        self.keep = _keep_mask(x, pattern, score, weight)
+        self.keep = _keep_mask(x, pattern, score, weight, pool)
         self.dropped = self.keep.numel() - self.keep.sum()
-        self.key = (weakref.ref(x), x._version, pattern, score, weight)
+        self.key = (weakref.ref(x), x._version, pattern, score, weight, pool)
         return self.keep, self.dropped
 
 
-def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None) -> torch.Tensor:
-    return pattern_keep_mask(weighted_scores(x, score, weight), pattern)
+def _keep_mask(x, pattern: Pattern, score: Score, weight: torch.Tensor | None, pool: str | None) -> torch.Tensor:
+    return pattern_keep_mask(pooled_scores(weighted_scores(x, score, weight), pool), pattern).expand(x.shape)
 
 
 _last_mask = _LastMask()
@@ -123,14 +124,18 @@ class ActSparseLinear(nn.Module):
     - `variance`: rescale the pruned input so its per-token variance matches the unpruned one;
     - `dense_tokens`: the first k tokens of each sequence stay dense (attention sinks), counted in
       absolute positions where `positions` (a `TokenPositions` fed by the decoder layer) knows them;
+    - `mask_scope="step"`: the rows at one position of a call (dim 0: the sequences of one decode step,
+      or the windows of a batched forward) share one mask, ranked on their scores pooled by `mask_pool`
+      (`actprune.masks.POOLS`), so that a decode step of B sequences reads the kept weight rows only;
     - `threshold` (set by `calibrate_thresholds_`): keep entries whose score reaches a calibrated
       per-layer threshold instead of a per-token top-k; the sparsity reached then varies;
     - `refit` (set by `actprune.activation.refit`): the pruned input is multiplied by weights W′, b′
       fitted to give back the dense output, the mask unchanged;
     - `correction`: learned terms (output affine, input shift, score scale, low-rank residual on the
       dropped entries), see `actprune.activation.learned`.
-    It counts the inputs it zeroes and sees, on the device (no host sync per call), so the
-    sparsity actually reached over a benchmark can be reported.
+    It counts the inputs it zeroes and sees, and the weight rows a decode step must read (those some
+    row of the call at one position keeps), on the device (no host sync per call), so the sparsity
+    actually reached over a benchmark can be reported.
     Other steps change it only through its methods: `set_pattern`, `set_threshold`, `set_refit`,
     `track_positions`, and the modes `computing_dense`, `recording_scores`, `gathering_moments`,
     `holding_masks`, `uncounted` (context managers that restore the layer on exit).
@@ -155,10 +160,17 @@ class ActSparseLinear(nn.Module):
         rotation: torch.Tensor | None = None,
         absorbed_weight: torch.Tensor | None = None,
         dense_tokens: int = 0,
+        mask_scope: str = "token",
+        mask_pool: str = "mean",
         correction: nn.Module | None = None,
         backend: str = "emulate",
     ):
         super().__init__()
+        if mask_scope not in SCOPES or mask_pool not in POOLS:
+            raise ValueError(
+                f"pruning.mask_scope={mask_scope!r}, pruning.mask_pool={mask_pool!r}: allowed values are "
+                f"{list(SCOPES)} and {list(POOLS)}"
+            )
         if backend not in BACKENDS:
             raise ValueError(f"pruning.backend={backend!r}: allowed values are {list(BACKENDS)}")
         if backend == "kernel" and (variance or correction is not None):
@@ -175,6 +187,8 @@ class ActSparseLinear(nn.Module):
         self.shift = shift
         self.variance = variance
         self.dense_tokens = dense_tokens
+        self.mask_scope, self.mask_pool = mask_scope, mask_pool
+        self.pool = mask_pool if mask_scope == "step" else None  # what `pooled_scores` takes
         self.positions: TokenPositions | None = None  # set by `track_positions` where dense_tokens counts absolute ones
         self.backend = backend
         self.correction = correction  # learned (actprune.activation.learned.Correction), trained after wrapping
@@ -214,6 +228,9 @@ class ActSparseLinear(nn.Module):
         self.register_buffer("refit_bias", None)
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # weight rows (input channels) some row of a call keeps, summed over its positions; and the rows there were
+        self.register_buffer("rows_kept", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("rows_total", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     def set_refit(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Multiply the pruned input by `weight` (and add `bias`) instead of the layer's own W and b."""
@@ -283,8 +300,18 @@ class ActSparseLinear(nn.Module):
             self.counting = True
 
     def reset_counts(self) -> None:
-        self.zeroed.zero_()
-        self.seen.zero_()
+        for count in (self.zeroed, self.seen, self.rows_kept, self.rows_total):
+            count.zero_()
+
+    def count(self, keep: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Add a call's mask to the counts: the entries it zeroes, and the weight rows a decode step of
+        its rows must read at each position (those any row keeps)."""
+        if not self.counting:
+            return
+        self.zeroed += dropped
+        union = keep.any(0) if keep.dim() >= 2 else keep
+        self.rows_kept += union.sum()
+        self.rows_total += union.numel()
 
     @property
     def busy(self) -> bool:
@@ -352,13 +379,11 @@ class ActSparseLinear(nn.Module):
                 if frozen is None
                 else frozen.keep(self, centred, channel_weight)
             )
-            if self.counting:
-                self.zeroed += dropped
+            self.count(keep, dropped)
             # a gradient for the learned scale (none while the masks are frozen: it only moves them)
             if scale is not None and torch.is_grad_enabled() and self.threshold is None and frozen is None:
-                pruned = centred * straight_through(
-                    keep, weighted_scores(centred, self.score, channel_weight), self.pattern
-                )
+                scores = pooled_scores(weighted_scores(centred, self.score, channel_weight), self.pool)
+                pruned = centred * straight_through(keep, scores, self.pattern)
             else:
                 pruned = centred * keep
             if self.variance:
@@ -389,9 +414,11 @@ class ActSparseLinear(nn.Module):
             self._recording.add(weighted_scores(x, self.score, channel_weight).detach())
             keep = torch.ones_like(x, dtype=torch.bool)
         elif self.threshold is not None:
-            keep = weighted_scores(x, self.score, channel_weight) >= self.threshold
+            keep = (pooled_scores(weighted_scores(x, self.score, channel_weight), self.pool) >= self.threshold).expand(
+                x.shape
+            )
         else:
-            keep, dropped = _last_mask.get(x, self.pattern, self.score, channel_weight)
+            keep, dropped = _last_mask.get(x, self.pattern, self.score, channel_weight, self.pool)
             if not self.dense_tokens:
                 return keep, dropped
         if self.dense_tokens and x.dim() < 3:
@@ -407,10 +434,16 @@ class ActSparseLinear(nn.Module):
         seen = int(self.seen)
         return int(self.zeroed) / seen if seen else None
 
+    def measured_rows_read(self) -> float | None:
+        """The fraction of weight rows a decode step of the calls' rows must read, over the calls counted."""
+        total = int(self.rows_total)
+        return int(self.rows_kept) / total if total else None
+
     def extra_repr(self) -> str:
         options = [f"shift={self.shift}"] * (self.shift is not None) + ["variance"] * self.variance
         options += ["permuted"] * (self.input_order is not None) + ["scaled"] * (self.input_scale is not None)
         options += ["rotated"] * (self.rotation is not None)
+        options += [f"mask_scope=step, mask_pool={self.mask_pool}"] * (self.mask_scope == "step")
         options += [f"backend={self.backend}"] * (self.backend != "emulate")
         return ", ".join(
             [f"in_features={self.in_features}, out_features={self.out_features}, sparsity={self.pattern}", *options]

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from ..masks import POOLS
+
 MAX_ROWS = 8
 MAX_GROUP = 32  # the top-n rank is unrolled over a group's members: small groups only
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,15 +90,20 @@ def sparse_linear(
     channel_weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     dense_rows: torch.Tensor | None = None,
+    pool: str | None = None,
 ) -> torch.Tensor:
     """`(x * keep) @ W^T + bias` for x (rows, in), 1 <= rows <= MAX_ROWS, weight_t = layout_weight(W).
 
-    The score is `|x| * channel_weight` rounded to x's dtype (`|x|` without channel_weight), per row:
+    The score is `|x| * channel_weight` rounded to x's dtype (`|x|` without channel_weight), per row, or
+    with `pool` (a name of `actprune.masks.POOLS`) one score per channel pooled over the rows in float32,
+    which every row then shares (a decode step's shared mask: only its kept weight rows are read):
     keep is its top `n` of every `m` consecutive channels (ties to the lower index), or `score >= threshold`,
     or everything when neither is given; a row flagged in `dense_rows` (bool, (rows,)) keeps everything
     (decided on the device: no host sync). Accumulated in float32, returned (rows, out) in x's dtype.
     """
     _check(x, weight_t, n, m, threshold, channel_weight, bias)
+    if pool is not None and pool not in POOLS:
+        raise ValueError(f"pool={pool!r}: allowed values are None (a mask per row) or {list(POOLS)}")
     if dense_rows is not None and (dense_rows.shape != (x.shape[0],) or dense_rows.device != x.device):
         raise ValueError(
             f"dense_rows must be ({x.shape[0]},) on {x.device}, got {tuple(dense_rows.shape)} on {dense_rows.device}"
@@ -117,6 +124,7 @@ def sparse_linear(
         channel_weight=None if channel_weight is None else channel_weight.contiguous(),
         bias=None if bias is None else bias.contiguous(),
         dense_rows=None if dense_rows is None else dense_rows.to(torch.int8).contiguous(),
+        pool=None if pool is None or x.shape[0] == 1 else pool,  # one row: its own score, as pooled_scores
     )
 
 

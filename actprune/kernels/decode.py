@@ -3,7 +3,7 @@
 `y = (x * keep) @ W^T + b` for 1..8 rows, with the weight laid out (in, out) so the weight of one
 input channel is one contiguous row. One program owns BLOCK_N outputs and a range of input blocks
 (split-K); it computes the keep mask of each input block in registers (N:M top-n, threshold or
-dense), loads a weight row only where some row keeps its channel (a masked-off load reads no memory),
+dense; per row, or one shared by the rows on their pooled scores), loads a weight row only where some row keeps its channel (a masked-off load reads no memory),
 and accumulates in float32. With several K ranges, each writes float32 partial sums and a second
 small kernel adds them (deterministic, no atomics), adds the bias and rounds to the output dtype.
 
@@ -26,6 +26,7 @@ try:  # as triton.jit saw it: the kernels below are then interpreted
     INTERPRETED = triton.knobs.runtime.interpret
 except AttributeError:  # Triton < 3.4 reads the environment directly
     INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+POOL_CODES = {None: 0, "mean": 1, "max": 2, "rms": 3}  # the kernel's POOL for actprune.masks.POOLS
 K_LANES = 32  # input lanes a program handles per step: one group of up to 32, or several small ones
 PRODUCT_ELEMENTS = 8192  # rows x lanes x outputs per step: 64 float32 registers a thread at 4 warps
 MAX_BLOCK_N = 256
@@ -67,6 +68,20 @@ def _load_scores(x_ptr, channel_weight_ptr, rows, k, row_ok, k_ok, K, HAS_CHANNE
 
 
 @triton.jit
+def _pooled(score, n_rows, POOL: tl.constexpr):
+    """float32 scores (ROWS, lanes), 0 in padded rows, pooled over the rows as `actprune.masks.POOLS`
+    computes (POOL 1 mean, 2 max, 3 rms; 0 none): (1, lanes), or the scores themselves. Division and
+    square root rounded to nearest, as torch's; sums of up to 8 terms may round in another order."""
+    if POOL == 1:
+        score = tl.div_rn(tl.sum(score, axis=0), n_rows.to(tl.float32))[None, :]
+    elif POOL == 2:
+        score = tl.max(score, axis=0)[None, :]
+    elif POOL == 3:
+        score = tl.sqrt_rn(tl.div_rn(tl.sum(score * score, axis=0), n_rows.to(tl.float32)))[None, :]
+    return score
+
+
+@triton.jit
 def sparse_gemv_kernel(
     x_ptr,
     weight_t_ptr,
@@ -87,6 +102,7 @@ def sparse_gemv_kernel(
     HAS_CHANNEL_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PARTIAL: tl.constexpr,
+    POOL: tl.constexpr,
     ROWS: tl.constexpr,
     K_LANES: tl.constexpr,
     GROUP_LANES: tl.constexpr,
@@ -95,7 +111,8 @@ def sparse_gemv_kernel(
 ):
     """One (BLOCK_N outputs, K range) tile. The keep mask: top N_KEEP of every GROUP inputs when N_KEEP > 0,
     else `score >= *threshold_ptr` when USE_THRESHOLD, else every input (dense); rows flagged in
-    dense_rows_ptr (HAS_DENSE_ROWS) keep every input (a sequence's first tokens, `dense_tokens`)."""
+    dense_rows_ptr (HAS_DENSE_ROWS) keep every input (a sequence's first tokens, `dense_tokens`); with POOL,
+    the rows share one mask, on their scores pooled (`_pooled`)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -115,12 +132,14 @@ def sparse_gemv_kernel(
         k = block * BLOCK_K + group_start + member
         k_ok = (member < GROUP) & (k < K)
         x, score = _load_scores(x_ptr, channel_weight_ptr, rows, k, row_ok, k_ok, K, HAS_CHANNEL_WEIGHT)
+        score = _pooled(score, n_rows, POOL)
         keep = row_ok[:, None] & k_ok[None, :]
         if N_KEEP > 0:  # kept when fewer than N_KEEP group members rank above (higher, or equal and earlier)
             beaten = tl.zeros((ROWS, K_LANES), tl.int32)
             for other in tl.static_range(GROUP):
                 k_other = block * BLOCK_K + group_start + other
                 _, rival = _load_scores(x_ptr, channel_weight_ptr, rows, k_other, row_ok, k_ok, K, HAS_CHANNEL_WEIGHT)
+                rival = _pooled(rival, n_rows, POOL)
                 beaten += ((rival > score) | ((rival == score) & (other < member))).to(tl.int32)
             keep = keep & (beaten < N_KEEP)
         elif USE_THRESHOLD:
@@ -211,6 +230,7 @@ def sparse_gemv(
     channel_weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     dense_rows: torch.Tensor | None = None,
+    pool: str | None = None,
 ) -> torch.Tensor:
     """Launch on arguments already checked by `actprune.kernels.sparse_linear`."""
     rows, K = x.shape
@@ -247,6 +267,7 @@ def sparse_gemv(
         HAS_CHANNEL_WEIGHT=channel_weight is not None,
         HAS_BIAS=bias is not None,
         PARTIAL=splits > 1,
+        POOL=POOL_CODES[pool],
         ROWS=tiles["rows_p2"],
         K_LANES=K_LANES,
         GROUP_LANES=tiles["group_lanes"],

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..masks import magnitude, weighted_scores
+from ..masks import magnitude
 from . import MAX_ROWS, sparse_linear
 
 log = logging.getLogger(__name__)
@@ -40,36 +40,28 @@ def decode(layer, x: torch.Tensor, channel_weight: torch.Tensor | None) -> torch
         return None
     if layer.dense_tokens and x.dim() < 3:
         return None  # the emulation says why it cannot tell a sequence's first tokens
+    pool = layer.pool if x.dim() >= 2 and x.shape[0] > 1 else None  # one row: its own mask, as the emulation
+    if pool is not None and x.dim() >= 3 and rows != x.shape[0]:
+        fall_back("mask_scope=step over several positions in one call (the kernel shares a mask over all its rows)")
+        return None
     flat = x.reshape(rows, x.shape[-1])
     dense_rows = None
     if layer.dense_tokens:  # a sequence's first tokens stay dense, flagged to the kernel on the device
         dense_rows = (layer.positions_of(x) < layer.dense_tokens).expand(*x.shape[:-1], 1).reshape(rows)
-    if layer.threshold is not None:
-        y = sparse_linear(
-            flat,
-            layer.pruned_weight.t(),
-            threshold=layer.threshold,
-            channel_weight=channel_weight,
-            bias=layer.pruned_bias,
-            dense_rows=dense_rows,
-        )
-        if layer.counting:  # the scores again, in torch: only where sparsity is being measured
-            dropped = weighted_scores(flat, layer.score, channel_weight) < layer.threshold
-            layer.zeroed += (dropped if dense_rows is None else dropped & ~dense_rows[:, None]).sum()
-    else:
-        n, m = (layer.pattern.n, layer.pattern.m) if layer.pattern.is_nm else (None, None)
-        y = sparse_linear(
-            flat,
-            layer.pruned_weight.t(),
-            n=n,
-            m=m,
-            channel_weight=channel_weight,
-            bias=layer.pruned_bias,
-            dense_rows=dense_rows,
-        )
-        if m and layer.counting:  # exactly n of every m kept: the count needs no look at the mask
-            pruned_rows = rows if dense_rows is None else rows - dense_rows.sum()
-            layer.zeroed += pruned_rows * (flat.shape[-1] - flat.shape[-1] // m * n)
+    n, m = (layer.pattern.n, layer.pattern.m) if layer.pattern.is_nm and layer.threshold is None else (None, None)
+    y = sparse_linear(
+        flat,
+        layer.pruned_weight.t(),
+        n=n,
+        m=m,
+        threshold=layer.threshold,
+        channel_weight=channel_weight,
+        bias=layer.pruned_bias,
+        dense_rows=dense_rows,
+        pool=pool,
+    )
+    if layer.counting:  # the mask again, in torch: only where sparsity is being measured
+        layer.count(*layer.keep_mask(x, channel_weight))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

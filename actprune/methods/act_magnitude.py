@@ -14,6 +14,8 @@ def act_magnitude(linear, plan, stats):
         plan.pattern,
         score=magnitude,
         dense_tokens=plan.config.dense_tokens,
+        mask_scope=plan.config.mask_scope,
+        mask_pool=plan.config.mask_pool,
         backend=plan.config.backend,
         **options,
     )
