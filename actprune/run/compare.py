@@ -1,6 +1,7 @@
 """Research comparisons of finished jobs, for the scripts and docs/results.md: a pivot of
-perplexity per method and pattern, and the gap table (share of the plain-vs-dense gap a method
-closes, its NLL gain over plain window by window)."""
+perplexity per method and pattern, the gap table (share of the plain-vs-dense gap a method
+closes, its NLL gain over plain window by window) and the scope table (what sharing masks over a
+batch costs against a mask per token)."""
 
 from __future__ import annotations
 
@@ -146,5 +147,60 @@ def _gap_table(done: list[dict]) -> str:
             lines.append(
                 f"| {pattern_label(result, pattern)} | {name} | {calibration_label(result)} | {ppl(result):.2f} "
                 f"| {delta(result)} | {gap} | {gain} | {accuracy(result)} | {minutes(result)} |"
+            )
+    return "\n".join(lines)
+
+
+def scope_table(results: list[dict]) -> str:
+    """Markdown, one table per model: per pattern and setting, each batch size's `token` row (a mask
+    per token) and its `mask_scope=step` rows (the batch's windows share a mask at each position), with
+    the perplexity, ΔNLL = ln(ppl / dense), what step costs over token at the same batch window by
+    window (mean ± SE nats per token, windows worse), the share of the weight a decode step reads
+    (`sparsity.rows_read`) and the job's wall time."""
+    done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
+    models = sorted({r.get("model", "?") for r in done})
+    tables = [_scope_table([r for r in done if r.get("model", "?") == model]) for model in models]
+    if len(models) > 1:
+        tables = [f"**{model}**\n\n{table}" for model, table in zip(models, tables)]
+    return "\n\n".join(tables)
+
+
+def _scope_table(done: list[dict]) -> str:
+    dense = next((r for r in done if r["sparsity"]["kind"] == "dense"), None)
+    pruning = lambda r: r["config"]["pruning"]  # noqa: E731
+    batch = lambda r: r["config"]["benchmark"]["ppl_wikitext2"]["batch_size"]  # noqa: E731
+    ppl = lambda r: r["metrics"]["ppl/wikitext2"]  # noqa: E731
+    setting = lambda r: label({"config": {"pruning": {**pruning(r), "mask_scope": "token"}}})  # noqa: E731
+    groups = defaultdict(list)
+    for r in done:
+        if r is not dense:
+            groups[(str(pruning(r)["sparsity"]), setting(r))].append(r)
+    lines = [
+        "| sparsity | setting | batch | mask scope | perplexity | ΔNLL | step over token (windows worse) "
+        "| rows read | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    if dense is not None:
+        lines.append(
+            f"| dense | | {batch(dense)} | | {ppl(dense):.2f} | 0 | | 1.000 | {dense['timings']['total'] / 60:.1f} |"
+        )
+    for (pattern, name), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: (batch(r), pruning(r).get("mask_scope", "token") != "token", pruning(r)["mask_pool"]))
+        for r in rows:
+            step = pruning(r).get("mask_scope", "token") == "step"
+            token = next(
+                (t for t in rows if batch(t) == batch(r) and pruning(t).get("mask_scope", "token") == "token"), None
+            )
+            cost = ""
+            if step and token is not None:
+                windows = [t["ppl_wikitext2"]["window_nll"] for t in (token, r)]
+                mean, se, better = paired_gain(*windows)
+                cost = f"{-mean:+.3f} ± {se:.3f} ({len(windows[0]) - better}/{len(windows[0])})"
+            scope = f"step ({pruning(r)['mask_pool']})" if step else "token"
+            delta = f"{math.log(ppl(r) / ppl(dense)):.3f}" if dense is not None else ""
+            rows_read = r["sparsity"].get("rows_read")
+            lines.append(
+                f"| {pattern} | {name} | {batch(r)} | {scope} | {ppl(r):.2f} | {delta} | {cost} "
+                f"| {'' if rows_read is None else f'{rows_read:.3f}'} | {r['timings']['total'] / 60:.1f} |"
             )
     return "\n".join(lines)

@@ -13,6 +13,8 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+
 from ..files import atomic_write, set_aside
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,7 @@ SCHEMA = {
     "replaced_layers": "how many projections the method was applied to",
     "timings": "seconds: load, calibration, prune, each step and benchmark, total",
     "versions": "python, torch, transformers, actprune, git commit",
-    "host": "name, pid, SLURM job id",
+    "host": "name, pid, SLURM job id, torch's CPU threads (CPU sums round by thread count: actprune-export uses it)",
     "model": "the model's name",
     "device": "where it ran",
     "dtype": "its weights' dtype",
@@ -67,7 +69,12 @@ def new(config: dict, name: str, group: str) -> dict:
         "replaced_layers": None,
         "timings": {},
         "versions": versions(),
-        "host": {"name": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
+        "host": {
+            "name": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "threads": torch.get_num_threads(),
+        },
     }
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from ..masks import parse_sparsity
 from .results import read_all
 
-FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text", "seqlen", "windows", "calibration"]
+FIXED = ["model", "method", "sparsity", "transforms", "perplexity", "text", "seqlen", "windows", "batch", "calibration"]
 SPEED = ["decode_tok_s", "speedup", "backend"]  # the generate benchmark's; shown where a job has them
-TAIL = ["mean_acc", "measured_sparsity", "runtime_s", "replaced_layers", "status", "folder"]
+TAIL = ["mean_acc", "measured_sparsity", "rows_read", "runtime_s", "replaced_layers", "status", "folder"]
 KNOWN = ("ppl/", "lm_eval/", "generate/")  # the built-in benchmarks' metrics, shown in the columns above
 
 
@@ -61,6 +61,8 @@ def label(result: dict, transforms: bool = True) -> str:
             parts.append(pruning["selection"])
         if pruning.get("dense_tokens"):
             parts.append(f"dense_tokens={pruning['dense_tokens']}")
+        if pruning.get("mask_scope", "token") != "token":
+            parts.append(f"mask_scope={pruning['mask_scope']}:{pruning.get('mask_pool', 'mean')}")
         if pruning.get("skip_layers"):
             parts.append(f"skip={','.join(pruning['skip_layers'])}")
     return " ".join(parts)
@@ -164,6 +166,8 @@ def row(result: dict, folder: str | None = None) -> dict:
         "text": ppl_key.removeprefix("ppl/") if ppl_key else None,
         "seqlen": ((config.get("benchmark") or {}).get("ppl_wikitext2") or {}).get("seqlen") if ppl_key else None,
         "windows": (result.get("ppl_wikitext2") or {}).get("windows"),
+        # the windows of one forward: with mask_scope=step they share masks, and rows_read depends on it
+        "batch": ((config.get("benchmark") or {}).get("ppl_wikitext2") or {}).get("batch_size") if ppl_key else None,
         "calibration": f"{calibration['corpus']} {calibration['windows']}x{calibration['seqlen']}"
         if calibration
         else None,
@@ -172,6 +176,7 @@ def row(result: dict, folder: str | None = None) -> dict:
         "speedup": metrics.get("generate/decode_speedup"),  # pruned over dense: > 1 is faster
         "backend": generate.get("backend") or pruning.get("backend"),
         "measured_sparsity": (result.get("sparsity") or {}).get("measured"),
+        "rows_read": (result.get("sparsity") or {}).get("rows_read"),
         "runtime_s": (result.get("timings") or {}).get("total"),
         "replaced_layers": result.get("replaced_layers"),
         "status": result.get("status", "?"),
