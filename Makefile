@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SHARED_DATA := ../shared/data
 DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wikitext-2-raw-v1/test.jsonl),paths.data_dir=$(abspath $(SHARED_DATA)),)
 
-.PHONY: help install gemma3 demo test test-fast lint fmt bench bench-speed clean
+.PHONY: help install gemma3 demo test test-fast lint fmt bench bench-speed gpu-wheels gpu-check clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -56,6 +56,20 @@ bench: $(STAMP)  ## the emulation's prefill cost
 # Decode and prefill per layer, and SmolLM2 end to end: the kernels on a GPU, the emulation on CPU.
 bench-speed: $(STAMP)  ## decode and prefill per layer and end to end
 	$(BIN)/python scripts/bench_speed.py $(ARGS)
+
+# A bare GPU machine (no network; python3 with torch, triton, transformers, pytest) lacks what `import actprune`
+# needs beyond those: pure-Python wheels of these, built here into an ignored folder that travels (< 1 MiB).
+GPU_WHEELS := .wheels/gpu
+GPU_PACKAGES := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+
+gpu-wheels: $(STAMP)  ## the wheels gpu-check installs on a bare GPU machine, into .wheels/gpu
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(GPU_WHEELS) $(GPU_PACKAGES)
+	du -sh $(GPU_WHEELS)
+
+# On the GPU machine, with .wheels carried: CUDA tests, decode/prefill and end-to-end benchmarks (~8 min).
+gpu-check:  ## on a bare CUDA machine: CUDA tests and speed benchmarks into OUT (default gpu_check)
+	bash scripts/gpu_check.sh $(or $(OUT),gpu_check)
 
 clean:  ## remove .venv, outputs and caches of pytest
 	rm -rf $(VENV) outputs .pytest_cache

@@ -22,6 +22,11 @@ from .test_generate import cached_logits
 from .tiny import llama, qwen2
 
 pytest.importorskip("triton")
+# CPU tensors through the kernels under the interpreter (conftest sets it where there is no GPU); on a CUDA
+# machine the kernels are compiled for the GPU, and tests/test_cuda.py runs models through them there.
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="runs the kernels under Triton's interpreter: see tests/test_cuda.py on a GPU"
+)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ after the command as written (Hydra's last override wins).
 """
 
 import functools
+import json
 import os
 import re
 import shlex
@@ -41,7 +42,7 @@ RECORDER = (
     '_record() { printf "%s\\x1f" "${BASH_LINENO[1]}" "${PYTHONPATH-}" "$@"; printf "\\x1e"; }; '
     'command_not_found_handle() { _record "$@"; }; cd() { _record cd "$@"; }\n'
 )
-PROGRAMS = {"actprune", "actprune-report", "python", "make", "cd"}
+PROGRAMS = {"actprune", "actprune-report", "actprune-export", "lm_eval", "python", "make", "cd"}
 BIN = Path(sys.executable).parent
 
 
@@ -199,6 +200,8 @@ def run(command: Command, *extra: str, substitute: dict | None = None) -> subpro
         "python": [sys.executable],
         "actprune": [str(BIN / "actprune")],
         "actprune-report": [str(BIN / "actprune-report")],
+        "actprune-export": [str(BIN / "actprune-export")],
+        "lm_eval": [str(BIN / "lm_eval")],
         # -o: the install stamp counts as up to date, so make never reinstalls.
         "make": ["make", "-o", ".venv/.installed", f"BIN={BIN}"],
     }[program]
@@ -369,3 +372,31 @@ print(report.summary()["measured"], bool((layer.input_scale == -1).all()))
     )
     (line,) = run_python(code)
     assert line == "0.5 True"
+
+
+def test_the_export_example_runs_as_written(tmp_path):
+    """README's export block: the job, its export, the perplexity check and the stock lm_eval command line, with
+    the docs' folders moved under tmp_path."""
+    job, exported = tmp_path / "job", tmp_path / "exported"
+    moved = {
+        "hydra.run.dir=outputs/stories_24": f"hydra.run.dir={job}",
+        "outputs/stories_24": str(job),
+        "exported/stories_24": str(exported),
+        "pretrained=exported/stories_24,trust_remote_code=True": f"pretrained={exported},trust_remote_code=True",
+        "outputs/stories_24/lm_eval_tasks": str(job / "lm_eval_tasks"),
+    }
+    done = run(
+        the("README.md", "actprune model.path=../shared/models/stories260k"),
+        f"paths.cache_dir={tmp_path}/c",
+        substitute=moved,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = results_in(job).values()
+    for start in ("actprune-export outputs/stories_24", "python scripts/check_export.py"):
+        done = run(the("README.md", start), substitute=moved)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["relative_difference"] <= 1e-4
+    done = run(the("README.md", "lm_eval --model hf"), "--output_path", str(tmp_path / "scores"), substitute=moved)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = (tmp_path / "scores").rglob("results_*.json")
+    assert json.loads(path.read_text())["results"]["piqa"]["acc,none"] == record["metrics"]["lm_eval/piqa/acc"]

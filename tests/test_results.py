@@ -67,7 +67,7 @@ def test_the_report_shows_what_makes_rows_comparable_and_keeps_same_named_models
     assert {r["calibration"] for r in rows} == {"c4 8x128"}
     assert len({r["model"] for r in rows}) == 2 and all(r["model"].startswith("llama#") for r in rows)
     markdown = table.markdown(rows)
-    assert "| seqlen | windows | calibration |" in markdown and "_model_files" not in markdown
+    assert "| seqlen | windows | batch | calibration |" in markdown and "_model_files" not in markdown
     table.write_csv(rows, tmp_path / "report.csv")
 
 
