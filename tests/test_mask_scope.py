@@ -93,3 +93,25 @@ def test_bad_scopes_and_pools_are_refused_before_loading(config, words):
         sparsify_(model, {"method": "act_magnitude", "sparsity": "8:16", **config})
     for word in words:
         assert word in str(error.value)
+
+
+def test_tables_say_the_scope_and_the_batch_it_was_measured_at():
+    from actprune.run import table
+
+    def record(batch, scope):
+        return {
+            "status": "ok",
+            "metrics": {"ppl/wikitext2": 10.0},
+            "sparsity": {"kind": "activation", "pattern": "8:16", "measured": 0.5, "rows_read": 0.5},
+            "config": {
+                "pruning": {"method": "act_magnitude", "sparsity": "8:16", "mask_scope": scope, "mask_pool": "max"},
+                "benchmark": {"ppl_wikitext2": {"batch_size": batch, "seqlen": 512}},
+            },
+        }
+
+    header, _, line = table.table([("a", record(4, "step"))]).splitlines()
+    assert header.split()[5] == "batch" and line.split()[1:3] == ["act_magnitude", "mask_scope=step:max"]
+    assert line.split()[6] == "4"
+    assert "batch" not in table.table([("a", record(1, "token"))]).splitlines()[0]  # as before: no batch column
+    (row,) = [table.row(record(4, "step"))]
+    assert row["batch"] == 4 and row["rows_read"] == 0.5 and "batch" in table.columns([row])

@@ -419,3 +419,37 @@ def test_the_gap_table_measures_each_row_against_plain_and_dense_window_by_windo
     assert (
         lines[3].split(" | ")[5] == f"{gap:.1%}" and "(plain)" in lines[4]
     )  # a sweep that skips layers has its plain row
+
+
+def test_the_scope_table_puts_each_step_row_beside_its_token_row_at_the_same_batch():
+    import math
+
+    from actprune.run.compare import scope_table
+
+    def job(nll, batch, scope="token", pool="mean", rows_read=0.5, kind="activation", method="act_magnitude"):
+        return {
+            "status": "ok",
+            "model": "m",
+            "sparsity": {"kind": kind, "rows_read": rows_read},
+            "metrics": {"ppl/wikitext2": math.exp(sum(nll) / len(nll))},
+            "ppl_wikitext2": {"window_nll": nll},
+            "timings": {"total": 60.0},
+            "config": {
+                "pruning": {"method": method, "sparsity": "8:16", "mask_scope": scope, "mask_pool": pool},
+                "benchmark": {"ppl_wikitext2": {"batch_size": batch}},
+            },
+        }
+
+    dense = job([2.0, 2.0, 2.0], 1, kind="dense", method="dense", rows_read=None)
+    token = job([3.0, 3.0, 3.0], 4, rows_read=0.92)
+    repeated = job([3.0, 3.0, 3.0], 4, pool="max", rows_read=0.92)  # a pool sweep repeats the token row
+    step = job([3.5, 3.1, 2.9], 4, scope="step")
+    lines = scope_table([step, repeated, token, dense]).splitlines()
+    costs = [0.5, 0.1, -0.1]
+    se = statistics.stdev(costs) / math.sqrt(3)
+    assert lines[3] == f"| 8:16 | act_magnitude | 4 | token | {math.exp(3.0):.2f} | 1.000 |  | 0.920 | 1.0 |"
+    assert lines[4] == (
+        f"| 8:16 | act_magnitude | 4 | step (mean) | {math.exp(3.1666666666666665):.2f} | 1.167 "
+        f"| +0.167 ± {se:.3f} (2/3) | 0.500 | 1.0 |"
+    )
+    assert len(lines) == 5

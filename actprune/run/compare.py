@@ -186,16 +186,21 @@ def _scope_table(done: list[dict]) -> str:
         )
     for (pattern, name), rows in sorted(groups.items()):
         rows.sort(key=lambda r: (batch(r), pruning(r).get("mask_scope", "token") != "token", pruning(r)["mask_pool"]))
+        shown = set()  # a token row once per batch: a sweep over mask_pool repeats it (the pool is unused there)
         for r in rows:
             step = pruning(r).get("mask_scope", "token") == "step"
+            if not step and batch(r) in shown:
+                continue
+            if not step:
+                shown.add(batch(r))
             token = next(
                 (t for t in rows if batch(t) == batch(r) and pruning(t).get("mask_scope", "token") == "token"), None
             )
             cost = ""
             if step and token is not None:
-                windows = [t["ppl_wikitext2"]["window_nll"] for t in (token, r)]
-                mean, se, better = paired_gain(*windows)
-                cost = f"{-mean:+.3f} ± {se:.3f} ({len(windows[0]) - better}/{len(windows[0])})"
+                windows = [t["ppl_wikitext2"]["window_nll"] for t in (r, token)]
+                mean, se, worse = paired_gain(*windows)  # token's gain over step: what step costs
+                cost = f"{mean + 0.0:+.3f} ± {se:.3f} ({worse}/{len(windows[0])})"  # + 0.0: no -0.000
             scope = f"step ({pruning(r)['mask_pool']})" if step else "token"
             delta = f"{math.log(ppl(r) / ppl(dense)):.3f}" if dense is not None else ""
             rows_read = r["sparsity"].get("rows_read")

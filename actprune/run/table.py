@@ -99,6 +99,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         ]
     found = [(name, result, row(result)) for name, result in rows]
     speed = any(cells["decode_tok_s"] is not None or cells["speedup"] is not None for _, _, cells in found)
+    batched = any((cells["batch"] or 1) > 1 for _, _, cells in found)  # shared masks and rows read depend on it
     others = sorted({key for _, result, _ in found for key in other_metrics(result.get("metrics") or {})})
     header = (
         "job",
@@ -106,6 +107,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         "sparsity",
         "perplexity",
         "text",
+        *(("batch",) if batched else ()),
         "mean_acc",
         *others,
         *(("tok/s", "speedup", "backend") if speed else ()),
@@ -128,6 +130,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
                 ),
                 number(cells["perplexity"]),
                 cells["text"] or "-",
+                *((str(cells["batch"] or "-"),) if batched else ()),
                 number(cells["mean_acc"]),
                 *(number(cells.get(key)) for key in others),
                 *(
