@@ -72,6 +72,22 @@ TEXT = [
 ] * 60
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many rows each call of the decode kernel from a wrapper had (pruning.backend=kernel)."""
+    from actprune.kernels import dispatch
+
+    calls = []
+    real = dispatch.sparse_linear
+
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "sparse_linear", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")

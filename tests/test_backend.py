@@ -29,20 +29,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """How many times a wrapper called the decode kernel, and with how many rows."""
-    calls = []
-    real = dispatch.sparse_linear
-
-    def spy(x, *args, **kwargs):
-        calls.append(x.shape[0])
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "sparse_linear", spy)
-    return calls
-
-
 @pytest.mark.parametrize(
     "config",
     [

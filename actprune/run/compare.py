@@ -90,9 +90,14 @@ def gap_table(results: list[dict]) -> str:
     plain activation pruning (uniform `act_magnitude`, no transforms) and dense it closes, its NLL
     gain over plain window by window (mean ± SE, windows won), its mean zero-shot accuracy and the
     share of dense's it keeps, and the job's wall time."""
+    return _per_model(results, _gap_table)
+
+
+def _per_model(results: list[dict], render) -> str:
+    """`render` of each model's finished jobs that measured WikiText-2, titled by model where there are several."""
     done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
     models = sorted({r.get("model", "?") for r in done})
-    tables = [_gap_table([r for r in done if r.get("model", "?") == model]) for model in models]
+    tables = [render([r for r in done if r.get("model", "?") == model]) for model in models]
     if len(models) > 1:
         tables = [f"**{model}**\n\n{table}" for model, table in zip(models, tables)]
     return "\n\n".join(tables)
@@ -157,12 +162,7 @@ def scope_table(results: list[dict]) -> str:
     the perplexity, ΔNLL = ln(ppl / dense), what step costs over token at the same batch window by
     window (mean ± SE nats per token, windows worse), the share of the weight a decode step reads
     (`sparsity.rows_read`) and the job's wall time."""
-    done = [r for r in results if r.get("status") == "ok" and "ppl/wikitext2" in r.get("metrics", {})]
-    models = sorted({r.get("model", "?") for r in done})
-    tables = [_scope_table([r for r in done if r.get("model", "?") == model]) for model in models]
-    if len(models) > 1:
-        tables = [f"**{model}**\n\n{table}" for model, table in zip(models, tables)]
-    return "\n\n".join(tables)
+    return _per_model(results, _scope_table)
 
 
 def _scope_table(done: list[dict]) -> str:
