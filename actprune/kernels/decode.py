@@ -3,9 +3,10 @@
 `y = (x * keep) @ W^T + b` for 1..8 rows, with the weight laid out (in, out) so the weight of one
 input channel is one contiguous row. One program owns BLOCK_N outputs and a range of input blocks
 (split-K); it computes the keep mask of each input block in registers (N:M top-n, threshold or
-dense; per row, or one shared by the rows on their pooled scores), loads a weight row only where some row keeps its channel (a masked-off load reads no memory),
-and accumulates in float32. With several K ranges, each writes float32 partial sums and a second
-small kernel adds them (deterministic, no atomics), adds the bias and rounds to the output dtype.
+dense; per row, or one shared by the rows on their pooled scores), loads a weight row only where some
+row keeps its channel (a masked-off load reads no memory), and accumulates in float32. With several K
+ranges, each writes float32 partial sums and a second small kernel adds them (deterministic, no
+atomics), adds the bias and rounds to the output dtype.
 
 Everything is computed in float32: loads are converted at once, the score is rounded to x's dtype
 the way torch rounds `x.abs() * w`, and only the store narrows. Beside being right on a GPU, this is
