@@ -1,6 +1,8 @@
 """Selection scores, transforms and calibration: exact when nothing is pruned, causal, cached."""
 
 import copy
+import itertools
+import re
 import statistics
 from unittest import mock
 
@@ -247,21 +249,15 @@ def test_bad_calibration_and_sparsegpt_settings_name_the_key():
 
 
 @pytest.mark.parametrize("rotation", ["pca", "hadamard", "scaling"])
-def test_a_static_shift_is_the_calibration_mean_in_the_final_basis_whatever_the_order(rotation):
-    """[shift static, pca] once subtracted the mean of an intermediate basis in the final one."""
-    base, ids, calibration_windows = llama(), torch.randint(0, 256, (2, 12)), random_windows()
-    static = {"name": "shift", "mode": "static"}
-    outputs, vectors = [], []
-    for transforms in ([static, rotation], [rotation, static]):
-        model = copy.deepcopy(base)
-        report = sparsify_(
-            model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}, calibration_windows
-        )
-        vectors.append(report.layers["model.layers.1.mlp.down_proj"].shift_vector)
-        with torch.no_grad():
-            outputs.append(model(ids).logits)
-    torch.testing.assert_close(vectors[0], vectors[1])
-    torch.testing.assert_close(outputs[0], outputs[1])
+def test_a_static_shift_is_the_calibration_mean_in_the_final_basis(rotation):
+    """[pca, shift static] once subtracted the mean of an intermediate basis in the final one."""
+    base, calibration_windows = llama(), random_windows()
+    config = {
+        "method": "act_magnitude",
+        "sparsity": "2:4",
+        "transforms": [rotation, {"name": "shift", "mode": "static"}],
+    }
+    report = sparsify_(copy.deepcopy(base), config, calibration_windows)
     # ...and it is the mean of what the mask sees: the layer's calibration inputs in the final basis.
     seen = []
     dense = copy.deepcopy(base)
@@ -275,6 +271,38 @@ def test_a_static_shift_is_the_calibration_mean_in_the_final_basis_whatever_the_
     x = torch.cat(seen)
     final = x * wrapper.input_scale if wrapper.input_scale is not None else x @ wrapper.rotation
     torch.testing.assert_close(wrapper.shift_vector, final.mean(0), rtol=1e-4, atol=1e-5)
+
+
+FIXED_PLACES = ["shift", "variance", "refit", "learnable"]  # after the basis transforms, in this order, once
+
+
+@pytest.mark.parametrize(
+    "transforms,name",
+    [
+        (["shift", {"name": "shift", "mode": "static"}], "shift"),
+        (["pca", "variance", "variance"], "variance"),
+        (["refit", "refit"], "refit"),
+        (["refit", "learnable", {"name": "learnable", "lr": 0.1}], "learnable"),
+    ],
+)
+def test_a_step_that_runs_once_listed_twice_is_refused_before_loading(transforms, name):
+    with pytest.raises(ValueError, match=f"pruning.transforms=.*: {name} is listed 2 times but runs once"):
+        plan(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms})
+
+
+@pytest.mark.parametrize(
+    "later,earlier",
+    [
+        *itertools.combinations(reversed(FIXED_PLACES), 2),
+        *((name, basis) for name in FIXED_PLACES for basis in ("pca", "permute")),
+    ],
+)
+def test_steps_listed_out_of_the_order_they_run_are_refused_naming_that_order(later, earlier):
+    """[learnable, refit] ran as [refit, learnable]: the same model under a second label."""
+    config = {"method": "act_magnitude", "sparsity": "2:4"}
+    with pytest.raises(ValueError, match=re.escape(f"runs as {[earlier, later]} whatever the order listed")):
+        plan(llama(), {**config, "transforms": [later, earlier]})
+    assert plan(llama(), {**config, "transforms": [earlier, later]}).transforms.names == [earlier, later]
 
 
 def test_a_job_that_would_prune_nothing_is_refused():

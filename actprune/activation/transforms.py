@@ -1,11 +1,12 @@
-"""Input transforms of activation pruning: small registered pieces, applied in the order listed.
+"""Input transforms of activation pruning: small registered pieces.
 
-Transforms run in the order listed. Basis transforms (`scaling`, `permute`, `hadamard`, `pca`) change
-the basis the mask is taken in, `x' = x R`, and the layer absorbs the inverse once, offline,
-`W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`; `shift` and `variance` then act where the mask is taken;
-`refit` fits, in closed form, the weights that map the pruned input back to the dense output
-(actprune.activation.refit); `learnable` adds a trained correction in that final basis
-(actprune.activation.learned), after `refit` where both are listed.
+Basis transforms (`scaling`, `permute`, `hadamard`, `pca`, and one's own by default) run in the
+order listed and change the basis the mask is taken in, `x' = x R`, and the layer absorbs the
+inverse once, offline, `W' = W R⁻ᵀ`, so that `x' W'ᵀ = x Wᵀ`. The others have a fixed place after
+them and run once, whatever their position in the list: `shift` and `variance` act where the mask
+is taken; `refit` fits, in closed form, the weights that map the pruned input back to the dense
+output (actprune.activation.refit); `learnable` adds a trained correction in that final basis
+(actprune.activation.learned). A list names them in the order they run, each once.
 Statistics come from calibration (never from the evaluated batch), so every token is pruned on
 its own.
 """
@@ -29,6 +30,7 @@ class Piece:
     name: str
     needs: frozenset  # calibration statistics it reads: mean, l2, absmax, second_moment
     build: Callable[..., Any]
+    place: int = 0  # 0: runs where it is listed; above: a fixed place after those, in this order, once
 
 
 TRANSFORMS = Registry("pruning.transforms")
@@ -36,9 +38,9 @@ BASIS_TRANSFORMS = ("scaling", "permute", "hadamard", "pca")
 ROTATIONS = ("hadamard", "pca")
 
 
-def register_transform(name: str, needs: tuple = ()):
+def register_transform(name: str, needs: tuple = (), place: int = 0):
     def add(build):
-        TRANSFORMS.add(name, Piece(name, frozenset(needs), build))
+        TRANSFORMS.add(name, Piece(name, frozenset(needs), build, place))
         return build
 
     return add
@@ -184,25 +186,25 @@ def balanced_order(importance: torch.Tensor, group: int, rule: str) -> torch.Ten
     return torch.tensor([channel for chosen in members for channel in chosen])
 
 
-@register_transform("shift")
+@register_transform("shift", place=1)
 def shift_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, mode: str = "median") -> dict:
     """Prune x − η and add η back through the layer; η per token (median, mean) or static: the
     calibration mean, taken in the final basis whatever transforms follow (see recipe)."""
     return {"shift": mode}
 
 
-@register_transform("variance")
+@register_transform("variance", place=2)
 def variance_transform(basis: Basis, weight: torch.Tensor, stats: dict | None) -> dict:
     return {"variance": True}
 
 
-@register_transform("refit")
+@register_transform("refit", place=3)
 def refit_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
     """Closed-form weights for the pruned input (actprune.activation.refit), fitted by the activation method."""
     return {"refit": options}
 
 
-@register_transform("learnable")
+@register_transform("learnable", place=4)
 def learnable_transform(basis: Basis, weight: torch.Tensor, stats: dict | None, **options) -> dict:
     """Learned corrections (actprune.activation.learned), built on the layer's final weight, trained by the activation method."""
     return {"learn": options}
@@ -258,7 +260,26 @@ def parse_transforms(transforms) -> Transforms:
             f"pruning.transforms={names}: permute before {rotated[0]}, which mixes the channels again and undoes "
             f"the balance; allowed: permute after {'/'.join(ROTATIONS)} (it balances the rotated channels)"
         )
+    check_places(names)
     return Transforms(parsed)
+
+
+def check_places(names: list[str]) -> None:
+    """Refuse a list that does not say what runs: a step of fixed place listed twice (it runs once)
+    or out of the order the steps run in (the same model as that order, under another label)."""
+    fixed = sorted((piece.place, piece.name) for piece in TRANSFORMS.values() if piece.place)
+    repeated = next((name for _, name in fixed if names.count(name) > 1), None)
+    if repeated:
+        raise ValueError(
+            f"pruning.transforms={names}: {repeated} is listed {names.count(repeated)} times but runs once; "
+            f"allowed: each of {', '.join(name for _, name in fixed)} at most once"
+        )
+    runs = sorted(names, key=lambda name: TRANSFORMS[name].place)  # stable: the basis transforms as listed
+    if runs != names:
+        raise ValueError(
+            f"pruning.transforms={names}: runs as {runs} whatever the order listed (the basis transforms as "
+            f"listed, then {', '.join(name for _, name in fixed)}); allowed: that order, {runs}"
+        )
 
 
 # The transforms fitted after wrapping, and the function that checks their options and fills in the defaults.
