@@ -1,12 +1,13 @@
 """`refit`: closed-form weights for the pruned input, fitted layer by layer on calibration windows."""
 
 import copy
+import re
 import weakref
 
 import pytest
 import torch
 
-from actprune import calibration, sparsify_
+from actprune import calibration, plan, sparsify_
 from actprune.activation import ActSparseLinear
 from actprune.activation import refit as refit_module
 from actprune.activation.refit import DEFAULTS, Moments, check_tokens, fit_layer, options_of, ridge_solve
@@ -296,9 +297,61 @@ def test_too_few_calibration_tokens_are_refused_before_loading(tiny_setup, tmp_p
         ValueError, match="refit fits on 28 calibration tokens .* raise calibration.windows to at least"
     ):
         plan_job(cfg, tmp_path)
-    with pytest.raises(ValueError, match="refit needs at least 2 calibration windows"):
+    with pytest.raises(ValueError, match="calibration.windows >= 2 with this holdout \\(no holdout splits 1 window"):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS[:1])
     assert DEFAULTS["min_tokens_per_dim"] == 4
+
+
+@pytest.mark.parametrize("windows,holdout", [(4, 0.99), (3, 0.9), (10, 0.97)])
+def test_a_holdout_that_leaves_no_window_to_fit_names_both_fixes_each_the_least_that_does(windows, holdout):
+    """4 windows at holdout 0.99 once asked for more windows alone; a smaller holdout does too."""
+    check = lambda count, h: check_tokens(options_of({"holdout": h, "min_tokens_per_dim": 0}), count, 40, [64])  # noqa: E731
+    with pytest.raises(
+        ValueError, match=f"refit holdout={holdout} holds out {windows} of calibration.windows={windows}"
+    ) as error:
+        check(windows, holdout)
+    found = re.search(
+        r"calibration.windows >= (\d+) with this holdout, or holdout <= ([\d.]+) with these", str(error.value)
+    )
+    more, lower = int(found[1]), float(found[2])
+    check(more, holdout)
+    check(windows, lower)
+    for fewer, higher in ((more - 1, holdout), (windows, round(lower + 0.01, 2))):
+        with pytest.raises(ValueError, match="leaving none to fit"):
+            check(fewer, higher)
+
+
+def test_the_windows_asked_for_too_few_tokens_are_the_fewest_that_do():
+    options = options_of({"holdout": 0.25})
+    with pytest.raises(ValueError, match="raise calibration.windows to at least") as error:
+        check_tokens(options, 4, 32, [64])
+    windows = int(re.search(r"raise calibration.windows to at least (\d+)", str(error.value))[1])
+    check_tokens(options, windows, 32, [64])
+    with pytest.raises(ValueError, match="refit fits on"):
+        check_tokens(options, windows - 1, 32, [64])
+
+
+def test_a_ridge_that_leaves_the_solve_at_w_or_overflows_is_refused_and_a_non_finite_error_fails():
+    """ridge: 1e308, the old `inf` one step below it, gave every layer a NaN error: all kept W, labelled refit."""
+    for ridge in (1e308, [0.1, 2.0**53]):
+        with pytest.raises(
+            ValueError, match="refit ridge=.*allowed values are a positive finite number up to 2\\*\\*52"
+        ):
+            plan(
+                llama(),
+                {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{"name": "refit", "ridge": ridge}]},
+            )
+    assert options_of({"ridge": refit_module.MAX_RIDGE})["ridge"] == [2.0**52]
+    wrapper = ActSparseLinear(torch.nn.Linear(4, 3), parse_sparsity("2:4"))
+    fit, held = (Moments(4, 3, True, 0, "cpu") for _ in range(2))
+    for moments in (fit, held):
+        moments.add(10 * torch.randn(50, 4), torch.randn(50, 3))
+    start = torch.cat([wrapper.linear.weight.detach().double(), torch.zeros(3, 1, dtype=torch.float64)], 1)
+    # At the bound the solve gives back W: a larger ridge could change nothing but overflow.
+    torch.testing.assert_close(ridge_solve(fit, start, refit_module.MAX_RIDGE), start, rtol=1e-12, atol=1e-15)
+    with pytest.raises(FloatingPointError, match="refit's held-out errors are not finite .*1e\\+308: nan"):
+        fit_layer(wrapper, fit, held, {**options_of({}), "ridge": [1e308]})  # past the plan's check
+    assert wrapper.refit_weight is None
 
 
 @pytest.mark.cli

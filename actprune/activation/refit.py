@@ -48,6 +48,10 @@ DEFAULTS = {
     "min_tokens_per_dim": 4,
 }
 STREAMS = ("sequential", "dense")
+# The largest ridge, 1/float64's epsilon: above it λ = ridge × the mean diagonal of Σ p pᵀ swamps
+# Σ p pᵀ in the float64 solve, which gives back W to within rounding (`inf` in all but name); below
+# it, λ stays finite for any inputs finite in float32 (Σ p pᵀ <= tokens × 1.2e77).
+MAX_RIDGE = 2.0**52
 MIN_GAIN = 1e-3  # a refit must lower the held-out error by this fraction: not by rounding noise alone
 EXACT = 1e-10  # plain pruning's error below this fraction of the targets' energy: exact already
 
@@ -74,9 +78,11 @@ def options_of(options: dict) -> dict:
     merged = {**DEFAULTS, **options}
     ridge = merged["ridge"]
     merged["ridge"] = [ridge] if isinstance(ridge, (int, float, str)) else list(ridge)
-    if not merged["ridge"] or not all(_number(r) and r > 0 for r in merged["ridge"]):
+    if not merged["ridge"] or not all(_number(r) and 0 < r <= MAX_RIDGE for r in merged["ridge"]):
         raise ValueError(
-            f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive finite number or a list of them"
+            f"pruning.transforms: refit ridge={ridge!r}: allowed values are a positive finite number up to "
+            f"2**52 = {MAX_RIDGE:.3g} or a list of them (1/float64 epsilon: a larger λ = ridge × the mean diagonal "
+            f"of Σ p pᵀ swamps Σ p pᵀ in the float64 solve, which gives back W to within rounding)"
         )
     for key, (allowed, words) in CHECKS.items():
         if not allowed(merged[key]):
@@ -88,11 +94,31 @@ def split(count: int, holdout: float) -> tuple[list[int], list[int]]:
     """Calibration windows to fit on and to choose λ on (the last ones)."""
     held = max(1, round(count * holdout))
     if count - held < 1:
+        lower = max((k / 100 for k in range(1, 100) if fitted(count, k / 100)), default=None)
         raise ValueError(
-            f"pruning.transforms: refit needs at least 2 calibration windows (one to fit, one held out), "
-            f"got {count}: raise calibration.windows"
+            f"pruning.transforms: refit holdout={holdout} holds out {held} of calibration.windows={count}, "
+            f"leaving none to fit: allowed: calibration.windows >= {windows_for(1, holdout)} with this holdout"
+            + (
+                f", or holdout <= {lower} with these {count} windows"
+                if lower
+                else f" (no holdout splits {count} window)"
+            )
         )
     return list(range(count - held)), list(range(count - held, count))
+
+
+def fitted(count: int, holdout: float) -> int:
+    """How many of `count` calibration windows `split` fits on."""
+    return count - max(1, round(count * holdout))
+
+
+def windows_for(fit: int, holdout: float) -> int:
+    """The fewest calibration windows of which `split` fits on `fit` (at least): from the bound
+    count·(1 − holdout) >= fit − 1/2 that rounding allows, up."""
+    count = max(fit + 1, math.floor((fit - 0.5) / (1 - holdout)))
+    while fitted(count, holdout) < fit:
+        count += 1
+    return count
 
 
 def tokens_per_window(options: dict, seqlen: int) -> int:
@@ -117,7 +143,7 @@ def check_tokens(options: dict, windows: int, seqlen: int, widths: list[int]) ->
             f"pruning.transforms: refit fits on {tokens} calibration tokens ({len(fit)} windows of {seqlen}, less "
             f"{options['skip_tokens']} skipped each), fewer than min_tokens_per_dim={options['min_tokens_per_dim']} x "
             f"{max(widths) + 1} inputs of the widest layer: raise calibration.windows to at least "
-            f"{math.ceil(math.ceil(needed / per_window) / (1 - options['holdout']))} (or calibration.seqlen)"
+            f"{windows_for(math.ceil(needed / per_window), options['holdout'])} (or calibration.seqlen)"
         )
 
 
@@ -193,6 +219,11 @@ def fit_layer(wrapper, fit: Moments, held: Moments, options: dict) -> dict:
         return {"plain": None, "errors": {}, "tokens": 0, "ridge": None, "kept": True}
     plain = held.error(start)
     errors = {ridge: held.error(ridge_solve(fit, start, ridge)) for ridge in options["ridge"]}
+    if not all(map(math.isfinite, (plain, *errors.values()))):  # NaN compares false: W would be kept, unsaid
+        raise FloatingPointError(
+            f"pruning.transforms: refit's held-out errors are not finite (plain pruning {plain}, per ridge "
+            f"{errors}): the calibration moments or the solve overflowed float64"
+        )
     ridge = min(errors, key=errors.get)
     record = {"plain": plain, "errors": {str(k): v for k, v in errors.items()}, "tokens": fit.tokens + held.tokens}
     exact = plain <= EXACT * float(held.tt) / held.tokens  # nothing pruned: only rounding to fit
