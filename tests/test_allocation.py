@@ -1,5 +1,6 @@
 """`pruning.allocation=calibrated`: N chosen per projection, the model-wide kept fraction the target's."""
 
+import copy
 from fractions import Fraction
 
 import pytest
@@ -125,6 +126,15 @@ def test_a_thresholds_kept_fraction_by_weight_is_what_it_kept_not_its_target():
         model(ids)
     assert report.summary()["kept_by_weight"] == pytest.approx(counted, abs=1e-9)
     assert counted - 0.7 > 0.05  # far above the target's 0.7 (about 0.7 + 0.3 · 4/16): what was kept
+
+
+def test_shared_masks_allocate_on_the_per_token_errors_of_the_sampled_tokens():
+    """The 512 sampled tokens are no decode step: one mask shared over them would be another error."""
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}
+    token = sparsify_(copy.deepcopy(model), config, WINDOWS).allocation
+    step = sparsify_(copy.deepcopy(model), {**config, "mask_scope": "step"}, WINDOWS).allocation
+    assert step["errors"] == token["errors"] and step["per_layer"] == token["per_layer"]
 
 
 def test_the_record_says_whether_every_layer_keeps_the_target_pattern():

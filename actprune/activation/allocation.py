@@ -130,7 +130,7 @@ def layer_errors(
             handle.remove()
     errors = {}
     for name, wrapper in wrappers.items():
-        x = torch.cat(inputs[name])[:tokens]
+        x = torch.cat(inputs[name])[:tokens][None]  # one row of tokens: per-token masks at mask_scope=step too
         with computing_dense([wrapper]):
             dense = wrapper(x).double()
         uniform, errors[name], dense_tokens = wrapper.pattern, {}, wrapper.dense_tokens
