@@ -115,9 +115,9 @@ def check_shared_masks(pruning: PruningPlan, benchmarks: dict) -> None:
         settings = ", ".join(f"benchmark.{name}.batch_size={size}" for name, size in batched.items())
         raise ValueError(
             f"pruning.selection=threshold with pruning.mask_scope=step and {settings}: the thresholds are "
-            f"calibrated on per-token scores and would zero another fraction than pruning.sparsity="
-            f"{pruning.pattern} of a batch's pooled scores; allowed: batch_size=1 (one row keeps its own "
-            f"mask), pruning.mask_scope=token, or pruning.selection=topk"
+            f"calibrated on per-token scores, and a batch's pooled scores spread otherwise, so the masks would "
+            f"zero another fraction than pruning.sparsity={pruning.pattern}; allowed: batch_size=1 (one row "
+            f"keeps its own mask), pruning.mask_scope=token, or pruning.selection=topk"
         )
     ppl = benchmarks.get("ppl_wikitext2")
     if ppl is not None and ppl.options.max_windows is not None and ppl.options.max_windows % ppl.options.batch_size:
