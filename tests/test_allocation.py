@@ -1,5 +1,6 @@
 """`pruning.allocation=calibrated`: N chosen per projection, the model-wide kept fraction the target's."""
 
+import copy
 from fractions import Fraction
 
 import pytest
@@ -55,11 +56,12 @@ def test_a_calibrated_allocation_keeps_the_targets_fraction_of_weights_with_uneq
     for name, pattern in per_layer.items():
         assert str(model.get_submodule(name).pattern) == pattern
     assert kept_over(model, per_layer, weight_size) == Fraction(1, 2)  # decode bytes and FLOPs: in · out
-    assert report.summary()["kept_by_weight"] == 0.5 and report.allocation["budget"] == "weights"
+    assert report.summary()["kept_by_weight"] is None and report.allocation["budget"] == "weights"  # nothing fed yet
     report.reset()
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 16)))
     assert report.summary()["allocation"]["per_layer"] == per_layer
+    assert report.summary()["kept_by_weight"] == 0.5  # N:M keeps exactly N of every M
     assert all(int(m.seen) > 0 for m in model.modules() if isinstance(m, ActSparseLinear))
 
 
@@ -72,12 +74,28 @@ def test_an_inputs_budget_keeps_the_targets_fraction_of_inputs_and_says_what_it_
     )
     per_layer = report.allocation["per_layer"]
     assert kept_over(model, per_layer, lambda layer: layer.in_features) == Fraction(1, 2)
-    assert report.summary()["kept_by_weight"] == pytest.approx(float(kept_over(model, per_layer, weight_size)))
     assert report.allocation["budget"] == "inputs"
     report.reset()
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 16)))
     assert report.summary()["measured"] == pytest.approx(0.5)  # measured weighs the inputs by width too
+    assert report.summary()["kept_by_weight"] == pytest.approx(float(kept_over(model, per_layer, weight_size)))
+
+
+def kept_by_hand(model, ids, keep) -> float:
+    """The weight entries the layers' masks keep on `ids`, counted apart from the layers' own counts:
+    `keep(layer, x)` is a layer's mask of its input `x`; each layer weighed by in · out."""
+    kept = {}
+
+    def count(layer, args):
+        kept[layer] = keep(layer, args[0]).double().mean()
+
+    handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, ActSparseLinear)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return float(sum(weight_size(layer) * share for layer, share in kept.items()) / sum(map(weight_size, kept)))
 
 
 @pytest.mark.parametrize(
@@ -85,12 +103,38 @@ def test_an_inputs_budget_keeps_the_targets_fraction_of_inputs_and_says_what_it_
     [
         ({"sparsity": "2:4"}, 0.5),
         ({"sparsity": "8:16", "skip_layers": ["*.down_proj"]}, 0.5),
-        ({"sparsity": 0.3, "selection": "threshold"}, 0.7),  # a threshold's target ratio
+        ({"sparsity": "2:4", "dense_tokens": 4}, 0.5 + 0.5 * 4 / 16),  # a sequence's first 4 of 16 tokens whole
     ],
 )
-def test_every_activation_job_records_its_kept_fraction_by_weight(config, kept):
-    report = sparsify_(llama(), {"method": "act_magnitude", **config}, WINDOWS)
+def test_every_activation_job_records_the_fraction_by_weight_its_masks_kept(config, kept):
+    model = llama()
+    report = sparsify_(model, {"method": "act_magnitude", **config}, WINDOWS)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (2, 16)))
     assert report.summary()["kept_by_weight"] == pytest.approx(kept)
+
+
+def test_a_thresholds_kept_fraction_by_weight_is_what_it_kept_not_its_target():
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": 0.3, "selection": "threshold", "dense_tokens": 4}
+    report = sparsify_(model, config, WINDOWS)
+    ids = torch.randint(0, 256, (2, 16))
+    first = torch.arange(16)[:, None] < 4  # (tokens, 1): the dense tokens
+    counted = kept_by_hand(model, ids, lambda layer, x: (x.abs() >= layer.threshold) | first)
+    report.reset()
+    with torch.no_grad():
+        model(ids)
+    assert report.summary()["kept_by_weight"] == pytest.approx(counted, abs=1e-9)
+    assert counted - 0.7 > 0.05  # far above the target's 0.7 (about 0.7 + 0.3 · 4/16): what was kept
+
+
+def test_shared_masks_allocate_on_the_per_token_errors_of_the_sampled_tokens():
+    """The 512 sampled tokens are no decode step: one mask shared over them would be another error."""
+    model = llama()
+    config = {"method": "act_magnitude", "sparsity": "8:16", "allocation": "calibrated"}
+    token = sparsify_(copy.deepcopy(model), config, WINDOWS).allocation
+    step = sparsify_(copy.deepcopy(model), {**config, "mask_scope": "step"}, WINDOWS).allocation
+    assert step["errors"] == token["errors"] and step["per_layer"] == token["per_layer"]
 
 
 def test_the_record_says_whether_every_layer_keeps_the_target_pattern():

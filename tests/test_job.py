@@ -33,6 +33,21 @@ from .helpers import job_config
             ["benchmark=[lm_eval]", "benchmark.lm_eval.tasks=[piqa]", "benchmark.lm_eval.num_fewshot=-1"],
             ["num_fewshot=-1"],
         ),
+        (
+            ["pruning=act_magnitude", "pruning.sparsity=0.5", "pruning.selection=threshold", "pruning.mask_scope=step"]
+            + ["benchmark.ppl_wikitext2.batch_size=2", "benchmark.ppl_wikitext2.max_windows=4"],
+            ["pruning.selection=threshold with pruning.mask_scope=step", "benchmark.ppl_wikitext2.batch_size=2"],
+        ),
+        (
+            ["benchmark=[lm_eval]", "pruning=act_magnitude", "pruning.sparsity=0.5", "pruning.selection=threshold"]
+            + ["pruning.mask_scope=step"],
+            ["pruning.selection=threshold with pruning.mask_scope=step", "benchmark.lm_eval.batch_size=8"],
+        ),
+        (
+            ["pruning=act_magnitude", "pruning.sparsity=8:16", "pruning.mask_scope=step"]
+            + ["benchmark.ppl_wikitext2.batch_size=2", "benchmark.ppl_wikitext2.max_windows=5"],
+            ["max_windows=5 with batch_size=2", "mask_scope=step", "over 1 windows, not 2", "a multiple of 2"],
+        ),
         (["imports=[no_such_module_here]"], ["imports: cannot import 'no_such_module_here'", "PYTHONPATH"]),
         (
             ["pruning=weight_wanda", "calibration.windows=40", "calibration.seqlen=1000"],
@@ -45,6 +60,21 @@ def test_bad_settings_fail_in_the_plan(tiny_setup, tmp_path, overrides, words):
         plan_job(job_config(tiny_setup, tmp_path, *overrides), tmp_path / "job")
     for word in words:
         assert word in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["pruning.selection=threshold", "pruning.mask_scope=step", "benchmark.ppl_wikitext2.batch_size=1"],
+        ["pruning.selection=threshold", "benchmark.ppl_wikitext2.batch_size=2"],  # per-token masks
+        ["pruning.mask_scope=step", "benchmark.ppl_wikitext2.batch_size=2", "benchmark.ppl_wikitext2.max_windows=4"],
+        ["pruning.mask_scope=step", "benchmark.ppl_wikitext2.batch_size=2", "benchmark.ppl_wikitext2.max_windows=null"],
+    ],
+)
+def test_what_shared_masks_can_measure_honestly_is_planned(tiny_setup, tmp_path, overrides):
+    small = ["calibration.windows=4", "calibration.seqlen=16"]
+    cfg = job_config(tiny_setup, tmp_path, "pruning=act_magnitude", "pruning.sparsity=0.5", *small, *overrides)
+    assert plan_job(cfg, tmp_path / "job").pruning.config.mask_scope == cfg.pruning.mask_scope
 
 
 def test_a_plan_records_where_its_data_and_model_come_from(tiny_setup, tmp_path):

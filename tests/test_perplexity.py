@@ -91,3 +91,21 @@ def test_local_rows_are_read_without_the_datasets_progress_bars(tiny_setup, tmp_
     assert source.endswith("test.jsonl") and text.startswith(" = Valkyria") and calibration != text
     assert "Generating" not in capfd.readouterr().err
     assert not datasets.are_progress_bars_disabled()
+
+
+@pytest.mark.parametrize("scope", ["token", "step"])
+def test_a_short_last_batch_of_shared_masks_is_said_and_recorded(scope, caplog):
+    from actprune.eval import Env
+    from actprune.eval.perplexity import PerplexityOptions, WikiText2Perplexity
+
+    model = llama()
+    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "mask_scope": scope})
+    benchmark = WikiText2Perplexity(PerplexityOptions(seqlen=300, batch_size=5))  # 3778 ids: 12 windows
+    benchmark.text, benchmark.source = TEXT, "test"
+    details = benchmark.run(model, CharTokenizer(), Env(model_key=("test", scope))).details
+    assert details["windows"] == 12
+    if scope == "step":  # the last 2 windows shared their masks by two: say so
+        assert details["last_batch_windows"] == 2
+        assert "shares its masks over 2 windows, not batch_size=5" in caplog.text
+    else:  # each token has its own mask whatever the batch
+        assert "last_batch_windows" not in details and "shares its masks" not in caplog.text

@@ -87,11 +87,15 @@ def layer_size(layer: nn.Module, budget: str) -> int:
     return layer.in_features * layer.out_features if budget == "weights" else layer.in_features
 
 
-def kept_by_weight(layers: list[nn.Module]) -> float:
-    """The fraction of the layers' weight entries their patterns keep (a threshold's: its target ratio)."""
+def kept_by_weight(layers: list[nn.Module]) -> float | None:
+    """The fraction of the layers' weight entries the masks kept over the inputs counted: each layer's
+    kept share of its inputs (thresholds and dense tokens as they fell), weighed by in · out; None
+    before every layer has counted some."""
+    if not all(int(layer.seen) for layer in layers):
+        return None
     sizes = [layer_size(layer, "weights") for layer in layers]
-    kept_entries = sum(s * (1 - Fraction(str(layer.pattern.target()))) for s, layer in zip(sizes, layers))
-    return float(kept_entries / sum(sizes))
+    kept = sum(s * (1 - int(layer.zeroed) / int(layer.seen)) for s, layer in zip(sizes, layers))
+    return kept / sum(sizes)
 
 
 @torch.no_grad()
@@ -126,7 +130,7 @@ def layer_errors(
             handle.remove()
     errors = {}
     for name, wrapper in wrappers.items():
-        x = torch.cat(inputs[name])[:tokens]
+        x = torch.cat(inputs[name])[:tokens][None]  # one row of tokens: per-token masks at mask_scope=step too
         with computing_dense([wrapper]):
             dense = wrapper(x).double()
         uniform, errors[name], dense_tokens = wrapper.pattern, {}, wrapper.dense_tokens

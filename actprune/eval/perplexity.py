@@ -164,5 +164,17 @@ class WikiText2Perplexity:
         # The demo's offline fallback text must never pass for WikiText-2.
         name = FALLBACK if self.source == FALLBACK_SOURCE else "wikitext2"
         result = perplexity(model, tokenizer, ids, o.seqlen, o.batch_size, o.max_windows, name)
-        key = f"ppl/{name}"
-        return Measured({key: result["ppl"]}, {k: result[k] for k in ("windows", "tokens", "mean_nll", "window_nll")})
+        details = {k: result[k] for k in ("windows", "tokens", "mean_nll", "window_nll")}
+        short = result["windows"] % o.batch_size
+        if short and any(getattr(module, "mask_scope", None) == "step" for module in model.modules()):
+            # the plan refuses a max_windows that leaves one; the text's own count is known only here
+            log.warning(
+                "pruning.mask_scope=step: the last batch of %s shares its masks over %d windows, not "
+                "batch_size=%d (%d windows in all); results.json says so in last_batch_windows",
+                name,
+                short,
+                o.batch_size,
+                result["windows"],
+            )
+            details["last_batch_windows"] = short
+        return Measured({f"ppl/{name}": result["ppl"]}, details)

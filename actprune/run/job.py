@@ -64,6 +64,7 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     skeleton = models.skeleton(config, cfg.model.trust_remote_code)
     pruning = plan(skeleton, cfg.pruning)
+    check_shared_masks(pruning, benchmarks)
     if pruning.config.backend == "kernel" and pruning.targets:
         from ..kernels import decode_unavailable
 
@@ -100,6 +101,32 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
     record["device"] = str(device)
     record["dtype"] = str(dtype).removeprefix("torch.")
     return JobPlan(device, dtype, source, gguf_file, fingerprint, pruning, benchmarks, env, text, record)
+
+
+def check_shared_masks(pruning: PruningPlan, benchmarks: dict) -> None:
+    """Where the rows of a call share one mask (`mask_scope=step`), what cannot be honest: a calibrated
+    threshold compared with the pooled scores of a batch (it was calibrated on per-token scores, one
+    window per forward, and pooled scores spread otherwise: it zeroes another fraction than its label),
+    and perplexity windows that leave a last batch of fewer rows than the others share."""
+    if pruning.config.mask_scope != "step" or not pruning.targets:
+        return
+    batched = {name: b.options.batch_size for name, b in benchmarks.items() if getattr(b.options, "batch_size", 1) > 1}
+    if pruning.config.selection == "threshold" and batched:
+        settings = ", ".join(f"benchmark.{name}.batch_size={size}" for name, size in batched.items())
+        raise ValueError(
+            f"pruning.selection=threshold with pruning.mask_scope=step and {settings}: the thresholds are "
+            f"calibrated on per-token scores, and a batch's pooled scores spread otherwise, so the masks would "
+            f"zero another fraction than pruning.sparsity={pruning.pattern}; allowed: batch_size=1 (one row "
+            f"keeps its own mask), pruning.mask_scope=token, or pruning.selection=topk"
+        )
+    ppl = benchmarks.get("ppl_wikitext2")
+    if ppl is not None and ppl.options.max_windows is not None and ppl.options.max_windows % ppl.options.batch_size:
+        o = ppl.options
+        raise ValueError(
+            f"benchmark.ppl_wikitext2.max_windows={o.max_windows} with batch_size={o.batch_size} and "
+            f"pruning.mask_scope=step: the last batch would share its masks over "
+            f"{o.max_windows % o.batch_size} windows, not {o.batch_size}; allowed: a multiple of {o.batch_size}"
+        )
 
 
 def model_name(path: str, gguf_file: str | None) -> str:
