@@ -318,6 +318,8 @@ BAD_OPTIONS = [
     ("rank", 2.5),
     ("forms", "affine"),
     ("forms", []),
+    ("forms", ["lowrank", "lowrank"]),
+    ("forms", ["affine", "shift", "affine"]),
     ("schedule", "linear"),
     ("objective", "l1"),
 ]
@@ -634,3 +636,10 @@ def test_the_relative_objective_is_what_each_layer_records_and_lowers():
     assert "mse" not in losses and set(losses["relative_mse"]) == {"0", "1"}
     assert losses["relative_mse"]["0"]["before"] == pytest.approx(float(expected), rel=1e-4)
     assert all(value["after"] < value["before"] for value in losses["relative_mse"].values())
+
+
+def test_a_form_listed_twice_is_refused_naming_the_forms_given():
+    with pytest.raises(
+        ValueError, match=r"learnable forms=\['lowrank', 'lowrank'\] names \['lowrank'\] more than once"
+    ):
+        plan(meta_llama(), learnable_config(forms=["lowrank", "lowrank"]))

@@ -95,6 +95,12 @@ def options_of(options: dict) -> dict:
     forms = options.get("forms", FORMS)
     if not isinstance(forms, (list, tuple)) or not forms or set(forms) - set(FORMS):
         raise ValueError(f"pruning.transforms: learnable forms={forms!r}: allowed values are lists of {list(FORMS)}")
+    twice = sorted({form for form in forms if list(forms).count(form) > 1})
+    if twice:  # a second entry would add nothing: a typo for another form
+        raise ValueError(
+            f"pruning.transforms: learnable forms={list(forms)!r} names {twice} more than once: allowed values "
+            f"are lists of distinct forms of {list(FORMS)}"
+        )
     if options.get("schedule", "cosine") not in SCHEDULES:
         raise ValueError(
             f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}"
