@@ -483,12 +483,6 @@ def test_a_correction_file_of_other_settings_under_this_settings_name_is_not_a_h
     assert sparsify_(llama(), config, calibration()).learned["cache"] == "hit"  # saved again, under its own key
 
 
-def layer_wise_fitted():
-    model = (torch.manual_seed(0), llama())[1]
-    sparsify_(model, {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5}]}, BATCHES)
-    return model, list(wrappers(model).values())
-
-
 class OneLayerLogits(torch.nn.Module):
     """Logits of one 2:4 layer on a fixed input: dense, a peaked distribution; pruned, the uniform one
     (the entry carrying the peak is the smallest kept in its group, so it is pruned away)."""
@@ -522,32 +516,13 @@ def test_the_kl_is_of_the_dense_model_against_the_pruned_one():
     assert float(kl) == pytest.approx(forward, rel=1e-4)
 
 
-def test_a_tuning_step_with_the_masks_held_lowers_the_kl_of_its_batch():
-    model, layers = layer_wise_fitted()
-    params = [p for layer in layers for p in layer.correction.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    masks = learned.FrozenMasks(layers)
-    before = learned._kl(model, BATCHES, [0, 1, 2], layers, masks)
-    before.backward()
-    assert all(len(kept) == 1 for kept in masks.masks.values())  # one forward: one mask per layer
-    assert all(layer.correction.log_scale.grad is None for layer in layers)  # the scale only moves masks
-    with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                p -= 1e-3 * p.grad / p.grad.norm()
-        after = learned._kl(model, BATCHES, [0, 1, 2], layers, masks)
-    assert all(len(kept) == 1 for kept in masks.masks.values())  # replayed, not computed again
-    assert after < before
-
-
-def test_end_to_end_tuning_holds_each_batchs_masks_and_guards_on_held_out_windows(monkeypatch):
+def test_end_to_end_tuning_tunes_on_the_first_three_quarters_and_guards_on_held_out_windows(monkeypatch):
     calls = []
     kl = learned._kl
 
-    def spy(model, windows, chosen, layers, masks=None):
-        calls.append((list(chosen), torch.is_grad_enabled(), masks is not None))
-        return kl(model, windows, chosen, layers, masks)
+    def spy(model, windows, chosen, layers):
+        calls.append((list(chosen), torch.is_grad_enabled()))
+        return kl(model, windows, chosen, layers)
 
     monkeypatch.setattr(learned, "_kl", spy)
     windows = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(3))
@@ -560,32 +535,63 @@ def test_end_to_end_tuning_holds_each_batchs_masks_and_guards_on_held_out_window
     assert tuned["guard_windows"] == [6, 7]  # the last quarter
     tuning = [call for call in calls if call[1]]
     guarding = [call for call in calls if not call[1]]
-    assert len(tuning) == 6 and all(held and set(chosen) <= set(range(6)) for chosen, _, held in tuning)
-    assert sorted(chosen for chosen, _, _ in guarding) == [[6], [6], [7], [7]]  # before and after
+    assert len(tuning) == 6 and all(set(chosen) <= set(range(6)) for chosen, _ in tuning)
+    assert sorted(chosen for chosen, _ in guarding) == [[6], [6], [7], [7]]  # before and after
 
 
-def test_held_masks_are_replayed_whatever_the_parameters_became():
+def test_the_straight_through_surrogate_runs_only_while_the_score_scale_is_trained():
+    """The scale moves only the mask: while it is trained, the surrogate gives it (and, through the
+    scores, the shift) a gradient; while it is not (end-to-end tuning), the gradient is that of the
+    hard-masked output, here computed on its own with the mask fixed beforehand."""
     from actprune.masks import parse_sparsity
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)
-    layer = ActSparseLinear(
-        linear, parse_sparsity("2:4"), correction=learned.Correction(linear.weight, forms=["shift", "lowrank"], rank=2)
-    )
-    x = torch.randn(5, 16)
-    masks = learned.FrozenMasks([layer])
+    correction = learned.Correction(linear.weight, forms=["shift", "scale"])
+    layer = ActSparseLinear(linear, parse_sparsity("2:4"), correction=correction)
     with torch.no_grad():
-        with masks.held():
-            layer(x)
-        ((recorded, _),) = masks.masks[layer]
-        layer.correction.shift.normal_()  # moves which entries are kept
-        centred = x - layer.correction.shift
-        assert not torch.equal(layer.keep_mask(centred, None)[0], recorded)
-        with masks.held():
-            replayed = layer(x)
-    expected = layer.correction.output(linear(centred * recorded), centred * ~recorded, linear.weight)
-    torch.testing.assert_close(replayed, expected)
-    assert layer._held is None  # held for those forwards only
+        correction.shift.normal_()
+        correction.log_scale.normal_()
+    x = torch.randn(5, 16)
+
+    def shift_gradient():
+        correction.shift.grad = None
+        layer(x).square().sum().backward()
+        return correction.shift.grad.clone()
+
+    with_surrogate = shift_gradient()
+    assert correction.log_scale.grad.abs().sum() > 0
+    correction.log_scale.requires_grad_(False)
+    hard = shift_gradient()
+    shift = correction.shift.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        keep = layer.keep_mask(x - shift, correction.log_scale.exp())[0]
+    (
+        (torch.nn.functional.linear((x - shift) * keep, linear.weight, linear.bias) + linear(shift) - linear.bias)
+        .square()
+        .sum()
+        .backward()
+    )
+    torch.testing.assert_close(hard, shift.grad, rtol=1e-5, atol=1e-6)
+    assert (with_surrogate - hard).abs().max() > 0.1 * hard.abs().max()  # the surrogate's share is no rounding
+
+
+def test_end_to_end_tuning_moves_every_correction_but_the_score_scale():
+    layerwise = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5, "warmup": 1}]}
+    tuned = {**layerwise, "transforms": [{**layerwise["transforms"][0], "e2e_steps": 10, "e2e_lr": 1e-3}]}
+    windows = torch.cat([BATCHES[:2]] * 4)  # the held-out windows repeat tuned ones: the tuning is kept
+    plain_model, tuned_model = (torch.manual_seed(0), llama())[1], (torch.manual_seed(0), llama())[1]
+    sparsify_(plain_model, layerwise, windows)
+    report = sparsify_(tuned_model, tuned, windows).learned["end_to_end"]
+    assert report["kl_after"] < report["kl_before"]
+    plain, after = wrappers(plain_model), wrappers(tuned_model)
+    moved = {
+        key
+        for name in plain
+        for key, value in after[name].correction.state_dict().items()
+        if not torch.equal(value, plain[name].correction.state_dict()[key])
+    }
+    assert moved == {"a", "b", "shift", "u", "v"}
 
 
 def test_the_last_quarter_of_the_windows_is_held_out_for_the_guard_and_a_lone_window_serves_as_both():
