@@ -22,6 +22,11 @@ BATCHES = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed
 ALL = {"name": "learnable", "forms": list(learned.FORMS), "rank": 4, "lr": 0.001, "steps": 30, "batch_size": 2}
 
 
+def the_tiny_model():
+    """The one model that `model_id="tiny"` names: the learned cache keys its weights too."""
+    return (torch.manual_seed(0), llama())[1]
+
+
 def wrappers(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, ActSparseLinear)}
 
@@ -180,10 +185,10 @@ def test_a_trained_correction_keeps_each_tokens_output_independent_of_the_batch(
 
 def test_a_corrupt_correction_file_is_set_aside_and_trained_again(tmp_path, caplog):
     config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [ALL]}
-    first = sparsify_(llama(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
+    first = sparsify_(the_tiny_model(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
     path = tmp_path / "learned" / first.learned["file"].rsplit("/", 1)[-1]
     path.write_bytes(path.read_bytes()[:200])
-    again = sparsify_(llama(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
+    again = sparsify_(the_tiny_model(), config, Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path)))
     assert again.learned["cache"] == "miss" and again.learned["mse"] and "set aside" in caplog.text
     assert str(path) in caplog.text and len(list(path.parent.glob("*.corrupt.*"))) == 1
 
@@ -474,13 +479,15 @@ def test_a_correction_file_of_other_settings_under_this_settings_name_is_not_a_h
     calibration = lambda: Calibration(BATCHES, model_id="tiny", cache_dir=str(tmp_path))  # noqa: E731
     config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": [{**ALL, "steps": 5}]}
     other = {**config, "transforms": [{**ALL, "steps": 5, "lr": 0.002}]}  # same shapes, another fit
-    mine = Path(sparsify_(llama(), config, calibration()).learned["file"])
-    theirs = Path(sparsify_(llama(), other, calibration()).learned["file"])
-    assert mine != theirs and sparsify_(llama(), config, calibration()).learned["cache"] == "hit"
+    mine = Path(sparsify_(the_tiny_model(), config, calibration()).learned["file"])
+    theirs = Path(sparsify_(the_tiny_model(), other, calibration()).learned["file"])
+    assert mine != theirs and sparsify_(the_tiny_model(), config, calibration()).learned["cache"] == "hit"
     shutil.copyfile(theirs, mine)
-    again = sparsify_(llama(), config, calibration()).learned
+    again = sparsify_(the_tiny_model(), config, calibration()).learned
     assert again["cache"] == "miss" and "set aside" in caplog.text and theirs.stem in caplog.text
-    assert sparsify_(llama(), config, calibration()).learned["cache"] == "hit"  # saved again, under its own key
+    assert (
+        sparsify_(the_tiny_model(), config, calibration()).learned["cache"] == "hit"
+    )  # saved again, under its own key
 
 
 class OneLayerLogits(torch.nn.Module):
