@@ -183,9 +183,24 @@ def model_fingerprint(source: str, gguf_file: str | None = None) -> str:
     return str(folder.resolve()) + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
+_SOURCES: dict = {}  # function or module -> its source, as this process first read it
+
+
 def code_digest(*pieces) -> str:
-    """The source of the functions or modules that compute a cached result: a change makes a new key."""
-    return hashlib.sha1("".join(inspect.getsource(piece) for piece in pieces).encode()).hexdigest()[:12]
+    """The source of the functions or modules that compute a cached result: a change makes a new key.
+    Each piece's source is read once per process, and the modules read theirs at import (below and in
+    `actprune.activation.pipeline`): a file edited while a job runs does not key the code it runs."""
+    for piece in pieces:
+        if piece not in _SOURCES:
+            _SOURCES[piece] = inspect.getsource(piece)
+    return hashlib.sha1("".join(_SOURCES[piece] for piece in pieces).encode()).hexdigest()[:12]
+
+
+def libraries() -> str:
+    """The versions of the libraries whose code computes the model's forward, for cache keys."""
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def _digest(parts: dict) -> str:
@@ -277,6 +292,7 @@ class Calibration:
             "second_moment": second_moment,
             "dtype": dtype,
             "code": code_digest(collect, feed),
+            "libraries": libraries(),
         }
         path = self.cache_file("calibration", parts, ".pt")
         if path is not None and path.is_file():
@@ -302,3 +318,6 @@ class Calibration:
             cache_write(path, lambda file: torch.save(stats, file))  # concurrent jobs: whole file or nothing
             self.used.update(cache_file=str(path), cache="miss")
         return stats
+
+
+code_digest(collect, feed)  # read at import: the code this process runs

@@ -81,11 +81,17 @@ def read_text(path: Path, name: str | None = None) -> str:
 _DIGESTS: dict[tuple, str] = {}
 
 
+def file_version(path: Path) -> str:
+    """A file's inode, size, modification and change times: a rewrite changes the change time even
+    where the size and modification time were kept (`cp -p`, `touch -r`), a replacement the inode."""
+    stat = Path(path).stat()
+    return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+
+
 def digest(path: Path) -> str:
-    """The sha256 of a file's content; read once per process for a given size and modification time."""
+    """The sha256 of a file's content; read once per process for a given version (`file_version`)."""
     path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), file_version(path))
     if key not in _DIGESTS:
         sha = hashlib.sha256()
         with open(path, "rb") as file:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -17,7 +18,8 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .files import UMASK, cache_write, digest, set_aside
+from .calibration import code_digest
+from .files import UMASK, cache_write, digest, file_version, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def resolve_path(path: str, gguf_file: str | None = None) -> str:
 def check_sha256(model_cfg, path: str, gguf_file: str | None, cache_dir: str) -> None:
     """`model.sha256` (where set): the digest the GGUF file must have, checked before it is used.
     Hashing 250 MB takes seconds, so the digest found is remembered under `cache_dir` for the
-    file's size and modification time: a file replaced or rewritten is hashed again."""
+    file's version (`file_version`): a file replaced or rewritten is hashed again, even where its
+    size and modification time were kept."""
     expected = model_cfg.get("sha256")
     if expected is None:
         return
@@ -96,8 +99,7 @@ def check_sha256(model_cfg, path: str, gguf_file: str | None, cache_dir: str) ->
             f"{model_cfg.gguf_file!r}: set model.sha256=null, or point model.path at the file's folder"
         )
     file = (Path(path) / gguf_file).resolve()
-    stat = file.stat()
-    key = hashlib.sha1(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{file}:{file_version(file)}".encode()).hexdigest()[:16]
     memo = Path(cache_dir) / "sha256" / key
     found = memo.read_text().strip() if memo.is_file() else None
     if found is None:
@@ -143,18 +145,26 @@ def skeleton(config, trust_remote_code: bool = False) -> nn.Module:
 
 
 def gguf_cache_folder(path: str, gguf_file: str, cache_dir: str) -> Path:
-    """Keyed by the file's location and, for a local file, its size and modification time, and by the
-    transformers version, whose GGUF reader does the dequantizing."""
+    """Keyed by the file's location and, for a local file, its version (`file_version`), by the
+    versions of transformers (whose GGUF reader dequantizes, with gguf's `dequantize`, and converts
+    the tokenizer), gguf and tokenizers, and by the code here that writes the folder."""
+    import tokenizers
     import transformers
 
     local = Path(path) / gguf_file
-    key = (
-        f"{local.resolve()}:{local.stat().st_size}:{local.stat().st_mtime_ns}"
-        if local.is_file()
-        else f"{path}/{gguf_file}"
+    key = f"{local.resolve()}:{file_version(local)}" if local.is_file() else f"{path}/{gguf_file}"
+    key += (
+        f"|transformers {transformers.__version__}|gguf {_installed('gguf')}|tokenizers {tokenizers.__version__}"
+        f"|{code_digest(dequantize_gguf, unquantize)}"
     )
-    key += f"|transformers {transformers.__version__}"
     return Path(cache_dir) / "gguf" / f"{Path(gguf_file).stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _installed(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | None, tuple | None]:
@@ -183,6 +193,9 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | No
 def unquantize(model) -> None:
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF marks the model as quantized
         model.hf_quantizer.remove_quantization_config(model)
+
+
+code_digest(dequantize_gguf, unquantize)  # read at import: the code this process runs
 
 
 def publish_folder(target: Path, write) -> bool:

@@ -1,4 +1,6 @@
 import importlib.util
+import os
+import shutil
 
 import pytest
 import torch
@@ -116,17 +118,70 @@ def test_an_incomplete_dequantized_model_is_set_aside_and_made_again(tmp_path, c
     assert not cached.exists() and "set aside" in caplog.text and str(cached) in caplog.text
 
 
-def test_a_dequantized_model_is_made_again_under_another_transformers(tmp_path, monkeypatch):
-    """transformers' GGUF reader does the dequantizing: a folder another version wrote is not reused."""
+def another_transformers(monkeypatch):
     import transformers
 
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+
+
+def another_tokenizers(monkeypatch):
+    import tokenizers
+
+    monkeypatch.setattr(tokenizers, "__version__", tokenizers.__version__ + ".post1")
+
+
+def another_gguf(monkeypatch):
+    installed = models._installed
+    monkeypatch.setattr(models, "_installed", lambda package: installed(package) + ".post1")
+
+
+def other_writing_code(monkeypatch):
+    dequantize = models.dequantize_gguf
+
+    def dequantize_gguf(path, gguf_file, cache_dir):  # as if in bfloat16, say
+        return dequantize(path, gguf_file, cache_dir)
+
+    monkeypatch.setattr(models, "dequantize_gguf", dequantize_gguf)
+
+
+def same_size_and_time_other_bytes(file):
+    """The file replaced by other bytes of its size, its times copied over (as `cp -p` or rsync keep them)."""
+    staging = file.with_name("staging")
+    staging.write_bytes(bytes(reversed(file.read_bytes())))
+    shutil.copystat(file, staging)
+    os.replace(staging, file)
+
+
+@pytest.mark.parametrize(
+    "change", [another_transformers, another_tokenizers, another_gguf, other_writing_code], ids=lambda f: f.__name__
+)
+def test_a_dequantized_model_is_made_again_when_what_writes_it_changes(tmp_path, monkeypatch, change):
+    """transformers' GGUF reader dequantizes (with gguf's `dequantize`) and converts the tokenizer
+    (through tokenizers), `models.dequantize_gguf` writes the folder: a folder written under another
+    version of any of them is not reused."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "m.gguf").write_bytes(b"gguf")
     folder = lambda: models.gguf_cache_folder(str(tmp_path / "m"), "m.gguf", str(tmp_path / "cache"))  # noqa: E731
     first = folder()
     assert folder() == first
-    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    change(monkeypatch)
     assert folder() != first
+
+
+def test_a_gguf_file_replaced_by_one_of_its_size_and_time_is_dequantized_and_hashed_again(tmp_path, monkeypatch):
+    """Neither the dequantized folder nor the remembered sha256 of the file it replaced is reused: the
+    new file is refused by its own digest, not passed on the old one's."""
+    file = tmp_path / "m" / "m.gguf"
+    file.parent.mkdir()
+    file.write_bytes(b"GGUF, as installed")
+    cfg = OmegaConf.create({"path": str(file.parent), "gguf_file": file.name, "sha256": models.digest(file)})
+    cache = str(tmp_path / "cache")
+    models.check_sha256(cfg, str(file.parent), file.name, cache)  # remembered under cache/sha256
+    first = models.gguf_cache_folder(str(file.parent), file.name, cache)
+    same_size_and_time_other_bytes(file)
+    assert models.gguf_cache_folder(str(file.parent), file.name, cache) != first
+    with pytest.raises(ValueError, match="model.sha256: .* has sha256"):
+        models.check_sha256(cfg, str(file.parent), file.name, cache)
 
 
 def test_a_folder_without_the_default_gguf_file_is_said_once_per_process(tmp_path, caplog, monkeypatch):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -95,6 +94,12 @@ def options_of(options: dict) -> dict:
     forms = options.get("forms", FORMS)
     if not isinstance(forms, (list, tuple)) or not forms or set(forms) - set(FORMS):
         raise ValueError(f"pruning.transforms: learnable forms={forms!r}: allowed values are lists of {list(FORMS)}")
+    twice = sorted({form for form in forms if list(forms).count(form) > 1})
+    if twice:  # a second entry would add nothing: a typo for another form
+        raise ValueError(
+            f"pruning.transforms: learnable forms={list(forms)!r} names {twice} more than once: allowed values "
+            f"are lists of distinct forms of {list(FORMS)}"
+        )
     if options.get("schedule", "cosine") not in SCHEDULES:
         raise ValueError(
             f"pruning.transforms: learnable schedule={options['schedule']!r}: allowed values are {list(SCHEDULES)}"
@@ -280,44 +285,13 @@ def rate(step: int, steps: int, options: dict) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
 
 
-class FrozenMasks:
-    """One batch's masks held fixed while the corrections are tuned on it: the first forward under
-    `held()` computes each wrapper's masks from the current parameters, without gradient, and keeps
-    them; later forwards under `held()` replay them in call order. A step then descends the
-    objective it was computed on (live top-k masks flip downstream with any step), and the score
-    scale, which only moves masks, gets no gradient here."""
-
-    def __init__(self, wrappers):
-        self.wrappers = list(wrappers)
-        self.masks = {wrapper: [] for wrapper in self.wrappers}
-        self.used = {}
-
-    def keep(self, wrapper, x: torch.Tensor, channel_weight: torch.Tensor | None):
-        """`wrapper.keep_mask(x, channel_weight)`, recorded at the first forward, replayed after."""
-        masks, used = self.masks[wrapper], self.used[wrapper]
-        if used == len(masks):
-            with torch.no_grad():
-                masks.append(wrapper.keep_mask(x, channel_weight))
-        self.used[wrapper] = used + 1
-        return masks[used]
-
-    @contextmanager
-    def held(self):
-        self.used = dict.fromkeys(self.wrappers, 0)
-        with ExitStack() as stack:
-            for wrapper in self.wrappers:
-                stack.enter_context(wrapper.holding_masks(self))
-            yield
-
-
-def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers, masks: FrozenMasks | None = None) -> torch.Tensor:
+def _kl(model, windows: torch.Tensor, chosen: list[int], wrappers) -> torch.Tensor:
     """KL(dense model ‖ pruned model) of the next-token distributions, mean over the tokens of `chosen`."""
     device = next(model.parameters()).device
     batch = windows[chosen].to(device)
     with torch.no_grad(), computing_dense(wrappers):
         teacher = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
-    with masks.held() if masks is not None else nullcontext():
-        student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
+    student = F.log_softmax(model(batch, use_cache=False).logits.float(), -1)
     return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
 
 
@@ -335,12 +309,14 @@ def split_windows(count: int) -> tuple[list[int], list[int]]:
 
 
 def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: torch.Tensor, options: dict) -> dict:
-    """After the layer-wise fit, all corrections trained together against the dense model's next-token
-    distribution on the calibration windows, each batch's masks held fixed (`FrozenMasks`); kept
-    only where the KL on the held-out windows went down. A step whose loss is not finite (diverged)
-    ends the tuning, which is then undone."""
+    """After the layer-wise fit, all corrections but the score scale trained together against the dense
+    model's next-token distribution on the calibration windows; kept only where the KL on the held-out
+    windows went down. Each step's masks are those its forward computes from the current corrections;
+    the scale, which only moves masks, is left as the layer-wise fit left it, so no straight-through
+    surrogate runs and the gradient is that of the hard-masked KL. A step whose loss is not finite
+    (diverged) ends the tuning, which is then undone."""
     layers = list(wrappers.values())
-    params = [p for w in layers for p in w.correction.parameters()]
+    params = [p for w in layers for name, p in w.correction.named_parameters() if name != "log_scale"]
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -360,7 +336,7 @@ def tune_end_to_end_(model: nn.Module, wrappers: dict[str, nn.Module], windows: 
             picks = torch.randint(len(tuned), (min(options["e2e_batch_size"], len(tuned)),), generator=generator)
             chosen = [tuned[i] for i in picks.tolist()]
             optimizer.zero_grad(set_to_none=True)
-            loss = _loss_or_nan(lambda: _kl(model, windows, chosen, layers, FrozenMasks(layers)))
+            loss = _loss_or_nan(lambda: _kl(model, windows, chosen, layers))
             if not math.isfinite(loss.item()):
                 ran, diverged = step + 1, True
                 break

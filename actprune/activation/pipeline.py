@@ -5,6 +5,7 @@ steps before it left it."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import time
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..calibration import Calibration, code_digest
+from ..calibration import Calibration, code_digest, libraries
 from ..methods import Pruned
 from ..planning import PruningPlan
 from ..walk import decoder_layers
@@ -23,8 +24,9 @@ from .learned import fit_or_load_
 from .refit import refit_
 from .thresholds import calibrate_thresholds_
 
-# What learned corrections are trained on top of (the masks, scores, transforms, refit, allocation,
-# thresholds, the layer walk, and the order of the steps here): a change in any of them is a new cache key.
+# The code learned corrections are trained with and on top of (the masks, scores, transforms, refit,
+# allocation, thresholds, the layer walk, and the order of the steps here): a change in any of them is a
+# new cache key. What upstream code and data made of the layers is keyed apart, by `layer_state`.
 TRAINED_ON = (
     __name__,
     "actprune.masks",
@@ -34,6 +36,8 @@ TRAINED_ON = (
         for name in ("allocation", "learned", "recipe", "refit", "scores", "thresholds", "transforms", "wrapper")
     ),
 )
+
+code_digest(*map(importlib.import_module, TRAINED_ON))  # read at import: the code this process runs
 
 
 def apply_(
@@ -86,15 +90,20 @@ def apply_(
             parts = {
                 "dtype": str(next(model.parameters()).dtype),
                 "code": code_digest(*map(importlib.import_module, TRAINED_ON)),
+                "libraries": libraries(),
             }
             # keyed without the end-to-end options: jobs that differ only in those share the layer-wise fit
             path = calibration.cache_file(
-                "learned", {**parts, "pruning": _layerwise_settings(plan.settings())}, ".safetensors"
+                "learned",
+                {**parts, "pruning": _layerwise_settings(plan.settings()), "layers": layer_state(wrapped)},
+                ".safetensors",
             )
             learned = done.records["learned"] = fit_or_load_(model, wrapped, calibration.windows, learn, path)
-            if learn.get("e2e_steps"):
+            if learn.get("e2e_steps"):  # on top of the layer-wise fit: keyed by the layers as it left them
                 path = calibration.cache_file(
-                    "learned", {**parts, "pruning": plan.settings(), "stage": "end_to_end"}, ".safetensors"
+                    "learned",
+                    {**parts, "pruning": plan.settings(), "stage": "end_to_end", "layers": layer_state(wrapped)},
+                    ".safetensors",
                 )
                 learned["end_to_end"] = fit_or_load_(model, wrapped, calibration.windows, learn, path, end_to_end=True)
     return done
@@ -111,6 +120,22 @@ def _timed(done: Pruned, step: str):
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, leaf = name.rsplit(".", 1)
     setattr(model.get_submodule(parent), leaf, module)
+
+
+def layer_state(wrapped: dict[str, nn.Module]) -> str:
+    """A digest of every wrapped layer as training starts from it: its tensors (weight, the buffers that
+    statistics, transforms and refit made: shift, score weight, basis, refit weights; the corrections'
+    starting values), its threshold and its settings (the pattern allocation chose). Whatever upstream
+    code or data changed them, the key changes with them."""
+    sha = hashlib.sha1()
+    for name, layer in sorted(wrapped.items()):
+        sha.update(f"{name}|{layer.extra_repr()}".encode())
+        tensors = {**layer.state_dict(), "threshold": getattr(layer, "threshold", None)}
+        for key, value in sorted(tensors.items()):
+            if value is not None:
+                sha.update(f"|{key}:{value.dtype}:{tuple(value.shape)}|".encode())
+                sha.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()[:16]
 
 
 def _layerwise_settings(settings: dict) -> dict:

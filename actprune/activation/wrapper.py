@@ -138,7 +138,7 @@ class ActSparseLinear(nn.Module):
     actually reached over a benchmark can be reported.
     Other steps change it only through its methods: `set_pattern`, `set_threshold`, `set_refit`,
     `track_positions`, and the modes `computing_dense`, `recording_scores`, `gathering_moments`,
-    `holding_masks`, `uncounted` (context managers that restore the layer on exit).
+    `uncounted` (context managers that restore the layer on exit).
     `backend="kernel"` computes what the emulation computes with real sparse compute where one
     applies (`actprune.kernels`): decode calls of at most `kernels.MAX_ROWS` tokens through a GEMV
     that reads only the weight columns of kept inputs (selection fused), 2:4 prefill through
@@ -198,7 +198,6 @@ class ActSparseLinear(nn.Module):
         self._dense = False  # `computing_dense`: the dense output (a learned correction's training target)
         self._recording = None  # `recording_scores`: a ScoreSample while a threshold is being calibrated
         self._moments = None  # `gathering_moments`: a refit.Moments of (pruned input, target)
-        self._held = None  # `holding_masks`: a learned.FrozenMasks while corrections are tuned end to end
         weight = linear.weight
         device = weight.device
         if (input_order is not None or input_scale is not None or rotation is not None) != (
@@ -280,15 +279,6 @@ class ActSparseLinear(nn.Module):
             yield moments
         finally:
             self._moments = None
-
-    @contextmanager
-    def holding_masks(self, masks):
-        """The layer's masks come from `masks.keep(layer, x, channel_weight)` (learned.FrozenMasks)."""
-        self._held = masks
-        try:
-            yield
-        finally:
-            self._held = None
 
     @contextmanager
     def uncounted(self):
@@ -373,15 +363,11 @@ class ActSparseLinear(nn.Module):
             channel_weight = scale.to(x.dtype) if channel_weight is None else channel_weight * scale.to(x.dtype)
         y = dispatch.decode(self, centred, channel_weight) if self.backend == "kernel" else None
         if y is None:
-            frozen = self._held
-            keep, dropped = (
-                self.keep_mask(centred, channel_weight)
-                if frozen is None
-                else frozen.keep(self, centred, channel_weight)
-            )
+            keep, dropped = self.keep_mask(centred, channel_weight)
             self.count(keep, dropped)
-            # a gradient for the learned scale (none while the masks are frozen: it only moves them)
-            if scale is not None and torch.is_grad_enabled() and self.threshold is None and frozen is None:
+            # a gradient for the learned scale, which only moves the mask: while the scale is trained only
+            trained = scale is not None and correction.log_scale.requires_grad
+            if trained and torch.is_grad_enabled() and self.threshold is None:
                 scores = pooled_scores(weighted_scores(centred, self.score, channel_weight), self.pool)
                 pruned = centred * straight_through(keep, scores, self.pattern)
             else:
