@@ -22,9 +22,10 @@ RESULTS = "results.json"
 REFUSED = "refused.json"  # a later command that this folder's finished job refused (other settings)
 # Raised when a fix changes what earlier records measured (2: threshold sampling, a static shift
 # before a change of basis, each layer's own inputs in layer-by-layer passes), or what a record
-# must show to be resumed (3: the data and model files it read, `inputs`): older ok records are
-# run again instead of being resumed as done.
-VERSION = 3
+# must show to be resumed (3: the data and model files it read, `inputs`; 4: `kept_by_weight` counted
+# from the masks, not the target; thresholds under shared masks at batch > 1 refused): older ok records
+# are run again instead of being resumed as done.
+VERSION = 4
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where the package is installed editable
 
 
