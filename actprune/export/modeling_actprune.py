@@ -151,8 +151,16 @@ class SparseLinear(nn.Module):
         return keep
 
 
+class ActPruneConfig(Base.config_class):
+    """`BASE`'s config under a model type of its own (config.json's), which stock transformers does not load."""
+
+    model_type = f"actprune_{Base.config_class.model_type}"
+
+
 class ActPruneForCausalLM(Base):
     """`BASE` with its pruned projections replaced by `SparseLinear` (see config.actprune)."""
+
+    config_class = ActPruneConfig
 
     def __init__(self, config):
         super().__init__(config)
