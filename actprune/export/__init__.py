@@ -4,8 +4,10 @@ Hugging Face folder that stock transformers and lm_eval load, with only torch an
 The model is rebuilt from the job's record as the job built it (its config; calibration statistics and
 learned corrections from the job's cache where they are, recomputed where not), then written:
 safetensors weights (changes of basis, scalings and refit folded in), the tokenizer, and a `config.json`
-whose `auto_map` points at `modeling_actprune.py` (copied beside it) and whose `actprune` entry holds, per
-pruned layer, what that file applies at run time. Weight methods write plain weights, zeros included.
+whose `auto_map` points at `modeling_actprune.py` (copied beside it), whose `model_type` is its own (loaded
+only with trust_remote_code) and whose `actprune` entry holds, per pruned layer, what that file applies at run
+time; all of it in a staging folder renamed into place once complete. Weight methods write plain weights,
+zeros included.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     record = finished_record(job_dir)
     check_empty(out_dir)
     config = {key: value for key, value in record["config"].items() if key != "inputs"}
-    check_exportable(config["pruning"])
     cfg = OmegaConf.create({**config, "benchmark": {}})  # nothing to evaluate: no benchmark data read
+    check_exportable(config["pruning"])
     threads = (record.get("host") or {}).get("threads")
     if threads:  # the job's CPU sums (statistics, refit) rounded as the job's did: the same model, bit for bit
         torch.set_num_threads(threads)
@@ -115,8 +117,8 @@ def check_inputs(job_dir: Path, record: dict, current: dict) -> None:
         )
     if found == "changed":
         raise ValueError(
-            f"{job_dir} holds a finished job with {results.differences(record, current)} than the files here: "
-            f"the model rebuilt from them would not be the one it measured; run the job again to export it"
+            f"{job_dir} holds a finished job with {results.differences(record, current)}: its data or model "
+            f"files changed since it ran, and a model rebuilt from them is not the one it measured; run it again"
         )
 
 
@@ -125,6 +127,7 @@ def staging(out_dir: Path, needed: int = 0):
     """A folder to write into, renamed to `out_dir` once complete and removed where the write fails:
     `.<name>.export/model` beside it, held by one writer at a time (the lock of `.<name>.export`, which
     a writer that died leaves stale). Checked writable, with `needed` bytes free, on entry."""
+    out_dir = out_dir.absolute()  # "." has a name and a parent too
     root = out_dir.parent / f".{out_dir.name}.export"
     with ExitStack() as stack:
         stack.callback(remove_empty, root)  # last, once the lock is gone
