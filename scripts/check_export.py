@@ -46,7 +46,7 @@ def main() -> None:
     if job.get("threads"):  # CPU sums round by thread count: the job's
         torch.set_num_threads(job["threads"])
     model = AutoModelForCausalLM.from_pretrained(args.folder, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+    tokenizer = AutoTokenizer.from_pretrained(args.folder, trust_remote_code=True)  # it reads the config too
     rows = [json.loads(line)["text"] for line in args.wikitext.read_text(encoding="utf-8").splitlines() if line]
     ids = tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]
     ppl = perplexity(model, ids, options["seqlen"], options["batch_size"], options["max_windows"])

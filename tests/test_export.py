@@ -3,9 +3,14 @@ what the pruned model computed; a job's folder gives back the job's perplexity a
 processes where actprune cannot be imported."""
 
 import copy
+import errno
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +18,11 @@ from transformers import AutoModelForCausalLM
 
 from actprune import sparsify_
 from actprune.export import export_, write_folder
+from actprune.run import job
+from actprune.run.job import run_job
 
-from .helpers import REPO, common, random_windows, results_in
+from .conftest import STORIES, needs_shared
+from .helpers import REPO, common, job_config, random_windows, results_in
 from .test_generate import cached_logits
 from .tiny import llama, qwen2
 
@@ -51,6 +59,30 @@ def test_the_exported_folder_computes_what_the_pruned_model_computes(config, tmp
         assert torch.equal(loaded(ids).logits, pruned(ids).logits)
         assert torch.equal(cached_logits(loaded, ids, 6), cached_logits(pruned, ids, 6))
         assert not torch.allclose(loaded(ids).logits, model(ids).logits)  # it is pruned
+
+
+def test_the_exported_folder_does_not_load_without_its_modelling_code(tmp_path):
+    pruned = llama()
+    report = sparsify_(pruned, {"method": "act_magnitude", "sparsity": "2:4"})
+    write_folder(pruned, report, None, tmp_path / "out", {"pruning": {}})
+    # Stock Llama would take the folder and its pruned projections (`*.linear.weight`) at random.
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
+
+
+@needs_shared
+def test_a_folder_read_from_its_file_gives_the_logits_of_learned_corrections_bit_for_bit(tmp_path):
+    # Read from the file, stories260k's tensors sit at offsets whose alignment rounds a learned shift's add-back
+    # otherwise (1.3e-5 in the logits, 1.4e-3 in a job's perplexity), unless the folder's model copies them.
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    transforms = [{"name": "shift", "mode": "static"}, "variance", {"name": "learnable", "steps": 2}]
+    config = {"method": "act_magnitude", "sparsity": "2:4", "transforms": transforms}
+    report = sparsify_(model, config, torch.randint(0, 512, (4, 64)))
+    write_folder(model, report, None, tmp_path / "out", {"pruning": config})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    ids = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_a_weight_method_exports_plain_weights_with_their_zeros(tmp_path):
@@ -153,3 +185,132 @@ def test_what_cannot_be_exported_is_refused_before_loading(tmp_path):
     (tmp_path / "full" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="not empty"):
         export_(job, tmp_path / "full")
+
+
+def threshold_config(setup, folder, *overrides):
+    return job_config(
+        setup,
+        folder,
+        "pruning=act_magnitude",
+        "pruning.sparsity=0.5",
+        "pruning.selection=threshold",
+        "calibration.windows=4",
+        "calibration.seqlen=32",
+        *overrides,
+    )
+
+
+def finished_job(cfg, folder):
+    """The job of `cfg` run in this process into `folder / "job"`."""
+    record = run_job(cfg, folder / "job", group="g", name="n")
+    assert record["status"] == "ok", record.get("error")
+    return folder / "job"
+
+
+@pytest.fixture(scope="module")
+def threshold_job(tiny_setup, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("threshold")
+    return finished_job(threshold_config(tiny_setup, folder), folder)
+
+
+def test_a_job_whose_calibration_file_changed_is_refused_as_resume_refuses_it(tiny_setup, tmp_path):
+    data = shutil.copytree(tiny_setup["data"], tmp_path / "data")
+    cfg = threshold_config(tiny_setup, tmp_path, f"paths.data_dir={data}")
+    job_dir = finished_job(cfg, tmp_path)
+    split = data / "wikitext-2-raw-v1"
+    shutil.copy(split / "test.jsonl", split / "validation.jsonl")  # other calibration rows
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"other settings \(inputs differ\)"):
+        export_(job_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileExistsError, match=r"other settings \(inputs differ\)"):
+        run_job(cfg, job_dir, group="g", name="n")
+
+
+# `actprune-export JOB OUT`, SIGKILLed once its weights are written (`kill`), or held before it writes
+# anything until the file GO exists (it touches GO.waiting when held).
+HOOKED = """
+import os, signal, sys, time
+from pathlib import Path
+import transformers
+import transformers.modeling_utils as modeling_utils
+mode, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+if mode == "kill":
+    save = modeling_utils.safe_save_file
+    def killed(*args, **kwargs):
+        save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    modeling_utils.safe_save_file = killed
+else:
+    go, write = Path(mode), transformers.PreTrainedModel.save_pretrained
+    def held(*args, **kwargs):
+        go.with_suffix(".waiting").touch()
+        while not go.exists():
+            time.sleep(0.05)
+        return write(*args, **kwargs)
+    transformers.PreTrainedModel.save_pretrained = held
+from actprune.export import main
+main()
+"""
+
+
+@pytest.mark.cli
+def test_an_export_killed_while_writing_leaves_no_folder_and_a_second_one_succeeds(threshold_job, tmp_path):
+    out = tmp_path / "exported"
+    killed = run(sys.executable, "-c", HOOKED, "kill", threshold_job, out)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(tmp_path.rglob("model.safetensors")) and not out.exists()  # its weights, in staging only
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    again = run(sys.executable, "-m", "actprune.export", threshold_job, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # the dead export's staging went with it
+    assert type(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)).__name__ == "ActPruneForCausalLM"
+
+
+@pytest.mark.cli
+def test_of_two_exports_into_one_folder_the_second_fails_naming_it(threshold_job, tmp_path):
+    out = tmp_path / "exported"
+    out.mkdir()  # an empty folder may be given
+    go = tmp_path / "go"
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOOKED, go, threshold_job, out], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    while not go.with_suffix(".waiting").exists():
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        time.sleep(0.05)
+    second = run(sys.executable, "-m", "actprune.export", threshold_job, out)
+    go.touch()
+    assert first.wait(timeout=900) == 0, first.stderr.read()[-3000:]
+    assert second.returncode != 0 and f"{out}: another export is writing it" in second.stderr
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert loaded.config.actprune["job"]["name"] == json.loads((threshold_job / "results.json").read_text())["job"]
+    assert str(threshold_job.resolve()) not in (out / "config.json").read_text()  # no path of this machine
+
+
+def test_an_unwritable_folder_is_refused_before_loading(threshold_job, tmp_path, monkeypatch):
+    def load(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(job, "load", load)
+    (tmp_path / "file").touch()
+    with pytest.raises(OSError, match=f"{tmp_path / 'file' / 'out'}: cannot write in"):
+        export_(threshold_job, tmp_path / "file" / "out")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    with pytest.raises(OSError, match="100 bytes free, the weights need"):
+        export_(threshold_job, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_write_that_fails_leaves_nothing(threshold_job, tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    def full(state, filename, **kwargs):
+        with open(filename, "wb") as file:
+            file.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_(threshold_job, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

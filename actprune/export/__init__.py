@@ -4,22 +4,30 @@ Hugging Face folder that stock transformers and lm_eval load, with only torch an
 The model is rebuilt from the job's record as the job built it (its config; calibration statistics and
 learned corrections from the job's cache where they are, recomputed where not), then written:
 safetensors weights (changes of basis, scalings and refit folded in), the tokenizer, and a `config.json`
-whose `auto_map` points at `modeling_actprune.py` (copied beside it) and whose `actprune` entry holds, per
-pruned layer, what that file applies at run time. Weight methods write plain weights, zeros included.
+whose `auto_map` points at `modeling_actprune.py` (copied beside it), whose `model_type` is its own (loaded
+only with trust_remote_code) and whose `actprune` entry holds, per pruned layer, what that file applies at run
+time; all of it in a staging folder renamed into place once complete. Weight methods write plain weights,
+zeros included.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
+import shutil
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from ..activation.wrapper import ActSparseLinear
+from ..files import UMASK
 from ..run import results
+from ..run.lock import Busy, JobLock
 from ..walk import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -55,13 +63,12 @@ def check_exportable(pruning: dict) -> None:
 
 def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the pruned model of the finished job in `job_dir` to `out_dir` (new, or empty) and return it."""
-    from ..run.job import calibrate, load, plan_job
+    from ..run.job import calibrate, load, plan_job, settings
     from ..sparsify import sparsify_
 
     job_dir, out_dir = Path(job_dir), Path(out_dir)
     record = finished_record(job_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty: export into a new folder (nothing is overwritten)")
+    check_empty(out_dir)
     config = {key: value for key, value in record["config"].items() if key != "inputs"}
     cfg = OmegaConf.create({**config, "benchmark": {}})  # nothing to evaluate: no benchmark data read
     check_exportable(config["pruning"])
@@ -70,28 +77,99 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
         torch.set_num_threads(threads)
     else:
         log.warning("%s does not record its CPU threads: rebuilt with %d", job_dir, torch.get_num_threads())
-    job = plan_job(cfg, job_dir)
-    loaded = load(job, cfg)
-    torch.manual_seed(cfg.seed)
-    report = sparsify_(loaded.model, job.pruning, calibrate(job, loaded, cfg))
-    about = {
-        "folder": str(job_dir.resolve()),
-        "name": record.get("job"),
-        "metrics": record.get("metrics"),
-        "benchmark": config.get("benchmark"),  # how the metrics were measured (scripts/check_export.py)
-        "threads": threads,
-    }
-    write_folder(loaded.model, report, loaded.tokenizer, out_dir, {"job": about, "pruning": config["pruning"]})
+    job = plan_job(cfg, job_dir)  # imports the config's `imports`, whose benchmarks name their data files
+    check_inputs(job_dir, record, settings(OmegaConf.create(config)))
+    with staging(out_dir, weights_size(record)) as folder:
+        loaded = load(job, cfg)
+        torch.manual_seed(cfg.seed)
+        report = sparsify_(loaded.model, job.pruning, calibrate(job, loaded, cfg))
+        about = {
+            "name": record.get("job"),  # not its folder: a path on the machine that exported it
+            "metrics": record.get("metrics"),
+            "benchmark": config.get("benchmark"),  # how the metrics were measured (scripts/check_export.py)
+            "threads": threads,
+        }
+        write_into(folder, loaded.model, report, loaded.tokenizer, {"job": about, "pruning": config["pruning"]})
     log.info("Exported %s to %s", job_dir, out_dir)
     return out_dir
 
 
+def check_empty(out_dir: Path) -> None:
+    if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
+        what = "is a file" if out_dir.is_file() else "is not empty"
+        raise FileExistsError(f"{out_dir} {what}: export into a new folder (nothing is overwritten)")
+
+
+def weights_size(record: dict) -> int:
+    """The bytes of the job's weights (its parameters in its dtype), which the folder holds at least."""
+    dtype = getattr(torch, record.get("dtype") or "", None)
+    return (record.get("parameters") or 0) * dtype.itemsize if isinstance(dtype, torch.dtype) else 0
+
+
+def check_inputs(job_dir: Path, record: dict, current: dict) -> None:
+    """Refuse what resume refuses: a job whose data or model files are not the ones it recorded (the
+    rebuild would be another model than the one its metrics measured), or whose record is too old to say."""
+    found = results.state(record, current)
+    if found == "outdated":
+        raise ValueError(
+            f"{job_dir}: written by results_version {record.get('results_version', 1)}, before {results.VERSION}: "
+            f"its numbers or the files it read are not those this version rebuilds; run the job again to export it"
+        )
+    if found == "changed":
+        raise ValueError(
+            f"{job_dir} holds a finished job with {results.differences(record, current)}: its data or model "
+            f"files changed since it ran, and a model rebuilt from them is not the one it measured; run it again"
+        )
+
+
+@contextmanager
+def staging(out_dir: Path, needed: int = 0):
+    """A folder to write into, renamed to `out_dir` once complete and removed where the write fails:
+    `.<name>.export/model` beside it, held by one writer at a time (the lock of `.<name>.export`, which
+    a writer that died leaves stale). Checked writable, with `needed` bytes free, on entry."""
+    out_dir = out_dir.absolute()  # "." has a name and a parent too
+    root = out_dir.parent / f".{out_dir.name}.export"
+    with ExitStack() as stack:
+        stack.callback(remove_empty, root)  # last, once the lock is gone
+        try:
+            stack.enter_context(JobLock(root))
+        except Busy as error:
+            raise FileExistsError(f"{out_dir}: another export is writing it ({error})") from None
+        except OSError as error:
+            raise OSError(f"{out_dir}: cannot write in {out_dir.parent} ({error})") from None
+        check_empty(out_dir)  # a writer that held the lock before this one may have written it
+        folder = root / "model"
+        shutil.rmtree(folder, ignore_errors=True)  # what a writer that died left
+        folder.mkdir()
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"{out_dir.parent}: {free} bytes free, the weights need {needed}")
+        yield folder
+        for path in folder.rglob("*"):  # safetensors writes its files 0600: teammates read them too
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+        try:
+            os.rename(folder, out_dir)  # atomic; onto an empty folder too, never onto a non-empty one
+        except OSError as error:
+            raise FileExistsError(f"{out_dir} is not empty or cannot be written ({error}): nothing written") from None
+
+
+def remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # another export holds it now
+        pass
+
+
 def write_folder(model, report, tokenizer, out_dir: str | Path, about: dict) -> None:
-    """Write `model`, pruned by `sparsify_` (its `report`), as a Hugging Face folder; `about` (what made
-    it) goes into config.actprune beside the layers."""
-    out_dir = Path(out_dir)
+    """Write `model`, pruned by `sparsify_` (its `report`), as a Hugging Face folder `out_dir` (new, or
+    empty); `about` (what made it) goes into config.actprune beside the layers."""
+    with staging(Path(out_dir)) as folder:
+        write_into(folder, model, report, tokenizer, about)
+
+
+def write_into(out_dir: Path, model, report, tokenizer, about: dict) -> None:
     wrapped = {name: layer for name, layer in report.layers.items() if isinstance(layer, ActSparseLinear)}
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Safetensors holds row-major tensors: a column-major matrix of a pruned layer (an SVD factor) is
     # stored transposed, and modeling_actprune.py reads it back as the same view, so that the matmuls take
     # the paths the job's took (another layout rounds otherwise); the kernel's (in, out) weight is copied.
@@ -110,7 +188,13 @@ def write_folder(model, report, tokenizer, out_dir: str | Path, about: dict) -> 
         base = type(model).__name__
         runtime = RUNTIME.read_text().replace('BASE = "LlamaForCausalLM"', f'BASE = "{base}"', 1)
         (out_dir / RUNTIME.name).write_text(runtime)
-        settings["auto_map"] = {"AutoModelForCausalLM": f"{RUNTIME.stem}.ActPruneForCausalLM"}
+        # A model type of its own: without trust_remote_code transformers refuses the folder instead of
+        # loading the base class with the pruned projections (stored as `*.linear.weight`) at random.
+        settings["model_type"] = f"actprune_{settings['model_type']}"
+        settings["auto_map"] = {
+            "AutoConfig": f"{RUNTIME.stem}.ActPruneConfig",
+            "AutoModelForCausalLM": f"{RUNTIME.stem}.ActPruneForCausalLM",
+        }
         settings["architectures"] = ["ActPruneForCausalLM"]
     (out_dir / "config.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
@@ -165,6 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         export_(args.job_dir, args.out_dir)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:
         parser.exit(2, f"actprune-export: {error}\n")
     print(args.out_dir)

@@ -173,6 +173,14 @@ def state(record: dict | None, current: dict | None, overwrite: bool = False) ->
     return "done" if current is None or same_settings(record.get("config") or {}, current) else "changed"
 
 
+def differences(record: dict, current: dict) -> str:
+    """What of `current` a finished job's record disagrees on, as resume and actprune-export say it:
+    `other settings (inputs differ)`."""
+    recorded = record.get("config") or {}
+    changed = sorted(key for key, value in current.items() if not same_settings(recorded, {key: value}))
+    return f"other settings ({', '.join(changed)} differ)"
+
+
 def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -> Path:
     """The results path for a job about to run in `job_dir`.
 
@@ -186,10 +194,8 @@ def claim(job_dir: Path, current: dict | None = None, overwrite: bool = False) -
         void_refusal(job_dir)
         raise AlreadyDone(path, record)
     if found == "changed":
-        recorded = record.get("config") or {}
-        changed = sorted(key for key, value in current.items() if not same_settings(recorded, {key: value}))
         raise FileExistsError(
-            f"{path} holds a finished job with other settings ({', '.join(changed)} differ): it is never "
+            f"{path} holds a finished job with {differences(record, current)}: it is never "
             f"overwritten by accident; set overwrite=true, or choose another hydra.run.dir / hydra.sweep.dir"
         )
     void_refusal(job_dir)  # this command runs here: an older refusal is void
