@@ -90,6 +90,11 @@ def check_sha256(model_cfg, path: str, gguf_file: str | None, cache_dir: str) ->
     expected = model_cfg.get("sha256")
     if expected is None:
         return
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", str(expected)):  # a typo, not a damaged file: said before hashing
+        raise ValueError(
+            f"model.sha256={expected!r}: allowed values are null or a sha256 digest, 64 hexadecimal characters "
+            f"(this has {len(str(expected))} characters); the setting is wrong, the file was not read"
+        )
     if gguf_file is None or not (Path(path) / gguf_file).is_file():
         raise ValueError(
             f"model.sha256 is the digest of a local GGUF file, and {path} holds no model.gguf_file="
