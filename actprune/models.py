@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import reuse
 from .files import UMASK, cache_write, digest, set_aside
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | No
     # Converting a GGUF vocabulary takes long (Gemma-3's 262k tokens: about 20 s on 2 cores); saved
     # beside the weights as a fast tokenizer (tokenizer.json), it loads in seconds.
     log.info("Converting the tokenizer of %s once, into the same folder", gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(path, gguf_file)
     unquantize(model)
 
     def write(staging: Path) -> None:
@@ -300,5 +301,13 @@ def load_model(
     if device.type != "cuda":
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(path, gguf_file, trust_remote_code)
+
+
+def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False):
+    """The tokenizer alone, once per process for these files: a plan that counts prompt tokens, the
+    dequantizing (a GGUF vocabulary converts in seconds) and the load share it."""
+    return reuse.cached(
+        ("tokenizer", path, gguf_file, trust_remote_code),
+        lambda: AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code),
+    )
