@@ -26,12 +26,12 @@ stop() {
 }
 ls "$wheels"/*.whl >/dev/null 2>&1 || stop "no wheels in $wheels (run 'make gpu-wheels' where pip reaches PyPI, and carry .wheels)"
 mkdir -p "$out" || stop "cannot create the output folder $out"
-[ ! -e "$results" ] || stop "$results exists (an earlier run's): give another OUT, or delete it"
+[ ! -s "$results" ] || stop "$results holds an earlier run's results: give another OUT, or delete it"
 : >"$results" || stop "cannot write $results"
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
 # The environment, and whether CUDA is visible, before any install (torch alone: a few seconds).
-"$python" - >>"$results" <<'PY' || stop "no CUDA device visible to $python (see above)"
+"$python" - >>"$results" <<'PY' || stop "$python: no CUDA device, or torch, triton or transformers missing (see above)"
 import json, sys, torch
 if not torch.cuda.is_available():
     build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

@@ -45,11 +45,12 @@ def steps(out) -> list[dict]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_without_cuda_it_stops_before_installing_or_running_anything(tmp_path):
-    status, output, calls = gpu_check(tmp_path, tmp_path / "out", fake="exec")
-    assert status == 2, output
-    assert "sees no CUDA device" in output and "nothing run" in output
-    assert calls == ["-"]  # the environment check alone: no pip, no pytest, no benchmark
-    assert steps(tmp_path / "out") == []
+    for _ in range(2):  # the same OUT again: it holds no results, so it is no earlier run's
+        status, output, calls = gpu_check(tmp_path, tmp_path / "out", fake="exec")
+        assert status == 2, output
+        assert "sees no CUDA device" in output and "nothing run" in output
+        assert steps(tmp_path / "out") == []
+    assert calls == ["-", "-"]  # the environment check alone, each time: no pip, no pytest, no benchmark
 
 
 @pytest.mark.parametrize("case", ["under a file", "holding results"])
@@ -61,7 +62,7 @@ def test_an_output_folder_it_cannot_use_stops_it_before_anything_runs(tmp_path, 
         (out / "results.jsonl").write_text('{"part": "step", "step": "tests", "exit_status": 0, "seconds": 1}\n')
     status, output, calls = gpu_check(tmp_path, out)
     assert status == 2, output
-    assert ("cannot create the output folder" if case == "under a file" else "exists (an earlier run's)") in output
+    assert ("cannot create the output folder" if case == "under a file" else "holds an earlier run's results") in output
     assert calls == []
     if case == "holding results":
         assert len(steps(out)) == 1  # the earlier run's line, untouched
