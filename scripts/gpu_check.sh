@@ -13,7 +13,7 @@
 # status), the tests' DIR/pytest.xml, the whole output in DIR/gpu_check.log. A step that fails is recorded and the
 # next one runs; the script then names the failed steps and exits 1. A lent GPU has minutes: what can be checked
 # in seconds is checked before anything runs, and the script stops (exit 2) where there are no wheels, DIR cannot
-# be created or already holds results (two runs' lines would mix), no CUDA device is visible, or pip fails.
+# be created or already holds a run's steps (two runs' lines would mix), no CUDA device is visible, or pip fails.
 # PYTHON (default python3) and WHEELS (default .wheels/gpu) choose the interpreter and the wheels' folder.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -26,7 +26,7 @@ stop() {
 }
 ls "$wheels"/*.whl >/dev/null 2>&1 || stop "no wheels in $wheels (run 'make gpu-wheels' where pip reaches PyPI, and carry .wheels)"
 mkdir -p "$out" || stop "cannot create the output folder $out"
-[ ! -s "$results" ] || stop "$results holds an earlier run's results: give another OUT, or delete it"
+! grep -qs '"part": "step"' "$results" || stop "$results holds an earlier run's results: give another OUT, or delete it"
 : >"$results" || stop "cannot write $results"
 exec > >(tee -a "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1

@@ -89,7 +89,10 @@ def test_failed_steps_are_each_recorded_and_named_and_the_exit_is_non_zero(tmp_p
 
 
 def test_steps_that_pass_exit_zero(tmp_path):
+    (tmp_path / "out").mkdir()  # where a start stopped after the environment check: no step ran, so no refusal
+    (tmp_path / "out" / "results.jsonl").write_text('{"part": "environment", "cuda": "12.8"}\n')
     status, output, _ = gpu_check(tmp_path, tmp_path / "out", fake="pass")
     assert status == 0, output
     assert [s["exit_status"] for s in steps(tmp_path / "out")] == [0, 0, 0]
+    assert (tmp_path / "out" / "results.jsonl").read_text().count('"environment"') == 1  # this run's alone
     assert "all 3 steps passed" in output
