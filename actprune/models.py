@@ -176,7 +176,7 @@ def dequantize_gguf(path: str, gguf_file: str, cache_dir: str) -> tuple[str | No
     # Converting a GGUF vocabulary takes long (Gemma-3's 262k tokens: about 20 s on 2 cores); saved
     # beside the weights as a fast tokenizer (tokenizer.json), it loads in seconds.
     log.info("Converting the tokenizer of %s once, into the same folder", gguf_file)
-    tokenizer = load_tokenizer(path, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     unquantize(model)
 
     def write(staging: Path) -> None:
@@ -305,8 +305,8 @@ def load_model(
 
 
 def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False):
-    """The tokenizer alone, once per process for these files: a plan that counts prompt tokens, the
-    dequantizing (a GGUF vocabulary converts in seconds) and the load share it."""
+    """The tokenizer alone, once per process for these files: a plan that counts prompt tokens and the
+    load share it."""
     return reuse.cached(
         ("tokenizer", path, gguf_file, trust_remote_code),
         lambda: AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code),
