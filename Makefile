@@ -67,7 +67,8 @@ gpu-wheels: $(STAMP)  ## the wheels gpu-check installs on a bare GPU machine, in
 	$(BIN)/pip wheel --quiet --no-deps --wheel-dir $(GPU_WHEELS) $(GPU_PACKAGES)
 	du -sh $(GPU_WHEELS)
 
-# On the GPU machine, with .wheels carried: CUDA tests, decode/prefill and end-to-end benchmarks (~8 min).
+# On the GPU machine, with .wheels carried: CUDA tests, decode/prefill and end-to-end benchmarks (~8 min);
+# exit 1 where a step failed, 2 where it could not start (no CUDA, no wheels, OUT unusable).
 gpu-check:  ## on a bare CUDA machine: CUDA tests and speed benchmarks into OUT (default gpu_check)
 	bash scripts/gpu_check.sh $(or $(OUT),gpu_check)
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import reuse
 from .calibration import code_digest
 from .files import UMASK, cache_write, digest, file_version, set_aside
 
@@ -93,6 +94,11 @@ def check_sha256(model_cfg, path: str, gguf_file: str | None, cache_dir: str) ->
     expected = model_cfg.get("sha256")
     if expected is None:
         return
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", str(expected)):  # a typo, not a damaged file: said before hashing
+        raise ValueError(
+            f"model.sha256={expected!r}: allowed values are null or a sha256 digest, 64 hexadecimal characters "
+            f"(this has {len(str(expected))} characters); the setting is wrong, the file was not read"
+        )
     if gguf_file is None or not (Path(path) / gguf_file).is_file():
         raise ValueError(
             f"model.sha256 is the digest of a local GGUF file, and {path} holds no model.gguf_file="
@@ -308,5 +314,13 @@ def load_model(
     if device.type != "cuda":
         model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, load_tokenizer(path, gguf_file, trust_remote_code)
+
+
+def load_tokenizer(path: str, gguf_file: str | None, trust_remote_code: bool = False):
+    """The tokenizer alone, once per process for these files: a plan that counts prompt tokens and the
+    load share it."""
+    return reuse.cached(
+        ("tokenizer", path, gguf_file, trust_remote_code),
+        lambda: AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code),
+    )

@@ -16,7 +16,7 @@ def cached(key: tuple, load):
     """The object kept under `key`, or `load()` kept there. One model at a time: loading a model
     (a key starting with "model") drops the one before."""
     if key in _cache:
-        log.info("Reusing %s loaded by an earlier job of this process", key[0])
+        log.info("Reusing %s loaded earlier in this process", key[0])  # an earlier job, or this job's plan
         return _cache[key]
     if key[0] == "model":
         for other in [k for k in _cache if k[0] == "model"]:

@@ -172,22 +172,50 @@ def test_wandb_offline_run_is_written_under_the_job_folder(tiny_setup, tmp_path,
     assert table["columns"] == ["layer", "measured_sparsity"] and len(table["data"]) == 14
 
 
-def test_a_failed_job_still_finishes_its_wandb_run_and_one_its_plan_refuses_starts_none(tiny_setup, tmp_path):
+# A benchmark that passes the plan and fails as it runs, after the perplexity.
+FAILING_BENCHMARK = """
+from dataclasses import dataclass
+
+from actprune.eval import benchmark
+
+
+@benchmark("fails")
+class Fails:
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options):
+        pass
+
+    def prepare(self, env):
+        return {}
+
+    def run(self, model, tokenizer, env):
+        raise RuntimeError("this benchmark fails as it runs")
+"""
+
+
+def test_a_failed_job_still_finishes_its_wandb_run_and_one_its_plan_refuses_starts_none(
+    tiny_setup, tmp_path, monkeypatch
+):
     args = [a for a in common(tiny_setup, tmp_path) if a != "logger=none"]
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("The game began development " * 300 + "\n")  # over the 1024 positions: fails as it runs
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "ext" / "failing_benchmark.py").write_text(FAILING_BENCHMARK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "ext"))
     done = actprune(
         *args,
         "logger=wandb",
         "pruning=act_magnitude",
         "pruning.sparsity=2:4",
-        "benchmark=[ppl_wikitext2,generate]",
+        "imports=[failing_benchmark]",
         "benchmark.ppl_wikitext2.max_windows=2",
-        f"benchmark.generate.prompts_file={prompts}",
+        "+benchmark.fails={}",
     )
     assert done.returncode != 0
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["status"] == "failed" and "max_position_embeddings=1024" in result["error"]
+    assert result["status"] == "failed" and "this benchmark fails as it runs" in result["error"]
+    assert result["metrics"]["ppl/wikitext2"] > 1  # it ran first
     log = next((tmp_path / "run" / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
     assert b"failed" in log and b"2:4" in log
     # A fresh clone without WikiText-2: the plan fails before W&B starts and before the model loads.

@@ -81,6 +81,15 @@ def test_a_wrong_checksum_is_refused_before_the_file_is_read(tmp_path, fake_pack
     assert "model.sha256=null" in message
 
 
+@pytest.mark.parametrize("typo", ["a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a681", "z" * 64])
+def test_a_mistyped_checksum_is_refused_as_a_setting_before_the_file_is_hashed(
+    tmp_path, fake_package, no_model_read, monkeypatch, typo
+):
+    monkeypatch.setattr(models, "digest", lambda path: pytest.fail("the file was hashed"))
+    with pytest.raises(ValueError, match=r"model.sha256='\w+': allowed values are null or a sha256 digest, 64 hex"):
+        plan_job(preset(tmp_path, f"model.sha256={typo}"), tmp_path / "job")
+
+
 def test_the_checksum_is_read_once_per_file(tmp_path, fake_package, monkeypatch):
     cfg = preset(tmp_path, f"model.sha256={hashlib.sha256((fake_package / FILE).read_bytes()).hexdigest()}")
     resolved = models.resolve_source(cfg.model)

@@ -217,3 +217,13 @@ def test_every_key_a_job_writes_is_in_the_schema_and_the_docs(tiny_setup, tmp_pa
     assert {"refit", "calibration", "parameters", "model"} <= set(record)
     docs = (Path(__file__).resolve().parent.parent / "docs" / "outputs.md").read_text()
     assert [key for key in results.SCHEMA if f"`{key}`" not in docs] == []
+
+
+def test_the_report_of_a_folder_that_does_not_exist_says_so(tmp_path):
+    from actprune.run import report
+
+    (tmp_path / "file").touch()
+    for path, said in [(tmp_path / "typo", "no such folder"), (tmp_path / "file", "not a folder")]:
+        with pytest.raises(SystemExit) as exit:
+            report.main([str(path)])
+        assert str(exit.value) == f"{path}: {said}"  # a message: the exit status is 1

@@ -147,19 +147,22 @@ def test_generate_fails_before_loading_where_max_new_tokens_fills_the_context():
     Generate(GenerateOptions(max_new_tokens=31)).prepare(Env(max_positions=32))
 
 
-def test_a_benchmark_that_fails_keeps_the_perplexity_measured_before_it(tiny_setup, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("The game began development " * 300 + "\n")  # over the 1024 positions once tokenized
+def test_a_benchmark_that_fails_keeps_the_perplexity_measured_before_it(tiny_setup, tmp_path, monkeypatch):
+    from actprune.eval import generate
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(generate, "measure", fails)
     cfg = job_config(
         tiny_setup,
         tmp_path,
         "benchmark=[ppl_wikitext2,generate]",
         "benchmark.ppl_wikitext2.max_windows=3",
-        f"benchmark.generate.prompts_file={prompts}",
         "device=cpu",
     )
     record = run_job(cfg, tmp_path / "job", group="g", name="n")
-    assert record["status"] == "failed" and "max_position_embeddings=1024" in record["error"]
+    assert record["status"] == "failed" and "generation failed" in record["error"]
     assert record["metrics"]["ppl/wikitext2"] > 1 and record["ppl_wikitext2"]["windows"] == 3
     assert json.loads((tmp_path / "job" / "results.json").read_text())["metrics"] == record["metrics"]
 

@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -33,6 +34,7 @@ class Env:
     seed: int = 0
     model_key: tuple = ()  # identifies the loaded model and tokenizer, for in-process reuse
     max_positions: int | None = None  # the model's context length (max_position_embeddings), where it says
+    tokenizer: Callable[[], object] | None = None  # the model's tokenizer, loaded on the first call (no weights)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -89,7 +90,9 @@ def plan_job(cfg: DictConfig, job_dir: Path, slot: int | None = None) -> JobPlan
         )
         check_text(text[0], cfg.calibration.windows, cfg.calibration.seqlen)
     model_key = ("model", source, gguf_file, str(device), dtype, cfg.model.trust_remote_code, cfg.model.device_map)
-    env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key, max_positions)
+    # The tokenizer alone, where a benchmark asks (the generate prompts' lengths), before the weights are loaded.
+    tokenizer = partial(models.load_tokenizer, source, gguf_file, cfg.model.trust_remote_code)
+    env = Env(cfg.paths.data_dir, cfg.paths.cache_dir, Path(job_dir), cfg.seed, model_key, max_positions, tokenizer)
     record = {}
     for name, benchmark in benchmarks.items():
         prepared = benchmark.prepare(env)

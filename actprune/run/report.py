@@ -139,6 +139,9 @@ def speed_plot(table: list[dict], path: Path) -> bool:
 
 def report(folders: list[Path], out: Path) -> dict[str, Path]:
     """Write the table (Markdown, CSV) and plots of every job below `folders` into `out`."""
+    for folder in folders:  # else a typo reads as a sweep that wrote nothing
+        if not folder.is_dir():
+            raise SystemExit(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
     table = rows(folders)
     if not table:
         raise SystemExit(f"no results.json below {', '.join(map(str, folders))}")
