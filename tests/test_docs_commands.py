@@ -306,6 +306,7 @@ def run_python(code: str, cwd: Path = REPO) -> list[str]:
 LLAMA = 'AutoModelForCausalLM.from_pretrained("meta-llama/Llama-2-7b-hf", dtype="bfloat16", device_map="cuda")'
 EIGHT_16 = ('"sparsity": "8:16"}', f'"sparsity": "8:16", "skip_layers": ["{NO_816.partition("[")[2][:-1]}"]}}')
 EXTENDING = "docs/extending.md"
+METHODS = "docs/methods.md"
 
 
 def test_every_python_block_is_one_of_the_examples_run_here():
@@ -375,8 +376,8 @@ print(report.summary()["measured"], bool((layer.input_scale == -1).all()))
 
 
 def test_the_export_example_runs_as_written(tmp_path):
-    """README's export block: the job, its export, the perplexity check and the stock lm_eval command line, with
-    the docs' folders moved under tmp_path."""
+    """The export block of docs/methods.md: the job, its export, the perplexity check and the stock lm_eval command
+    line, with the docs' folders moved under tmp_path."""
     job, exported = tmp_path / "job", tmp_path / "exported"
     moved = {
         "hydra.run.dir=outputs/stories_24": f"hydra.run.dir={job}",
@@ -386,17 +387,20 @@ def test_the_export_example_runs_as_written(tmp_path):
         "outputs/stories_24/lm_eval_tasks": str(job / "lm_eval_tasks"),
     }
     done = run(
-        the("README.md", "actprune model.path=../shared/models/stories260k"),
+        the(
+            METHODS,
+            "actprune model.path=../shared/models/stories260k model.seqlen=512 paths.data_dir=../shared/data logger=none pruning=act_magnitude pruning.sparsity=2:4 benchmark=[ppl_wikitext2,lm_eval]",
+        ),
         f"paths.cache_dir={tmp_path}/c",
         substitute=moved,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (record,) = results_in(job).values()
     for start in ("actprune-export outputs/stories_24", "python scripts/check_export.py"):
-        done = run(the("README.md", start), substitute=moved)
+        done = run(the(METHODS, start), substitute=moved)
         assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["relative_difference"] <= 1e-4
-    done = run(the("README.md", "lm_eval --model hf"), "--output_path", str(tmp_path / "scores"), substitute=moved)
+    done = run(the(METHODS, "lm_eval --model hf"), "--output_path", str(tmp_path / "scores"), substitute=moved)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "scores").rglob("results_*.json")
     assert json.loads(path.read_text())["results"]["piqa"]["acc,none"] == record["metrics"]["lm_eval/piqa/acc"]
