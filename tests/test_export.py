@@ -227,6 +227,20 @@ def test_a_job_whose_calibration_file_changed_is_refused_as_resume_refuses_it(ti
         run_job(cfg, job_dir, group="g", name="n")
 
 
+def test_a_job_whose_benchmark_data_are_gone_still_exports(tiny_setup, tmp_path):
+    """The rebuild reads the calibration rows and the model, not the benchmarks' data: a machine that
+    holds only those exports the job (refused once as `inputs differ`, 'its data ... changed')."""
+    data = shutil.copytree(tiny_setup["data"], tmp_path / "data")
+    job_dir = finished_job(threshold_config(tiny_setup, tmp_path, f"paths.data_dir={data}"), tmp_path)
+    split = data / "wikitext-2-raw-v1"
+    benchmark_files = [path for path in split.iterdir() if path.name != "validation.jsonl"]
+    assert benchmark_files and (split / "validation.jsonl").is_file()
+    for path in benchmark_files:
+        path.unlink()
+    export_(job_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 # `actprune-export JOB OUT`, SIGKILLed once its weights are written (`kill`), or held before it writes
 # anything until the file GO exists (it touches GO.waiting when held).
 HOOKED = """

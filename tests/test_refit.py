@@ -297,7 +297,9 @@ def test_too_few_calibration_tokens_are_refused_before_loading(tiny_setup, tmp_p
         ValueError, match="refit fits on 28 calibration tokens .* raise calibration.windows to at least"
     ):
         plan_job(cfg, tmp_path)
-    with pytest.raises(ValueError, match="calibration.windows >= 2 with this holdout \\(no holdout splits 1 window"):
+    with pytest.raises(
+        ValueError, match="calibration.windows >= 2 with this holdout \\(no holdout leaves 1 of 1 window to fit"
+    ):
         sparsify_(llama(), {"method": "act_magnitude", "sparsity": "2:4", "transforms": [REFIT]}, WINDOWS[:1])
     assert DEFAULTS["min_tokens_per_dim"] == 4
 
@@ -319,6 +321,20 @@ def test_a_holdout_that_leaves_no_window_to_fit_names_both_fixes_each_the_least_
     for fewer, higher in ((more - 1, holdout), (windows, round(lower + 0.01, 2))):
         with pytest.raises(ValueError, match="leaving none to fit"):
             check(fewer, higher)
+
+
+@pytest.mark.parametrize("windows,holdout", [(4, 0.99), (10, 0.97)])
+def test_a_holdout_that_leaves_no_window_to_fit_advises_what_leaves_enough_tokens_to_fit(windows, holdout):
+    """4 windows at holdout 0.99 once advised holdout <= 0.87: one window to fit, which the token check
+    then refused (a layer of 65 inputs needs 65 tokens, two windows of 36)."""
+    check = lambda count, h: check_tokens(options_of({"holdout": h, "min_tokens_per_dim": 1}), count, 40, [64])  # noqa: E731
+    with pytest.raises(ValueError, match="leaving none to fit") as error:
+        check(windows, holdout)
+    found = re.search(
+        r"calibration.windows >= (\d+) with this holdout, or holdout <= ([\d.]+) with these", str(error.value)
+    )
+    check(int(found[1]), holdout)
+    check(windows, float(found[2]))
 
 
 def test_the_windows_asked_for_too_few_tokens_are_the_fewest_that_do():

@@ -90,18 +90,19 @@ def options_of(options: dict) -> dict:
     return merged
 
 
-def split(count: int, holdout: float) -> tuple[list[int], list[int]]:
-    """Calibration windows to fit on and to choose λ on (the last ones)."""
+def split(count: int, holdout: float, need: int = 1) -> tuple[list[int], list[int]]:
+    """Calibration windows to fit on and to choose λ on (the last ones); where none is left to fit, the
+    advice names what leaves `need` (the windows the fit's tokens need, `check_tokens`)."""
     held = max(1, round(count * holdout))
     if count - held < 1:
-        lower = max((k / 100 for k in range(1, 100) if fitted(count, k / 100)), default=None)
+        lower = max((k / 100 for k in range(1, 100) if fitted(count, k / 100) >= need), default=None)
         raise ValueError(
             f"pruning.transforms: refit holdout={holdout} holds out {held} of calibration.windows={count}, "
-            f"leaving none to fit: allowed: calibration.windows >= {windows_for(1, holdout)} with this holdout"
+            f"leaving none to fit: allowed: calibration.windows >= {windows_for(need, holdout)} with this holdout"
             + (
                 f", or holdout <= {lower} with these {count} windows"
                 if lower
-                else f" (no holdout splits {count} window)"
+                else f" (no holdout leaves {need} of {count} window{'s' * (count > 1)} to fit)"
             )
         )
     return list(range(count - held)), list(range(count - held, count))
@@ -134,10 +135,10 @@ def tokens_per_window(options: dict, seqlen: int) -> int:
 
 def check_tokens(options: dict, windows: int, seqlen: int, widths: list[int]) -> None:
     """Refuse a calibration too small for the widest layer: its regression would fit noise."""
-    fit, _ = split(windows, options["holdout"])
     per_window = tokens_per_window(options, seqlen)
-    tokens = len(fit) * per_window
     needed = options["min_tokens_per_dim"] * (max(widths) + 1)
+    fit, _ = split(windows, options["holdout"], max(1, math.ceil(needed / per_window)))
+    tokens = len(fit) * per_window
     if tokens < needed:
         raise ValueError(
             f"pruning.transforms: refit fits on {tokens} calibration tokens ({len(fit)} windows of {seqlen}, less "

@@ -63,7 +63,7 @@ def check_exportable(pruning: dict) -> None:
 
 def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the pruned model of the finished job in `job_dir` to `out_dir` (new, or empty) and return it."""
-    from ..run.job import calibrate, load, plan_job, settings
+    from ..run.job import calibrate, inputs, load, plan_job
     from ..sparsify import sparsify_
 
     job_dir, out_dir = Path(job_dir), Path(out_dir)
@@ -77,8 +77,8 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
         torch.set_num_threads(threads)
     else:
         log.warning("%s does not record its CPU threads: rebuilt with %d", job_dir, torch.get_num_threads())
-    job = plan_job(cfg, job_dir)  # imports the config's `imports`, whose benchmarks name their data files
-    check_inputs(job_dir, record, settings(OmegaConf.create(config)))
+    job = plan_job(cfg, job_dir)
+    check_inputs(job_dir, record, inputs(cfg))  # without benchmarks: the calibration data and the model files
     with staging(out_dir, weights_size(record)) as folder:
         loaded = load(job, cfg)
         torch.manual_seed(cfg.seed)
@@ -94,6 +94,9 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+REBUILT_FROM = ("calibration",)  # the data files of `inputs` that the rebuild reads (not the benchmarks')
+
+
 def check_empty(out_dir: Path) -> None:
     if out_dir.is_file() or (out_dir.is_dir() and any(out_dir.iterdir())):
         what = "is a file" if out_dir.is_file() else "is not empty"
@@ -107,8 +110,14 @@ def weights_size(record: dict) -> int:
 
 
 def check_inputs(job_dir: Path, record: dict, current: dict) -> None:
-    """Refuse what resume refuses: a job whose data or model files are not the ones it recorded (the
-    rebuild would be another model than the one its metrics measured), or whose record is too old to say."""
+    """Refuse what resume refuses: a job whose calibration data or model files (`current`: the inputs the
+    rebuild reads) are not the ones it recorded (the rebuild would be another model than the one its
+    metrics measured), or whose record is too old to say. The benchmarks' data files, which the rebuild
+    does not read, need not be there."""
+    recorded = (record.get("config") or {}).get("inputs") or {}
+    data = {key: value for key, value in (recorded.get("data") or {}).items() if key in REBUILT_FROM}
+    record = {**record, "config": {**record.get("config", {}), "inputs": {**recorded, "data": data}}}
+    current = {"inputs": current}
     found = results.state(record, current)
     if found == "outdated":
         raise ValueError(
@@ -117,7 +126,7 @@ def check_inputs(job_dir: Path, record: dict, current: dict) -> None:
         )
     if found == "changed":
         raise ValueError(
-            f"{job_dir} holds a finished job with {results.differences(record, current)}: its data or model "
+            f"{job_dir} holds a finished job with {results.differences(record, current)}: its calibration data or model "
             f"files changed since it ran, and a model rebuilt from them is not the one it measured; run it again"
         )
 
