@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -239,6 +240,44 @@ def test_a_job_whose_benchmark_data_are_gone_still_exports(tiny_setup, tmp_path)
         path.unlink()
     export_(job_dir, tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def rewrite_record(job_dir: Path, change) -> None:
+    path = job_dir / "results.json"
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def test_a_record_of_an_earlier_version_exports_where_it_lists_its_inputs_and_ran_what_is_allowed_now(
+    tiny_setup, tmp_path
+):
+    """results_version 3 records list the files they read and rebuild to the model they measured: they
+    export; older ones, and a version-3 threshold job under shared masks at batch 2 (refused since 4), do not."""
+    job_dir = finished_job(threshold_config(tiny_setup, tmp_path), tmp_path)
+
+    def version(number):
+        def change(record):
+            record["results_version"] = record["config"]["inputs"]["version"] = number
+
+        return change
+
+    rewrite_record(job_dir, version(3))
+    export_(job_dir, tmp_path / "v3")
+    assert (tmp_path / "v3" / "model.safetensors").is_file()
+    rewrite_record(job_dir, version(2))
+    with pytest.raises(ValueError, match="results_version 2, which did not record the data and model files"):
+        export_(job_dir, tmp_path / "v2")
+
+    def shared_batched(record):
+        version(3)(record)
+        record["config"]["pruning"]["mask_scope"] = "step"
+        record["config"]["benchmark"]["ppl_wikitext2"]["batch_size"] = 2
+
+    rewrite_record(job_dir, shared_batched)
+    with pytest.raises(ValueError, match=r"selection=threshold with pruning.mask_scope=step and .*batch_size=2"):
+        export_(job_dir, tmp_path / "step")
+    assert not any(tmp_path.glob("v2*")) and not any(tmp_path.glob("step*"))
 
 
 # `actprune-export JOB OUT`, SIGKILLed once its weights are written (`kill`), or held before it writes

@@ -63,7 +63,8 @@ def check_exportable(pruning: dict) -> None:
 
 def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the pruned model of the finished job in `job_dir` to `out_dir` (new, or empty) and return it."""
-    from ..run.job import calibrate, inputs, load, plan_job
+    from ..eval import build
+    from ..run.job import calibrate, check_shared_masks, inputs, load, plan_job
     from ..sparsify import sparsify_
 
     job_dir, out_dir = Path(job_dir), Path(out_dir)
@@ -78,6 +79,11 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
     else:
         log.warning("%s does not record its CPU threads: rebuilt with %d", job_dir, torch.get_num_threads())
     job = plan_job(cfg, job_dir)
+    # What the planner refuses of the job's own benchmarks (their options only: no data read), for
+    # records of a version that ran it (thresholds under shared masks at batch > 1, before 4).
+    check_shared_masks(
+        job.pruning, {name: build(name, o) for name, o in (config.get("benchmark") or {}).items() if o is not None}
+    )
     check_inputs(job_dir, record, inputs(cfg))  # without benchmarks: the calibration data and the model files
     with staging(out_dir, weights_size(record)) as folder:
         loaded = load(job, cfg)
@@ -95,6 +101,7 @@ def export_(job_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 REBUILT_FROM = ("calibration",)  # the data files of `inputs` that the rebuild reads (not the benchmarks')
+INPUTS_RECORDED = 3  # the results_version from which a record lists the data and model files it read
 
 
 def check_empty(out_dir: Path) -> None:
@@ -113,18 +120,24 @@ def check_inputs(job_dir: Path, record: dict, current: dict) -> None:
     """Refuse what resume refuses: a job whose calibration data or model files (`current`: the inputs the
     rebuild reads) are not the ones it recorded (the rebuild would be another model than the one its
     metrics measured), or whose record is too old to say. The benchmarks' data files, which the rebuild
-    does not read, need not be there."""
-    recorded = (record.get("config") or {}).get("inputs") or {}
-    data = {key: value for key, value in (recorded.get("data") or {}).items() if key in REBUILT_FROM}
-    record = {**record, "config": {**record.get("config", {}), "inputs": {**recorded, "data": data}}}
-    current = {"inputs": current}
-    found = results.state(record, current)
-    if found == "outdated":
+    does not read, need not be there; nor need the record be of this results_version: from
+    INPUTS_RECORDED on, a job rebuilds to the model it measured (what later versions changed, the
+    planner refuses: `check_shared_masks`)."""
+    version = record.get("results_version", 1)
+    if version < INPUTS_RECORDED:
         raise ValueError(
-            f"{job_dir}: written by results_version {record.get('results_version', 1)}, before {results.VERSION}: "
-            f"its numbers or the files it read are not those this version rebuilds; run the job again to export it"
+            f"{job_dir}: written by results_version {version}, which did not record the data and model files "
+            f"it read (from {INPUTS_RECORDED} on); run the job again to export it"
         )
-    if found == "changed":
+
+    def rebuilt_from(inputs: dict) -> dict:  # the version is checked above
+        data = {key: value for key, value in (inputs.get("data") or {}).items() if key in REBUILT_FROM}
+        return {**{key: value for key, value in inputs.items() if key != "version"}, "data": data}
+
+    recorded = (record.get("config") or {}).get("inputs") or {}
+    record = {**record, "config": {**record.get("config", {}), "inputs": rebuilt_from(recorded)}}
+    current = {"inputs": rebuilt_from(current)}
+    if not results.same_settings(record["config"], current):
         raise ValueError(
             f"{job_dir} holds a finished job with {results.differences(record, current)}: its calibration data or model "
             f"files changed since it ran, and a model rebuilt from them is not the one it measured; run it again"
