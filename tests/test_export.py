@@ -335,7 +335,8 @@ def test_of_two_exports_into_one_folder_the_second_fails_naming_it(threshold_job
     second = run(sys.executable, "-m", "actprune.export", threshold_job, out)
     go.touch()
     assert first.wait(timeout=900) == 0, first.stderr.read()[-3000:]
-    assert second.returncode != 0 and f"{out}: another export is writing it" in second.stderr
+    assert second.returncode != 0 and f"{out}: another export (pid {first.pid} on " in second.stderr
+    assert "is writing it" in second.stderr and "delete the lock" not in second.stderr  # a dead one's is taken over
     loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert loaded.config.actprune["job"]["name"] == json.loads((threshold_job / "results.json").read_text())["job"]
     assert str(threshold_job.resolve()) not in (out / "config.json").read_text()  # no path of this machine

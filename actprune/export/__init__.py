@@ -155,8 +155,9 @@ def staging(out_dir: Path, needed: int = 0):
         stack.callback(remove_empty, root)  # last, once the lock is gone
         try:
             stack.enter_context(JobLock(root))
-        except Busy as error:
-            raise FileExistsError(f"{out_dir}: another export is writing it ({error})") from None
+        except Busy as error:  # a dead writer's lock is taken over instead
+            who = f"pid {error.holder['pid']} on {error.holder.get('host')}" if "pid" in error.holder else "a process"
+            raise FileExistsError(f"{out_dir}: another export ({who}) is writing it; try again once it ends") from None
         except OSError as error:
             raise OSError(f"{out_dir}: cannot write in {out_dir.parent} ({error})") from None
         check_empty(out_dir)  # a writer that held the lock before this one may have written it

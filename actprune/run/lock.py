@@ -27,7 +27,11 @@ def _slurm_id() -> str | None:
 
 
 class Busy(Exception):
-    """Another live process holds the job's folder."""
+    """Another live process holds the job's folder (`holder`: its pid and host, where known)."""
+
+    def __init__(self, message: str, holder: dict | None = None):
+        super().__init__(message)
+        self.holder = holder or {}
 
 
 def _alive(pid: int) -> bool:
@@ -91,7 +95,8 @@ class JobLock:
         if not _stale(self.path, holder):
             raise Busy(
                 f"{self.path.parent} is being run by pid {holder.get('pid')} on {holder.get('host')} "
-                f"(lock {self.path}): skipped here; if that process is gone, delete the lock"
+                f"(lock {self.path}): skipped here; if that process is gone, delete the lock",
+                holder,
             )
         moved = self.path.with_name(f"{LOCK}.stale.{os.getpid()}.{time.time_ns()}")
         try:
